@@ -1,0 +1,1 @@
+"""satvideo: a SwissArmyTransformer-style framework for CogVideoX-class video diffusion."""
