@@ -1,0 +1,1 @@
+"""Weight conversion between the official SAT layouts and diffusers."""

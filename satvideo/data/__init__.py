@@ -1,0 +1,5 @@
+"""Datasets and video files."""
+
+from satvideo.data.sft import SFTDataset
+
+__all__ = ["SFTDataset"]

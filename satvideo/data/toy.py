@@ -1,0 +1,100 @@
+"""A synthetic captioned dataset (a coloured shape moving over a dark background) and the colour
+classifier that checks whether generated videos show the colour their prompt asked for."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from satvideo.data.video import write_mp4
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (40, 80, 230),
+    "yellow": (230, 210, 40),
+}
+SHAPES = ("square", "circle")
+# Unit motion per direction as (dy, dx) in image coordinates (y grows downwards).
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+BACKGROUND = (16, 16, 24)
+
+
+def toy_caption(colour: str, shape: str, direction: str) -> str:
+    return f"a {colour} {shape} moving {direction}"
+
+
+def shape_mask(shape: str, size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
+    """Boolean [size, size] mask of a square (half side = radius) or circle centred at (y, x)."""
+    ys, xs = np.mgrid[:size, :size] + 0.5  # pixel centres
+    dy, dx = ys - centre[0], xs - centre[1]
+    if shape == "square":
+        return np.maximum(np.abs(dy), np.abs(dx)) <= radius
+    return dy**2 + dx**2 <= radius**2
+
+
+def render_toy_video(
+    colour: str, shape: str, direction: str, size: int, frames: int, rng: np.random.Generator
+) -> np.ndarray:
+    """uint8 frames [T, size, size, 3]: the shape crosses the frame along `direction`, at a random
+    position across it."""
+    radius = size / 8
+    dy, dx = DIRECTIONS[direction]
+    travel = np.linspace(radius, size - radius, frames)  # edge to edge along the motion axis
+    across = rng.uniform(radius, size - radius)
+    video = np.empty((frames, size, size, 3), dtype=np.uint8)
+    video[:] = BACKGROUND
+    for t in range(frames):
+        along = travel[t] if dy + dx > 0 else travel[-1 - t]
+        centre = (along, across) if dy else (across, along)
+        video[t][shape_mask(shape, size, centre, radius)] = PALETTE[colour]
+    return video
+
+
+def make_toy_dataset(
+    out: str | Path, num: int = 64, size: int = 64, frames: int = 17, fps: int = 8, seed: int = 0
+) -> list[tuple[Path, str]]:
+    """Write `num` toy videos in the SFT layout (out/videos/*.mp4, out/labels/*.txt); colours cycle
+    through the palette so every colour is equally represented. Returns (video path, caption) pairs."""
+    rng = np.random.default_rng(seed)
+    colours = list(PALETTE)
+    out = Path(out)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(num):
+        colour = colours[i % len(colours)]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+        video_path = out / "videos" / f"{i:05d}.mp4"
+        write_mp4(render_toy_video(colour, shape, direction, size, frames, rng), video_path, fps)
+        caption = toy_caption(colour, shape, direction)
+        (out / "labels" / f"{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
+        written.append((video_path, caption))
+    return written
+
+
+def palette_colour_in(prompt: str) -> str | None:
+    """The first palette colour named in the prompt, as a whole word."""
+    for word in re.findall(r"[a-z]+", prompt.lower()):
+        if word in PALETTE:
+            return word
+    return None
+
+
+def dominant_palette_colour(frames: np.ndarray, min_value: int = 80, min_saturation: float = 0.4) -> str | None:
+    """Majority palette colour of the bright, saturated pixels of uint8 frames [..., 3]; None when
+    no pixel is bright and saturated (the dark background never is)."""
+    pixels = frames.reshape(-1, 3).astype(np.float32)
+    value = pixels.max(axis=1)
+    saturation = (value - pixels.min(axis=1)) / np.maximum(value, 1.0)
+    pixels = pixels[(value >= min_value) & (saturation >= min_saturation)]
+    if len(pixels) == 0:
+        return None
+    # Compare colours with brightness divided out, so a dim red still counts as red.
+    names = list(PALETTE)
+    palette = np.array([PALETTE[name] for name in names], dtype=np.float32)
+    palette /= palette.max(axis=1, keepdims=True)
+    pixels /= pixels.max(axis=1, keepdims=True)
+    distances = np.stack([((pixels - colour) ** 2).sum(axis=1) for colour in palette], axis=1)  # [N, colours]
+    votes = np.bincount(distances.argmin(axis=1), minlength=len(names))
+    return names[votes.argmax()]

@@ -1,0 +1,56 @@
+"""Process-group set-up shared by training, sampling and model construction."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """Join the torchrun process group (or a one-process group) and set up SAT's model-parallel groups.
+
+    SwissArmyTransformer's parallel layers ask torch.distributed for the model-parallel world size even in a
+    single process, so a one-process gloo group is created when the script was not launched by torchrun.
+    """
+    if not dist.is_initialized():
+        backend = backend or default_backend()
+        if "WORLD_SIZE" in os.environ:
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    from sat import mpu
+
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(1)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

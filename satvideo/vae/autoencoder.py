@@ -1,0 +1,77 @@
+"""The video autoencoder: encoder, Gaussian posterior, decoder, and loading of `3d-vae.pt`."""
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from satvideo.config import instantiate_from_config
+from satvideo.vae.causal_conv import stream_over_time
+from satvideo.vae.regularizer import DiagonalGaussianRegularizer
+
+
+def load_vae_state_dict(ckpt_path: str, ignore_keys: list[str] = ()) -> dict[str, Tensor]:
+    """Read a `3d-vae.pt` (`{"state_dict": ...}` or a plain state dict), dropping keys under `ignore_keys`."""
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"VAE checkpoint {ckpt_path} not found (config key `ckpt_path`)")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    return {key: value for key, value in state_dict.items() if not key.startswith(tuple(ignore_keys))}
+
+
+class VideoAutoencoder(nn.Module):
+    """CogVideoX 3D causal VAE: [B, 3, 4k+1, H, W] in [-1, 1] <-> latents [B, z_channels, k+1, H/8, W/8].
+
+    Latents are multiplied by `scale_factor` on encode and divided by it on decode (1 when unset).
+    Official params without effect here (cp_size, loss_config, ...) are accepted and ignored.
+    """
+
+    def __init__(self, encoder_config: dict, decoder_config: dict, regularizer_config: dict | None = None,
+                 ckpt_path: str | None = None, ignore_keys: list[str] = (), scale_factor: float | None = None,
+                 **unused):
+        super().__init__()
+        self.encoder = instantiate_from_config(encoder_config)
+        self.decoder = instantiate_from_config(decoder_config)
+        self.regularization = (
+            DiagonalGaussianRegularizer() if regularizer_config is None else instantiate_from_config(regularizer_config)
+        )
+        self.scale_factor = 1.0 if scale_factor is None else scale_factor
+        if ckpt_path is not None:
+            self.load_state_dict(load_vae_state_dict(ckpt_path, ignore_keys))
+
+    def encode(self, x: Tensor, sample: bool = False, chunk_frames: int | None = None) -> Tensor:
+        """Video [B, 3, T, H, W] -> latent (posterior mean, or a draw with `sample`).
+
+        `chunk_frames` (a multiple of the temporal compression) encodes in time chunks to save
+        memory; GroupNorm statistics are then per chunk, as in diffusers' default encode.
+        """
+        if chunk_frames is None:
+            moments = self.encoder(x)
+        else:
+            check_chunk_frames(chunk_frames, self.encoder.temporal_compress_times)
+            moments = stream_over_time(self.encoder, x, chunk_frames)
+        z, _ = self.regularization(moments, sample=sample)
+        return z * self.scale_factor
+
+    def decode(self, z: Tensor, chunk_frames: int | None = 2) -> Tensor:
+        """Latent [B, C, T', h, w] -> video, decoding `chunk_frames` latent frames at a time (the first
+        chunk also takes the remainder) with a causal conv cache; None decodes in one pass.
+
+        GroupNorm statistics are per chunk, as in the official sampler and diffusers, so chunked and
+        one-pass decoding differ slightly.
+        """
+        z = z / self.scale_factor
+        if chunk_frames is None:
+            return self.decoder(z)
+        check_chunk_frames(chunk_frames, 2)
+        return stream_over_time(self.decoder, z, chunk_frames)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Training pass: (reconstruction, sampled latent, {"kl": KL to N(0, I)})."""
+        z, log = self.regularization(self.encoder(x), sample=True)
+        return self.decoder(z), z * self.scale_factor, log
+
+
+def check_chunk_frames(chunk_frames: int, multiple: int) -> None:
+    """Chunks after the first must not start with a lone causal 'first frame' at any resampling level."""
+    if chunk_frames <= 0 or chunk_frames % multiple:
+        raise ValueError(f"chunk_frames must be a positive multiple of {multiple}, got {chunk_frames}")

@@ -1,0 +1,315 @@
+"""SFT dataset, toy dataset, video files, prompt sources and the colour check."""
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from satvideo.data import SFTDataset
+from satvideo.data.sft import resampled_indices, resize_cover_center_crop
+from satvideo.data.toy import DIRECTIONS, PALETTE, dominant_palette_colour, make_toy_dataset, palette_colour_in
+from satvideo.data.video import read_mp4, write_mp4
+from satvideo.sampling import interactive_prompts, read_prompts, save_video, slugify, write_manifest_line
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTION = re.compile(r"^a (red|green|blue|yellow) (square|circle) moving (left|right|up|down)$")
+GRAY_BASE, GRAY_STEP = 10, 14  # frame i of a counter video has gray level GRAY_BASE + GRAY_STEP * i
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> tuple[Path, list[tuple[Path, str]]]:
+    out = tmp_path_factory.mktemp("toy")
+    return out, make_toy_dataset(out, num=8, size=32, frames=17, fps=8, seed=0)
+
+
+def write_counter_video(path: Path, num_frames: int, fps: int) -> None:
+    """A 32x32 gray video whose brightness encodes the frame index."""
+    levels = GRAY_BASE + GRAY_STEP * np.arange(num_frames, dtype=np.uint8)
+    write_mp4(np.broadcast_to(levels[:, None, None, None], (num_frames, 32, 32, 3)).copy(), path, fps)
+
+
+def decoded_frame_index(frame: torch.Tensor) -> int:
+    """Invert write_counter_video for one frame [3, H, W] in [-1, 1]."""
+    level = (frame.mean().item() + 1) * 127.5
+    return round((level - GRAY_BASE) / GRAY_STEP)
+
+
+def write_labelled(data_dir: Path, name: str, frames: np.ndarray | None = None, caption: str = "a clip") -> Path:
+    """Add a video (or, with frames None, garbage bytes) and its label to an SFT folder."""
+    video = data_dir / "videos" / f"{name}.mp4"
+    video.parent.mkdir(parents=True, exist_ok=True)
+    if frames is None:
+        video.write_bytes(b"not an mp4 " * 64)
+    else:
+        write_mp4(frames, video, fps=8)
+    label = data_dir / "labels" / f"{name}.txt"
+    label.parent.mkdir(parents=True, exist_ok=True)
+    label.write_text(caption)
+    return video
+
+
+# ---- toy dataset ----
+
+
+def test_toy_dataset_layout_and_captions(toy):
+    out, written = toy
+    videos = sorted((out / "videos").glob("*.mp4"))
+    labels = sorted((out / "labels").glob("*.txt"))
+    assert len(videos) == len(labels) == 8
+    assert [v.stem for v in videos] == [label.stem for label in labels]
+    assert [path for path, _ in written] == videos
+    for (_, caption), label in zip(written, labels):
+        assert CAPTION.match(caption), caption
+        assert label.read_text().strip() == caption
+    assert [caption.split()[1] for _, caption in written] == list(PALETTE) * 2
+
+
+def test_toy_dataset_is_deterministic(toy, tmp_path):
+    _, written = toy
+    again = make_toy_dataset(tmp_path, num=8, size=32, frames=17, fps=8, seed=0)
+    assert [c for _, c in again] == [c for _, c in written]
+    np.testing.assert_array_equal(read_mp4(again[3][0])[0], read_mp4(written[3][0])[0])
+    other_seed = make_toy_dataset(tmp_path / "other", num=8, size=32, frames=17, fps=8, seed=1)
+    assert [c for _, c in other_seed] != [c for _, c in written]
+
+
+def test_toy_shape_moves_in_captioned_direction(toy):
+    _, written = toy
+    for path, caption in written:
+        frames, fps = read_mp4(path)
+        assert frames.shape == (17, 32, 32, 3) and fps == 8
+        bright = frames.max(axis=-1) > 100  # [T, H, W]
+        first, last = (np.argwhere(bright[t]).mean(axis=0) for t in (0, -1))  # (y, x) centroids
+        dy, dx = DIRECTIONS[caption.split()[-1]]
+        assert np.sign(np.round(last - first)).tolist() == [dy, dx], caption
+
+
+# ---- SFTDataset ----
+
+
+def test_sft_items_shapes_range_and_batching(toy):
+    out, written = toy
+    dataset = SFTDataset(str(out), video_size=[32, 32], fps=8, max_num_frames=9)
+    assert len(dataset) == 8
+    item = dataset[5]
+    assert item["mp4"].shape == (9, 3, 32, 32) and item["mp4"].dtype == torch.float32
+    assert item["mp4"].min() >= -1 and item["mp4"].max() <= 1
+    assert item["mp4"].min() < -0.8  # dark background
+    assert item["txt"] == written[5][1]
+    assert (item["num_frames"], item["fps"]) == (9, 8)
+
+    batch = next(iter(DataLoader(dataset, batch_size=2)))
+    assert batch["mp4"].shape == (2, 9, 3, 32, 32)
+    assert batch["txt"] == [written[0][1], written[1][1]]
+
+
+def test_sft_same_fps_returns_decoded_frames(toy):
+    out, written = toy
+    item = SFTDataset(str(out), video_size=[32, 32], fps=8, max_num_frames=17)[2]
+    decoded, _ = read_mp4(written[2][0])
+    expected = torch.from_numpy(decoded).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.testing.assert_close(item["mp4"], expected)
+
+
+def test_sft_resamples_16_to_8_fps(tmp_path):
+    write_counter_video(tmp_path / "videos" / "count.mp4", num_frames=17, fps=16)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "count.txt").write_text("counter")
+    item = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)[0]
+    assert [decoded_frame_index(frame) for frame in item["mp4"]] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def test_sft_skips_ends_and_pads_short_clips(tmp_path, caplog):
+    write_counter_video(tmp_path / "videos" / "count.mp4", num_frames=17, fps=16)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "count.txt").write_text("counter")
+    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=1)
+    with caplog.at_level(logging.WARNING, logger="satvideo.data.sft"):
+        first, second = dataset[0], dataset[0]
+    # Frames 1..15 remain after skipping; at 8 fps that is 8 frames, padded with the last one.
+    assert [decoded_frame_index(frame) for frame in first["mp4"]] == [1, 3, 5, 7, 9, 11, 13, 15, 15]
+    assert second["mp4"].shape[0] == 9
+    warnings = [r.getMessage() for r in caplog.records if "padding" in r.getMessage()]
+    assert len(warnings) == 1 and "count.mp4" in warnings[0]
+
+
+def test_resampled_indices_non_integer_ratio():
+    # 30 fps read at 8 fps: source times k * 3.75 rounded to the nearest frame.
+    np.testing.assert_array_equal(resampled_indices(100, 30.0, 8, 0, 9), [0, 4, 8, 11, 15, 19, 23, 26, 30])
+    np.testing.assert_array_equal(resampled_indices(10, 30.0, 8, 2, 9), [2, 6])
+    with pytest.raises(ValueError, match="too few to skip 5"):
+        resampled_indices(10, 30.0, 8, 5, 9)
+
+
+def test_resize_cover_center_crop_exact():
+    frames = torch.arange(32.0).reshape(1, 1, 4, 8)
+    torch.testing.assert_close(resize_cover_center_crop(frames, (4, 4)), frames[..., 2:6])
+    assert resize_cover_center_crop(frames, (2, 2)).shape == (1, 1, 2, 2)  # scaled by 1/2 to 2x4 first
+
+
+def test_sft_center_crops_non_square_video(tmp_path):
+    stripes = np.zeros((9, 32, 64, 3), dtype=np.uint8)
+    stripes[:, :, :16] = PALETTE["red"]
+    stripes[:, :, 16:48] = PALETTE["green"]
+    stripes[:, :, 48:] = PALETTE["blue"]
+    write_labelled(tmp_path, "stripes", stripes)
+
+    # 32x64 -> scaled to 16x32 -> centre 16x16 is the green stripe only.
+    square = SFTDataset(str(tmp_path), video_size=[16, 16], fps=8, max_num_frames=9)[0]["mp4"]
+    assert square.shape == (9, 3, 16, 16)
+    red, green, blue = square.unbind(dim=1)
+    assert (green - torch.maximum(red, blue)).min() > 0.8
+
+    # 32x64 -> scaled by 1.5 to 48x96 -> centre 32x96 keeps all stripes, red up to column 24.
+    wide = SFTDataset(str(tmp_path), video_size=[32, 96], fps=8, max_num_frames=9)[0]["mp4"]
+    assert wide.shape == (9, 3, 32, 96)
+    column_colour = wide.mean(dim=(0, 2)).argmax(dim=0)  # strongest channel per column
+    assert column_colour[:22].eq(0).all() and column_colour[26:70].eq(1).all() and column_colour[74:].eq(2).all()
+
+
+# ---- SFTDataset: bad input ----
+
+
+def test_missing_videos_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "videos"))):
+        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+
+
+def test_empty_videos_folder_is_named(tmp_path):
+    (tmp_path / "videos").mkdir()
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "videos"))):
+        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+
+
+def test_missing_label_names_the_video(toy, tmp_path):
+    out, written = toy
+    nested = tmp_path / "videos" / "part1" / "clip.mp4"
+    nested.parent.mkdir(parents=True)
+    shutil.copy(written[0][0], nested)
+    with pytest.raises(FileNotFoundError, match=r"part1/clip\.mp4 has no label"):
+        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+
+    label = tmp_path / "labels" / "part1" / "clip.txt"
+    label.parent.mkdir(parents=True)
+    label.write_text("nested clip\n")
+    assert SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)[0]["txt"] == "nested clip"
+
+
+def test_frame_count_must_be_4k_plus_1(toy):
+    with pytest.raises(ValueError, match="4k\\+1"):
+        SFTDataset(str(toy[0]), video_size=[32, 32], fps=8, max_num_frames=8)
+
+
+def test_corrupt_video_is_skipped_with_warning(toy, tmp_path, caplog):
+    _, written = toy
+    write_labelled(tmp_path, "a_corrupt")
+    write_labelled(tmp_path, "b_good", read_mp4(written[1][0])[0], caption="good clip")
+    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+    with caplog.at_level(logging.WARNING, logger="satvideo.data.sft"):
+        item = dataset[0]
+    assert item["txt"] == "good clip"
+    assert any("a_corrupt.mp4" in r.getMessage() for r in caplog.records)
+
+
+def test_all_corrupt_videos_give_a_clear_error(tmp_path):
+    for name in ("a", "b", "c"):
+        write_labelled(tmp_path, name)
+    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+    with pytest.raises(RuntimeError, match=r"3 videos in a row failed to decode, starting at .*b\.mp4"):
+        dataset[1]
+
+
+# ---- sampling helpers ----
+
+
+def test_save_video_round_trip(tmp_path):
+    # Width 64, not 48: decord 0.6 fails on 48 and 72 pixel wide videos.
+    frames = torch.full((9, 3, 32, 64), -1.0)
+    frames[:, 0, :16, :32] = 1.0  # red top-left quadrant
+    frames[:, 2, 16:, 32:] = 3.0  # blue bottom-right, out of range: clamped to 1
+    frames[:, :, 16:, :32] = 0.0  # mid gray bottom-left
+    save_video(frames, str(tmp_path / "out" / "clip.mp4"), fps=8)
+    decoded, fps = read_mp4(tmp_path / "out" / "clip.mp4")
+    assert decoded.shape == (9, 32, 64, 3) and fps == 8
+    expected = ((frames.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    assert np.abs(decoded.astype(np.float32) - expected).mean() < 3
+    np.testing.assert_allclose(decoded[:, 24, 48], [[0, 0, 255]] * 9, atol=8)
+
+
+def test_save_video_rejects_odd_sizes(tmp_path):
+    with pytest.raises(ValueError, match="even height and width, got 31x32"):
+        save_video(torch.zeros(9, 3, 31, 32), str(tmp_path / "odd.mp4"), fps=8)
+
+
+def test_read_prompts_skips_blanks_and_comments(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# toy prompts\na red square moving left\n\n   \n  a blue circle moving up  \n#skip\n")
+    assert read_prompts(str(path)) == ["a red square moving left", "a blue circle moving up"]
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.txt"))):
+        read_prompts(str(tmp_path / "nope.txt"))
+
+
+def test_interactive_prompts_stop_at_empty_line_or_eof():
+    assert list(interactive_prompts(io.StringIO("a cat\n  a dog \n\nnot read\n"))) == ["a cat", "a dog"]
+    assert list(interactive_prompts(io.StringIO("last one"))) == ["last one"]
+
+
+def test_slugify():
+    assert slugify("A Red Square, moving LEFT!") == "a-red-square-moving-left"
+    assert slugify("???") == "video"
+    long = slugify("word " * 30)
+    assert len(long) <= 60 and not long.endswith("-")
+
+
+def test_write_manifest_line_appends_json(tmp_path):
+    write_manifest_line(str(tmp_path), {"file": "a.mp4", "prompt": "a red square", "seed": 1})
+    write_manifest_line(str(tmp_path), {"file": "b.mp4", "prompt": "a blue circle", "seed": 2, "steps": 50})
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["seed"] for line in lines] == [1, 2]
+    with pytest.raises(ValueError, match="lacks \\['seed'\\]"):
+        write_manifest_line(str(tmp_path), {"file": "c.mp4", "prompt": "x"})
+
+
+# ---- colour check ----
+
+
+def test_dominant_palette_colour_recovers_every_toy_colour(toy):
+    _, written = toy
+    found = {caption.split()[1]: dominant_palette_colour(read_mp4(path)[0]) for path, caption in written}
+    assert found == {colour: colour for colour in PALETTE}
+    assert dominant_palette_colour(np.full((9, 32, 32, 3), 20, dtype=np.uint8)) is None
+
+
+def test_palette_colour_in():
+    assert palette_colour_in("A Yellow circle, moving up") == "yellow"
+    assert palette_colour_in("a reddish square") is None
+
+
+def test_check_colors_script(toy, tmp_path):
+    _, written = toy
+    for (path, _), prompt, seed in zip(written[:3], ["a red circle", "a red square", "a cat"], range(3)):
+        shutil.copy(path, tmp_path / path.name)
+        write_manifest_line(str(tmp_path), {"file": path.name, "prompt": prompt, "seed": seed})
+
+    def check(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / "scripts" / "check_colors.py"), str(tmp_path), *args]
+        return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    report = check()
+    assert report.returncode == 0, report.stderr
+    lines = report.stdout.splitlines()
+    assert "expected red, found red -> match" in lines[0]
+    assert "expected red, found green -> MISMATCH" in lines[1]
+    assert "skipped" in lines[2]
+    assert lines[-1] == "colour match: 1/2"
+    assert check("--min-fraction", "0.9").returncode == 1
