@@ -27,16 +27,27 @@ def init_distributed(backend: str | None = None) -> None:
     """
     if not dist.is_initialized():
         backend = backend or default_backend()
-        if "WORLD_SIZE" in os.environ:
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend=backend)
-        else:
-            dist.init_process_group(backend="gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        if "WORLD_SIZE" not in os.environ:  # a plain `python` run: a group of one, as torchrun would describe it
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=backend)
+        if backend == "gloo":
+            _skip_deepspeed_shm_kernel()
     from sat import mpu
 
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(1)
+
+
+def _skip_deepspeed_shm_kernel() -> None:
+    """On the CPU, DeepSpeed would compile a shared-memory all-reduce kernel (about a minute) when it first
+    initialises; gloo does the same job. DeepSpeed keeps its op-compatibility table in one cached dict for
+    exactly such edits."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def rank() -> int:

@@ -87,7 +87,7 @@ class SFTDataset(Dataset):
             try:
                 frames = self.load_frames(video)
             except (RuntimeError, decord.DECORDError, ValueError) as error:
-                logger.warning("skipping undecodable video %s: %s", video, error)
+                logger.warning("skipping unreadable video %s: %s", video, error)
                 continue
             return {
                 "mp4": frames,

@@ -1,0 +1,72 @@
+"""Training-time draws of discrete timesteps and their noise levels."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from satvideo.diffusion.discretization import timestep_alphas
+
+
+def data_parallel_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed when initialised, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def timestep_interval(rank: int, world_size: int, num_idx: int, group_num: int = 0) -> tuple[int, int]:
+    """[low, high) of the timesteps a rank draws from when the ranks stratify [0, num_idx) between them.
+
+    The range is cut into G near-equal contiguous intervals, G = group_num (or world_size when 0) capped at
+    world_size and num_idx so that every interval has a rank and a timestep; rank r draws from interval
+    r * G // world_size. The intervals partition the range for any world size.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    groups = min(group_num or world_size, world_size, num_idx)
+    group = rank * groups // world_size
+    return group * num_idx // groups, (group + 1) * num_idx // groups
+
+
+class DiscreteSampling:
+    """Uniform draws of raw timesteps in [0, num_idx), returned with their alphas.
+
+    With `uniform_sampling` each data-parallel rank draws only from its own interval (see timestep_interval),
+    which spreads the timesteps of a global batch evenly. rank and world_size default to torch.distributed's,
+    read at each call; pass them to pin them (tests).
+    """
+
+    def __init__(
+        self,
+        discretization_config: dict,
+        num_idx: int,
+        do_append_zero: bool = False,
+        flip: bool = True,
+        uniform_sampling: bool = False,
+        group_num: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        self.num_idx = num_idx
+        self.alphas_cumprod_sqrt = timestep_alphas(discretization_config, num_idx, do_append_zero, flip)
+        self.uniform_sampling = uniform_sampling
+        self.group_num = group_num
+        self.rank = rank
+        self.world_size = world_size
+
+    def interval(self) -> tuple[int, int]:
+        """[low, high) of the timesteps this process draws from."""
+        if not self.uniform_sampling:
+            return 0, self.num_idx
+        rank, world_size = data_parallel_rank_and_size()
+        rank = rank if self.rank is None else self.rank
+        world_size = world_size if self.world_size is None else self.world_size
+        return timestep_interval(rank, world_size, self.num_idx, self.group_num)
+
+    def __call__(self, n_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(alphas [n] float32, timesteps [n] int64), on the CPU."""
+        low, high = self.interval()
+        timesteps = torch.randint(low, high, (n_samples,), generator=generator)
+        return self.alphas_cumprod_sqrt[timesteps], timesteps

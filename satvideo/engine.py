@@ -1,0 +1,183 @@
+"""VideoDiffusionEngine: the network, denoiser, conditioner, VAE, loss and sampler of one model.
+
+Only the network is a registered submodule (`model.diffusion_model.*`, the official checkpoint prefix): the
+frozen T5 conditioner and VAE are owned by the engine but kept out of `parameters()` and `state_dict()`, so
+they never reach the optimizer or a checkpoint. `.to()`/`.half()` still move them along.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from satvideo.config import ConfigError, instantiate_from_config, to_plain
+from satvideo.conditioner import GeneralConditioner
+
+
+# `model` keys of official configs that tune the original implementation (autocast, logging, per-call batch
+# limits of its VAE, LoRA flags it reads elsewhere) and have no effect here.
+OFFICIAL_KEYS_WITHOUT_EFFECT = {"disable_first_stage_autocast", "log_keys", "en_and_decode_n_samples_a_time",
+                                "lr_scale", "use_lora", "compile_model"}
+
+
+class DiffusionModelWrapper(nn.Module):
+    """Adapts the conditioner's output dict to the network's `context` argument."""
+
+    def __init__(self, diffusion_model: nn.Module):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
+        return self.diffusion_model(x, timesteps, context=cond["crossattn"], **kwargs)
+
+
+def trainable_filter(not_trainable_prefixes: list[str]) -> Callable[[str], bool]:
+    """Name -> trainable? `all` freezes every network weight except LoRA matrices (official LoRA configs)."""
+    def is_trainable(name: str) -> bool:
+        if "all" in not_trainable_prefixes:
+            return "matrix_A" in name or "matrix_B" in name
+        return not any(name.startswith(prefix) for prefix in not_trainable_prefixes)
+    return is_trainable
+
+
+class VideoDiffusionEngine(nn.Module):
+    def __init__(
+        self,
+        network_config: dict,
+        denoiser_config: dict,
+        conditioner_config: dict,
+        first_stage_config: dict,
+        loss_fn_config: dict | None = None,
+        sampler_config: dict | None = None,
+        scale_factor: float = 1.0,
+        not_trainable_prefixes: list[str] = ("first_stage_model", "conditioner"),
+        noised_image_input: bool = False,
+        noised_image_all_concat: bool = False,
+        noised_image_dropout: float = 0.0,
+        input_key: str = "mp4",
+        latent_input: bool = False,
+        checkpoint_activations: bool | None = None,
+    ):
+        super().__init__()
+        if noised_image_all_concat:
+            raise ConfigError("model.noised_image_all_concat: only first-frame image conditioning is supported")
+        network_config = to_plain(network_config)
+        if checkpoint_activations is not None:
+            network_config.setdefault("params", {})["checkpoint_activations"] = checkpoint_activations
+        network = instantiate_from_config(network_config)
+        is_trainable = trainable_filter(list(not_trainable_prefixes))
+        for name, parameter in network.named_parameters():
+            parameter.requires_grad_(is_trainable(name))
+        self.model = DiffusionModelWrapper(network)
+        self.denoiser = instantiate_from_config(denoiser_config)
+        self.loss_fn = instantiate_from_config(loss_fn_config) if loss_fn_config else None
+        self.sampler = instantiate_from_config(sampler_config) if sampler_config else None
+        self.scale_factor = scale_factor
+        self.noised_image_input = noised_image_input
+        self.noised_image_dropout = noised_image_dropout
+        self.input_key = input_key
+        self.latent_input = latent_input
+        self.patch_t = network.patch_t
+        # Frozen parts: stored outside nn.Module's registries (see the module docstring).
+        self.__dict__["conditioner"] = instantiate_from_config(conditioner_config).eval().requires_grad_(False)
+        self.__dict__["first_stage_model"] = instantiate_from_config(first_stage_config).eval().requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, model_config: DictConfig | dict, **overrides: Any) -> "VideoDiffusionEngine":
+        """Build from the `model` section; official keys that only tune the original code are dropped."""
+        params = {key: value for key, value in {**to_plain(model_config), **overrides}.items()
+                  if key not in OFFICIAL_KEYS_WITHOUT_EFFECT}
+        return cls(**params)
+
+    @property
+    def network(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.conditioner._apply(fn)
+        self.first_stage_model._apply(fn)
+        return self
+
+    # --- latents ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_first_stage(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, H, W] pixels in [-1, 1] -> [B, T', C, H/8, W/8] scaled latents."""
+        vae_dtype = next(self.first_stage_model.parameters()).dtype
+        latents = self.first_stage_model.encode(video.permute(0, 2, 1, 3, 4).to(vae_dtype))  # [B, C, T', h, w]
+        return (latents * self.scale_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+    @torch.no_grad()
+    def decode_first_stage(self, latents: torch.Tensor, chunk_frames: int = 2) -> torch.Tensor:
+        """[B, T', C, h, w] scaled latents -> [B, T, 3, H, W] pixels, `chunk_frames` latent frames at a time."""
+        vae_dtype = next(self.first_stage_model.parameters()).dtype
+        z = (latents / self.scale_factor).permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, C, T', h, w]
+        video = self.first_stage_model.decode(z, chunk_frames=chunk_frames)
+        return video.permute(0, 2, 1, 3, 4).float()
+
+    def pad_to_temporal_patch(self, latents: torch.Tensor) -> torch.Tensor:
+        """Repeat the first latent frame until T' divides the temporal patch (1.5 models, [B, T', C, h, w])."""
+        missing = (-latents.shape[1]) % self.patch_t
+        return torch.cat([latents[:, :1].expand(-1, missing, -1, -1, -1), latents], dim=1) if missing else latents
+
+    def image_condition(self, first_frame: torch.Tensor, num_latent_frames: int, noise_images: bool) -> torch.Tensor:
+        """[B, 3, H, W] first frame -> [B, T', C, h, w]: its latent, followed by zero frames (image-to-video)."""
+        image = first_frame[:, None]  # [B, 1, 3, H, W]
+        if noise_images:  # noise augmentation of the conditioning frame, log-normal strength (as CogVideoX)
+            sigma = torch.exp(torch.randn(image.shape[0], device=image.device) * 0.5 - 3.0)
+            image = image + torch.randn_like(image) * sigma[:, None, None, None, None]
+        latent = self.encode_first_stage(image)
+        padding = latent.new_zeros(latent.shape[0], num_latent_frames - 1, *latent.shape[2:])
+        return torch.cat([latent, padding], dim=1)
+
+    # --- training ----------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Mean diffusion loss of a batch {"mp4": [B, T, 3, H, W], "txt": [B] prompts}."""
+        video = batch[self.input_key]
+        latents = video if self.latent_input else self.encode_first_stage(video)
+        latents = self.pad_to_temporal_patch(latents)
+        cond = self.conditioner(batch, drop_for_guidance=True)
+        model_inputs = {}
+        if self.noised_image_input:
+            image = self.image_condition(video[:, 0], latents.shape[1], noise_images=True)
+            if random.random() < self.noised_image_dropout:
+                image = torch.zeros_like(image)
+            model_inputs["concat_images"] = image
+        cond = {key: value.to(latents.dtype) for key, value in cond.items()}
+        return self.loss_fn(self.model, self.denoiser, cond, latents, **model_inputs).mean()
+
+    # --- sampling ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], latent_shape: tuple[int, int, int, int], generator: torch.Generator,
+               first_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate latents [B, T', C, h, w] for prompts; `latent_shape` = (T', C, h, w) before temporal padding.
+
+        With image-to-video models, `first_frames` [B, 3, H, W] conditions the video.
+        """
+        device = next(self.parameters()).device
+        dtype = next(self.parameters()).dtype
+        frames, channels, height, width = latent_shape
+        padded_frames = frames + (-frames) % self.patch_t
+        cond = {key: value.to(dtype) for key, value in self.conditioner({"txt": prompts}).items()}
+        uncond = self.conditioner.unconditional(cond)
+        model_inputs = {}
+        if self.noised_image_input:
+            if first_frames is None:
+                raise ValueError("this is an image-to-video model: give a first frame for each prompt")
+            model_inputs["concat_images"] = self.image_condition(first_frames.to(device, dtype), padded_frames,
+                                                                 noise_images=False)
+        noise = torch.randn((len(prompts), padded_frames, channels, height, width), generator=generator,
+                            device=generator.device).to(device, dtype)
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor, c: dict, **kwargs) -> torch.Tensor:
+            return self.denoiser(self.model, x, sigma, c, **model_inputs, **kwargs)
+
+        latents = self.sampler(denoise, noise, cond, uc=uncond, generator=generator)
+        return latents[:, padded_frames - frames:]  # drop the frames added for the temporal patch

@@ -1,0 +1,209 @@
+"""The training loop: one engine, DeepSpeed for data parallelism, ZeRO sharding, precision and checkpoints.
+
+Read top to bottom: set-up (processes, model, data, DeepSpeed), optional resume, then the loop that logs
+every `log_interval` and saves every `save_interval` iterations.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from satvideo import distributed
+from satvideo.config import ConfigError, args_namespace, get_obj_from_str, instantiate_from_config, to_plain
+from satvideo.engine import VideoDiffusionEngine
+from satvideo.training.checkpoint import load_network, read_latest, write_latest
+from satvideo.training.data_order import ResumableSampler
+from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations
+
+logger = logging.getLogger("satvideo.train")
+
+# DeepSpeed's own optimizer names; any other `deepspeed.optimizer.type` is imported as a class path.
+DEEPSPEED_OPTIMIZERS = {"adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion", "muon"}
+
+
+def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
+    """The `deepspeed` section completed from `args`: batch size, ZeRO stage, precision, CPU-safe optimizer."""
+    ds = copy.deepcopy(to_plain(config.get("deepspeed") or {}))
+    ds.setdefault("train_micro_batch_size_per_gpu", args.batch_size)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds.setdefault("steps_per_print", 10**9)  # satvideo prints its own log line
+    if args.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if args.bf16:
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
+    if args.fp16:
+        ds["fp16"] = {**ds.get("fp16", {}), "enabled": True}
+    if not on_gpu and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError("deepspeed.fp16.enabled: fp16 training needs a GPU; use fp32 or bf16 on the CPU")
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": 1e-4}})
+    if optimizer["type"].lower() in DEEPSPEED_OPTIMIZERS and not on_gpu:
+        optimizer.setdefault("params", {})["torch_adam"] = True  # no fused CUDA extension to compile
+    return ds
+
+
+def build_optimizer(ds: dict, parameters: list[torch.nn.Parameter], on_gpu: bool) -> torch.optim.Optimizer | None:
+    """A class-path optimizer (e.g. the official `sat.ops.FusedEmaAdam`) built here; DeepSpeed's own by name."""
+    optimizer = ds["optimizer"]
+    if optimizer["type"].lower() in DEEPSPEED_OPTIMIZERS:
+        return None
+    if not on_gpu:
+        raise ConfigError(f"deepspeed.optimizer.type={optimizer['type']!r} is a fused CUDA optimizer; on the CPU "
+                          "use type: AdamW (torch's implementation is used automatically)")
+    ds.pop("optimizer")
+    return get_obj_from_str(optimizer["type"])(parameters, **optimizer.get("params", {}))
+
+
+def build_dataset(config: DictConfig, args) -> Dataset:
+    if not args.train_data:
+        raise ConfigError("args.train_data: give one or more dataset folders")
+    if "data" not in config:
+        raise ConfigError("the config has no `data` section (target/params of the dataset)")
+    folders = [args.train_data] if isinstance(args.train_data, str) else list(args.train_data)
+    datasets = [instantiate_from_config(config.data, data_dir=folder) for folder in folders]
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """The log line on rank 0, a `metrics.jsonl` beside the checkpoints, and wandb when enabled."""
+
+    def __init__(self, args, config: DictConfig):
+        self.enabled = distributed.is_main_process()
+        self.path = Path(args.save) / "metrics.jsonl" if args.save and self.enabled else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb = None
+        if args.wandb and self.enabled:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, name=args.experiment_name,
+                                    config=to_plain(config), dir=args.save)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        print(" | ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                         for key, value in record.items()), flush=True)
+        if self.path is not None:
+            with self.path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iteration"])
+
+
+def train(config: DictConfig) -> None:
+    args = args_namespace(config)
+    distributed.init_distributed()
+    rank, world_size = distributed.rank(), distributed.world_size()
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    torch.manual_seed(args.seed + rank)  # ranks draw different noise and timesteps
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=args.checkpoint_activations)
+    resume_iteration = read_latest(args.save) if args.save else None
+    if args.load and resume_iteration is None:
+        load_network(engine.network, args.load, strict=args.strict_load)
+    engine.to(device)
+
+    dataset = build_dataset(config, args)
+    ds = deepspeed_config(config, args, on_gpu)
+    trainable = [parameter for parameter in engine.parameters() if parameter.requires_grad]
+    optimizer = build_optimizer(ds, trainable, on_gpu)
+    multiplier = lr_multiplier(args.lr_decay_style, warmup_iterations(args.warmup, args.train_iters),
+                               args.lr_decay_iters or args.train_iters, args.min_lr_ratio)
+    model, optimizer, _, scheduler = deepspeed.initialize(
+        model=engine, model_parameters=trainable, optimizer=optimizer, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier))
+    micro_batch, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+
+    start_iteration = 0
+    if resume_iteration is not None:
+        _, client_state = model.load_checkpoint(args.save, tag=str(resume_iteration))
+        start_iteration = client_state["iteration"]
+        rng_file = Path(args.save) / str(resume_iteration) / f"rng_rank{rank}.pt"
+        if rng_file.is_file() and not args.no_load_rng:
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        logger.info("resumed from %s at iteration %d", args.save, start_iteration)
+
+    sampler = ResumableSampler(len(dataset), rank, world_size, args.seed)
+    batches_per_epoch = len(sampler) // micro_batch
+    if batches_per_epoch == 0:
+        raise ConfigError(f"args.batch_size={micro_batch} exceeds the {len(sampler)} samples each rank gets")
+
+    def micro_batches(consumed: int):
+        """Endless micro-batches, starting after the `consumed` ones of this rank."""
+        epoch, start = divmod(consumed, batches_per_epoch)
+        while True:
+            sampler.set_position(epoch, start * micro_batch)
+            loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
+                                drop_last=True, persistent_workers=False)
+            yield from loader
+            epoch, start = epoch + 1, 0
+
+    data = micro_batches(start_iteration * accumulation)
+    log = MetricsLog(args, config)
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    for iteration in range(start_iteration + 1, args.train_iters + 1):
+        for _ in range(accumulation):
+            loss = model(to_device(next(data), device))
+            model.backward(loss)
+            model.step()
+            window_loss += loss.item() / accumulation
+        window_steps += 1
+
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            mean_loss = torch.tensor(window_loss / window_steps, device=device)
+            torch.distributed.all_reduce(mean_loss)
+            elapsed = time.perf_counter() - window_start
+            log.write({"iteration": iteration, "loss": mean_loss.item() / world_size,
+                       "lr": scheduler.get_last_lr()[0],
+                       "samples_per_s": window_steps * accumulation * micro_batch * world_size / elapsed})
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+
+        if args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
+            save_checkpoint(model, args.save, iteration)
+
+
+def save_checkpoint(model, save_dir: str, iteration: int) -> None:
+    """Model and optimizer states, this rank's RNG, then (after all ranks finished) the `latest` pointer."""
+    model.save_checkpoint(save_dir, tag=str(iteration), client_state={"iteration": iteration}, save_latest=False)
+    torch.save(rng_state(), Path(save_dir) / str(iteration) / f"rng_rank{distributed.rank()}.pt")
+    distributed.barrier()
+    if distributed.is_main_process():
+        write_latest(save_dir, iteration)
+        logger.info("saved iteration %d to %s", iteration, save_dir)
+    distributed.barrier()
