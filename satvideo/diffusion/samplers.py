@@ -6,7 +6,7 @@ diffusers' "trailing" timesteps, then steps to alpha = 1 where the state is the 
 
 Two differences from other implementations, on purpose:
 - The alphas are those of the training table at the visited timesteps, as in diffusers; the official SAT
-  code rescales the visited sub-schedule to zero SNR again (alphas off by < 0.1% at 50 steps).
+  code rescales the visited sub-schedule to zero SNR again (alphas off by up to 0.1% at 50 steps).
 - Each step goes to the next visited timestep. diffusers steps to t - 1000 // num_steps instead, which is
   the same when num_steps divides 1000 (10, 20, 25, 50, ...) and a slightly different noise level otherwise.
 """
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from satvideo.config import instantiate_from_config
 
-Denoiser = Callable[[Tensor, Tensor, dict], Tensor]
+DenoiserFn = Callable[[Tensor, Tensor, dict], Tensor]
 
 
 def log_snr(alpha: Tensor) -> Tensor:
@@ -37,8 +37,8 @@ def noise_std(alpha: Tensor) -> Tensor:
 def dpmpp_2m_terms(x0: Tensor, x0_prev: Tensor | None, alphas: Tensor, i: int) -> tuple[Tensor, Tensor]:
     """(h, x0 extrapolated) of the DPM-Solver++(2M) step from alphas[i] to alphas[i + 1], h in log-SNR.
 
-    The extrapolation weight 1 / (2r), r = h_prev / h, is 0 at the second step since the run starts at
-    zero SNR (h_prev infinite): both of the first two steps are first order.
+    The run starts at zero SNR, so h is infinite at the first step (exp(-h) = 0: the update uses x0 alone)
+    and h_prev at the second, where the extrapolation weight 1 / (2r), r = h_prev / h, is thus 0.
     """
     h = log_snr(alphas[i + 1]) - log_snr(alphas[i])
     if x0_prev is None:
@@ -74,7 +74,7 @@ class VideoDDIMSampler:
         alphas = self.discretization.alphas_cumprod_sqrt[timesteps]
         return timesteps, torch.cat([alphas, alphas.new_ones(1)])
 
-    def denoise(self, denoiser: Denoiser, x: Tensor, alpha: Tensor, timestep: int, cond: dict, uc: dict) -> Tensor:
+    def denoise(self, denoiser: DenoiserFn, x: Tensor, alpha: Tensor, timestep: int, cond: dict, uc: dict) -> Tensor:
         """The (guided) x0 estimate at one step."""
         alpha = alpha.float().to(x.device).expand(x.shape[0])
         if self.guider is None:
@@ -91,7 +91,7 @@ class VideoDDIMSampler:
 
     def __call__(
         self,
-        denoiser: Denoiser,
+        denoiser: DenoiserFn,
         x: Tensor,
         cond: dict,
         uc: dict | None = None,
@@ -125,8 +125,8 @@ class VPODEDPMPP2MSampler(VideoDDIMSampler):
 class VPSDEDPMPP2MSampler(VideoDDIMSampler):
     """DPM-Solver++(2M) SDE: the ODE step with part of the noise replaced by fresh noise from `generator`.
 
-    One normal draw per step except the last. (The official code and diffusers draw a second, unused one
-    before each second-order update, so a seed gives them a different noise sequence.)
+    One normal draw per step except the last. (diffusers' step and the official code draw a second,
+    discarded normal before each second-order update, so the same seed gives them a different noise stream.)
     """
 
     def update(

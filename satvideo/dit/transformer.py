@@ -101,19 +101,20 @@ class DiffusionTransformer(BaseModel):
         self.patch_t, self.patch = split_patch_size(patch_size)
         layernorm = RMSNorm if use_RMSNorm else partial(LayerNorm, elementwise_affine=elementwise_affine, eps=1e-6)
         activation = F.silu if use_SwiGLU else nn.GELU(approximate="tanh")
-        transformer = BaseTransformer(
-            num_layers=num_layers,
-            vocab_size=1,  # SAT always builds a word embedding; PatchEmbedMixin removes it
-            hidden_size=hidden_size,
-            num_attention_heads=num_attention_heads,
-            max_sequence_length=_transformer_option(transformer_args, "max_sequence_length", 64),
-            checkpoint_activations=checkpoint_activations,
-            checkpoint_num_layers=_transformer_option(transformer_args, "checkpoint_num_layers", 1),
-            layernorm=layernorm,
-            activation_func=activation,
-            skip_init=device.type == "meta" or _transformer_option(transformer_args, "skip_init", False),
-            device=device,
-        )
+        with torch.device(device):  # SAT passes `device` to its linears but not to its LayerNorms
+            transformer = BaseTransformer(
+                num_layers=num_layers,
+                vocab_size=1,  # SAT always builds a word embedding; PatchEmbedMixin removes it
+                hidden_size=hidden_size,
+                num_attention_heads=num_attention_heads,
+                max_sequence_length=_transformer_option(transformer_args, "max_sequence_length", 64),
+                checkpoint_activations=checkpoint_activations,
+                checkpoint_num_layers=_transformer_option(transformer_args, "checkpoint_num_layers", 1),
+                layernorm=layernorm,
+                activation_func=activation,
+                skip_init=device.type == "meta" or _transformer_option(transformer_args, "skip_init", False),
+                device=device,
+            )
         super().__init__(args=None, transformer=transformer)
 
         with torch.device(device):

@@ -1,0 +1,89 @@
+"""Config loading: merge order, overrides, `args` validation, target aliases and their errors."""
+
+import pytest
+import torch
+
+from satvideo.config import (ARGS_DEFAULTS, LEGACY_TARGETS, ConfigError, get_obj_from_str, instantiate_from_config,
+                             load_config, resolve_target)
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_later_files_override_earlier_ones_and_merge_nested_keys(tmp_path):
+    a = write(tmp_path, "a.yaml", "args: {train_iters: 10, log_interval: 5}\nmodel: {x: {y: 1, z: 2}}\n")
+    b = write(tmp_path, "b.yaml", "args: {train_iters: 20}\nmodel: {x: {z: 3}}\n")
+    config = load_config([a, b])
+    assert config.args.train_iters == 20
+    assert config.args.log_interval == 5
+    assert dict(config.model.x) == {"y": 1, "z": 3}
+
+
+def test_overrides_apply_after_files_and_parse_values(tmp_path):
+    a = write(tmp_path, "a.yaml", "args: {train_iters: 10}\nmodel: {network_config: {params: {num_layers: 30}}}\n")
+    config = load_config([a], ["args.train_iters=20", "model.network_config.params.num_layers=2",
+                               "args.train_data=[d1,d2]", "args.bf16=true"])
+    assert config.args.train_iters == 20
+    assert config.model.network_config.params.num_layers == 2
+    assert list(config.args.train_data) == ["d1", "d2"]
+    assert config.args.bf16 is True
+
+
+def test_unspecified_args_take_defaults(tmp_path):
+    config = load_config([write(tmp_path, "a.yaml", "model: {}\n")])
+    assert config.args.lr_decay_style == ARGS_DEFAULTS["lr_decay_style"]
+    assert config.args.save is None
+
+
+def test_unknown_args_key_names_it_and_the_closest_valid_key(tmp_path):
+    a = write(tmp_path, "a.yaml", "args: {train_iter: 10}\n")
+    with pytest.raises(ConfigError, match=r"unknown key args\.train_iter; did you mean args\.train_iters\?"):
+        load_config([a])
+    with pytest.raises(ConfigError, match=r"unknown key args\.log_intervall; did you mean args\.log_interval\?"):
+        load_config([], ["args.log_intervall=3"])
+
+
+def test_missing_file_and_malformed_override_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config([str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError, match="override 'args.seed' is not of the form key=value"):
+        load_config([], ["args.seed"])
+    bad = write(tmp_path, "bad.yaml", "args: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse config file .*bad.yaml"):
+        load_config([bad])
+
+
+def test_every_alias_resolves_to_an_importable_satvideo_class():
+    for legacy, target in LEGACY_TARGETS.items():
+        assert resolve_target(legacy) == target
+        assert callable(get_obj_from_str(legacy)), legacy
+
+
+def test_official_targets_of_every_kind_resolve():
+    assert get_obj_from_str("dit_video_concat.DiffusionTransformer").__name__ == "DiffusionTransformer"
+    assert get_obj_from_str("sgm.modules.encoders.modules.FrozenT5Embedder").__name__ == "FrozenT5Embedder"
+    assert get_obj_from_str("sgm.modules.diffusionmodules.sampling.VPSDEDPMPP2MSampler").__name__ == "VPSDEDPMPP2MSampler"
+    assert get_obj_from_str("vae_modules.autoencoder.VideoAutoencoderInferenceWrapper").__name__ == "VideoAutoencoder"
+    assert get_obj_from_str("data_video.SFTDataset").__name__ == "SFTDataset"
+
+
+def test_unknown_legacy_target_suggests_the_closest_alias():
+    with pytest.raises(ConfigError, match=r"no satvideo counterpart; did you mean dit_video_concat\.AdaLNMixin\?"):
+        resolve_target("dit_video_concat.AdaLNMixn")
+
+
+def test_bad_targets_name_the_problem():
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module'"):
+        get_obj_from_str("no_such_module.Thing")
+    with pytest.raises(ConfigError, match="module 'torch.nn' has no attribute 'Nope'"):
+        get_obj_from_str("torch.nn.Nope")
+    with pytest.raises(ConfigError, match="expected a mapping with a 'target' key"):
+        instantiate_from_config({"params": {}})
+
+
+def test_instantiate_merges_params_and_extra_kwargs():
+    layer = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3}}, out_features=5)
+    assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (5, 3)
