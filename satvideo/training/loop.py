@@ -169,8 +169,10 @@ def train(config: DictConfig) -> None:
         epoch, start = divmod(consumed, batches_per_epoch)
         while True:
             sampler.set_position(epoch, start * micro_batch)
+            # A private generator: a loader iterator otherwise draws its worker seed from the global RNG,
+            # which would shift every later noise draw of a resumed run.
             loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
-                                drop_last=True, persistent_workers=False)
+                                drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch))
             yield from loader
             epoch, start = epoch + 1, 0
 

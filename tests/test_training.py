@@ -1,0 +1,188 @@
+"""Training: real runs of train_video.py (one process and torchrun over gloo), resume, checkpoints, settings."""
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from satvideo.config import ConfigError
+from satvideo.data.toy import make_toy_dataset
+from satvideo.training.checkpoint import (MODEL_STATES, load_network, network_state_dict, read_latest,
+                                          write_latest)
+from satvideo.training.data_order import ResumableSampler
+from satvideo.training.loop import deepspeed_config, save_checkpoint
+from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["configs/tiny/model.yaml", "configs/tiny/vae.yaml", "configs/tiny/train.yaml"]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(folder, num=16, size=32, frames=9, fps=8, seed=0)
+    return str(folder)
+
+
+def run(command: list[str], timeout: int = 300) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+def train(save, data, *overrides, nproc: int = 1) -> str:
+    launcher = [sys.executable, "train_video.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_video.py"]
+    return run(launcher + ["--base", *TINY, f"args.save={save}", f"args.train_data=[{data}]", "args.num_workers=0",
+                           *overrides])
+
+
+def metrics(save) -> list[dict]:
+    with open(os.path.join(save, "metrics.jsonl")) as file:
+        return [json.loads(line) for line in file]
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_run_writes_sat_checkpoint_that_sample_video_loads(tmp_path, toy_data):
+    save = str(tmp_path / "run")
+    output = train(save, toy_data, "args.train_iters=4", "args.log_interval=2", "args.save_interval=4",
+                   "args.batch_size=2", "args.zero_stage=2", nproc=2)
+    assert "iteration 4 | loss" in output
+    assert read_latest(save) == 4
+    files = sorted(os.listdir(os.path.join(save, "4")))
+    assert MODEL_STATES in files
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(files)
+    module = torch.load(os.path.join(save, "4", MODEL_STATES), weights_only=True)["module"]
+    assert all(key.startswith("model.diffusion_model.") for key in module)  # no T5, no VAE
+    assert "model.diffusion_model.mixins.adaln_layer.adaLN_modulations.0.1.weight" in module
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving left\na blue circle moving up\n")
+    out_dir = tmp_path / "videos"
+    run([sys.executable, "sample_video.py", "--base", "configs/tiny/model.yaml", "configs/tiny/vae.yaml",
+         "configs/tiny/sample.yaml", f"args.load={save}", f"args.input_file={prompts}", f"args.output_dir={out_dir}",
+         "model.sampler_config.params.num_steps=4", "model.sampler_config.params.guider_config.params.num_steps=4"])
+    records = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines()]
+    assert [record["prompt"] for record in records] == ["a red square moving left", "a blue circle moving up"]
+    from satvideo.data.video import read_mp4
+    frames, fps = read_mp4(out_dir / records[0]["file"])
+    assert frames.shape == (9, 32, 32, 3) and round(fps) == 8
+
+
+@pytest.mark.slow
+def test_training_loss_goes_down_on_toy_data(tmp_path, toy_data):
+    save = str(tmp_path / "run")
+    train(save, toy_data, "args.train_iters=60", "args.log_interval=10", "args.save_interval=1000",
+          "args.warmup=5", "args.lr_decay_style=constant")
+    losses = [record["loss"] for record in metrics(save)]
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, toy_data):
+    common = ("args.log_interval=2", "args.save_interval=3", "args.batch_size=3")  # 16 // 3: epochs end mid-run
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train(straight, toy_data, "args.train_iters=8", *common)
+    train(resumed, toy_data, "args.train_iters=8", *common, "args.save_interval=3")
+    # interrupt: keep iteration 3 only, as if the run died after its first save
+    for name in ("6", "8"):
+        subprocess.run(["rm", "-rf", os.path.join(resumed, name)], check=True)
+    write_latest(resumed, 3)
+    output = train(resumed, toy_data, "args.train_iters=8", *common)
+    assert "resumed from" in output and "at iteration 3" in output
+    final_straight, final_resumed = network_state_dict(straight), network_state_dict(resumed)
+    assert final_straight.keys() == final_resumed.keys()
+    for key in final_straight:
+        assert torch.equal(final_straight[key], final_resumed[key]), key
+
+
+def test_latest_is_only_written_after_a_complete_save(tmp_path):
+    class FailingEngine:
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            os.makedirs(os.path.join(save_dir, tag))
+            raise OSError("disk full")
+
+    write_latest(tmp_path, 100)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(FailingEngine(), str(tmp_path), 200)
+    assert read_latest(tmp_path) == 100
+    (tmp_path / "latest").write_text("garbage")
+    with pytest.raises(ValueError, match="latest should hold an iteration number, found 'garbage'"):
+        read_latest(tmp_path)
+
+
+def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_extras(tmp_path):
+    from conftest import tiny_network_config
+    from satvideo.config import instantiate_from_config
+
+    network = instantiate_from_config(tiny_network_config("5b"))
+    module = {f"model.diffusion_model.{k}": v for k, v in network.state_dict().items()}
+    module["conditioner.embedders.0.transformer.shared.weight"] = torch.zeros(3)  # official fine-tunes carry T5
+    module["model.diffusion_model.transformer.position_embeddings.weight"] = torch.zeros(64, 64)
+    os.makedirs(tmp_path / "ckpt" / "7")
+    torch.save({"module": module}, tmp_path / "ckpt" / "7" / MODEL_STATES)
+    write_latest(tmp_path / "ckpt", 7)
+    load_network(network, tmp_path / "ckpt")  # run folder -> latest -> iteration 7: loads cleanly
+
+    del module["model.diffusion_model.time_embed.0.weight"]
+    module["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    torch.save({"module": module}, tmp_path / "ckpt" / "7" / MODEL_STATES)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): time_embed\.0\.weight; unexpected keys \(1\): extra\.weight"):
+        load_network(network, tmp_path / "ckpt" / "7")
+    load_network(network, tmp_path / "ckpt" / "7" / MODEL_STATES, strict=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint path .*nowhere does not exist"):
+        load_network(network, tmp_path / "nowhere")
+
+
+def test_sampler_partitions_data_and_resumes_mid_epoch():
+    samplers = [ResumableSampler(10, rank, 3, seed=5) for rank in range(3)]
+    shares = [list(sampler) for sampler in samplers]
+    assert all(len(share) == 3 for share in shares)
+    assert len(set(sum(shares, []))) == 9  # disjoint
+    samplers[1].set_position(epoch=0, start=2)
+    assert list(samplers[1]) == shares[1][2:]
+    samplers[1].set_position(epoch=1, start=0)
+    assert list(samplers[1]) != shares[1]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cosine = lr_multiplier("cosine", warmup_iters=10, decay_iters=110, min_ratio=0.1)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.1 + 0.9 * 0.5) and cosine(110) == pytest.approx(0.1)
+    linear = lr_multiplier("linear", 0, 100)
+    assert linear(50) == pytest.approx(0.5)
+    assert warmup_iterations(0.05, 200) == 10 and warmup_iterations(30, 200) == 30
+    with pytest.raises(ValueError, match="args.lr_decay_style='step'"):
+        lr_multiplier("step", 0, 10)
+
+
+def test_deepspeed_section_on_cpu_uses_torch_adam_and_refuses_gpu_only_settings():
+    args = Namespace(batch_size=2, zero_stage=3, bf16=False, fp16=False)
+    config = OmegaConf.create({"deepspeed": {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}})
+    ds = deepspeed_config(config, args, on_gpu=False)
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match="deepspeed.fp16.enabled: fp16 training needs a GPU"):
+        deepspeed_config(config, Namespace(**{**vars(args), "fp16": True}), on_gpu=False)
+
+    from satvideo.training.loop import build_optimizer
+    fused = deepspeed_config(OmegaConf.create({"deepspeed": {"optimizer": {"type": "sat.ops.FusedEmaAdam"}}}),
+                             args, on_gpu=False)
+    with pytest.raises(ConfigError, match=r"deepspeed.optimizer.type='sat.ops.FusedEmaAdam' is a fused CUDA optimizer"):
+        build_optimizer(fused, [], on_gpu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_training_step_on_gpu(tmp_path, toy_data):
+    save = str(tmp_path / "run")
+    train(save, toy_data, "args.train_iters=2", "args.log_interval=1", "args.fp16=true", "args.device=null")
+    assert len(metrics(save)) == 2
