@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 # Every key the `args` section may hold, with its default. Official CogVideoX configs use these names too.
 ARGS_DEFAULTS: dict[str, Any] = {
@@ -85,11 +86,13 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
         except Exception as error:  # omegaconf raises several YAML error types
             raise ConfigError(f"cannot parse config file {path}: {error}") from error
     config = OmegaConf.merge(*configs) if configs else OmegaConf.create()
-    overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-    config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+        try:  # keys may index lists: model.conditioner_config.params.emb_models.0.params.model_dir=...
+            config.merge_with_dotlist([item])
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"cannot apply override {item!r}: {error}") from error
     config.args = _validated_args(config.get("args") or OmegaConf.create())
     return config
 

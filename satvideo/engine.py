@@ -15,13 +15,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from satvideo.config import ConfigError, instantiate_from_config, to_plain
-from satvideo.conditioner import GeneralConditioner
 
 
 # `model` keys of official configs that tune the original implementation (autocast, logging, per-call batch
-# limits of its VAE, LoRA flags it reads elsewhere) and have no effect here.
+# limits of its VAE, LoRA flags it reads elsewhere) and have no effect here. `augmentation_dropout` (1.5-I2V)
+# is never read by the original either.
 OFFICIAL_KEYS_WITHOUT_EFFECT = {"disable_first_stage_autocast", "log_keys", "en_and_decode_n_samples_a_time",
-                                "lr_scale", "use_lora", "compile_model"}
+                                "lr_scale", "use_lora", "compile_model", "augmentation_dropout"}
 
 
 class DiffusionModelWrapper(nn.Module):

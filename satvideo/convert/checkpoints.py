@@ -57,10 +57,12 @@ def read_diffusers_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Ten
 def sat_to_diffusers_checkpoint(config_paths: list[str], checkpoint: str | Path, out_dir: str | Path,
                                 vae: str | Path | None = None, vae_out: str | Path | None = None) -> None:
     """SAT transformer checkpoint (and optionally `3d-vae.pt`) -> diffusers folders, for the model of `config_paths`."""
+    if (vae is None) != (vae_out is None):
+        raise ValueError("converting the VAE needs both the SAT file (--vae) and an output folder (--vae-out)")
     model = to_plain(load_config(config_paths).model)
     params = model["network_config"]["params"]
     weights = network_state_dict(checkpoint)
-    if not params["modules"]["pos_embed_config"].get("params", {}).get("learnable_pos_embed", False):
+    if not (params["modules"]["pos_embed_config"].get("params") or {}).get("learnable_pos_embed", False):
         weights.pop("mixins.pos_embed.pos_embedding", None)  # the fixed sin-cos table (2B), recomputed by both
     write_diffusers_folder(out_dir, "CogVideoXTransformer3DModel", diffusers_transformer_config(params),
                            sat_to_diffusers_transformer(weights, params["num_layers"]))
@@ -84,7 +86,8 @@ def diffusers_to_sat_checkpoint(transformer_dir: str | Path, out_dir: str | Path
     network["params"]["modules"]["patch_embed_config"]["params"]["bias"] = "mixins.patch_embed.proj.bias" in weights
     iteration_dir = out_dir / "transformer" / str(SAT_ITERATION)
     iteration_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"module": {NETWORK_PREFIX + key: value for key, value in weights.items()}}, iteration_dir / MODEL_STATES)
+    module = {NETWORK_PREFIX + key: value for key, value in weights.items()}
+    torch.save({"module": module}, iteration_dir / MODEL_STATES)
     write_latest(out_dir / "transformer", SAT_ITERATION)
     model = {"network_config": network}
     if vae_dir is not None:

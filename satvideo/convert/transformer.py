@@ -48,15 +48,15 @@ SAT_LAYER_INDEX = re.compile(r"(?:transformer\.layers|mixins\.adaln_layer\.\w+)\
 # Options diffusers' CogVideoX exposes but every CogVideoX model (and satvideo) fixes.
 FIXED_DIFFUSERS_OPTIONS = {"activation_fn": "gelu-approximate", "timestep_activation_fn": "silu",
                            "flip_sin_to_cos": True, "freq_shift": 0, "attention_bias": True}
-# diffusers has one eps for norm1/norm2.norm, norm_final and norm_out.norm. SAT builds the block LayerNorms and
-# final_layernorm with its `layernorm_epsilon` (1e-5), which overrides the eps=1e-6 bound into the layernorm
-# class, so 1e-5 matches all of them; only the final layer's own norm (SAT 1e-6) then differs, by a relative
-# ~5e-6 in the output. qk-norms use 1e-6 on both sides.
+# diffusers has one eps for norm1/norm2.norm, norm_final and norm_out.norm. SAT's BaseTransformer builds the block
+# LayerNorms and final_layernorm with eps=layernorm_epsilon (default 1e-5), which overrides the eps=1e-6 bound
+# into the layernorm class; 1e-5 (also the official diffusers configs' value) matches those. The final layer's own
+# norm keeps SAT's 1e-6, a relative ~5e-6 difference in the output; qk-norms use 1e-6 on both sides.
 SAT_NORM_EPS = 1e-5
 SINCOS_TARGET = "satvideo.dit.SinCos3DPositionMixin"
 ROTARY_TARGET = "satvideo.dit.Rotary3DPositionMixin"
-# SAT BaseTransformer options of the official configs (only checkpoint_activations matters, in training).
-SAT_TRANSFORMER_ARGS = {"checkpoint_activations": True, "vocab_size": 1, "max_sequence_length": 64,
+# SAT BaseTransformer options as in the official configs; activation checkpointing is a training choice, off here.
+SAT_TRANSFORMER_ARGS = {"checkpoint_activations": False, "vocab_size": 1, "max_sequence_length": 64,
                         "layernorm_order": "pre", "skip_init": False, "model_parallel_size": 1, "is_decoder": False}
 
 
@@ -150,11 +150,12 @@ def _check_convertible(params: dict) -> None:
     """Raise for satvideo options that diffusers' CogVideoX cannot express."""
     modules = params["modules"]
     pos = modules["pos_embed_config"].get("params") or {}
+    adaln = modules["adaln_layer_config"].get("params") or {}
     problems = {
         "use_SwiGLU": params.get("use_SwiGLU", False),
         "use_RMSNorm": params.get("use_RMSNorm", False),
         "elementwise_affine=false": not params.get("elementwise_affine", True),
-        "adaln_layer_config.params.qk_ln=false": not (modules["adaln_layer_config"].get("params") or {}).get("qk_ln", True),
+        "adaln_layer_config.params.qk_ln=false": not adaln.get("qk_ln", True),
         "pos_embed_config.params.rot_v": pos.get("rot_v", False),
         "pos_embed_config.params.theta != 10000": pos.get("theta", 10000.0) != 10000.0,
         "ofs_embed_dim != time_embed_dim": bool(params.get("ofs_embed_dim"))
@@ -199,13 +200,14 @@ def diffusers_transformer_config(network_params: dict) -> dict:
         **FIXED_DIFFUSERS_OPTIONS,
     }
     if pos_target == SINCOS_TARGET:
-        if pos.get("height_interpolation", 1.0) != pos.get("width_interpolation", 1.0):
-            raise ValueError("diffusers has one spatial interpolation scale: height_interpolation and "
-                             f"width_interpolation differ ({pos['height_interpolation']}, {pos['width_interpolation']})")
-        config["spatial_interpolation_scale"] = pos.get("height_interpolation", 1.0)
+        height, width = pos.get("height_interpolation", 1.0), pos.get("width_interpolation", 1.0)
+        if height != width:
+            raise ValueError(f"diffusers has one spatial interpolation scale; height_interpolation {height} "
+                             f"and width_interpolation {width} differ")
+        config["spatial_interpolation_scale"] = height
         config["temporal_interpolation_scale"] = pos.get("time_interpolation", 1.0)
     elif pos_target != ROTARY_TARGET:
-        raise ValueError(f"position embedding {modules['pos_embed_config']['target']!r} has no diffusers counterpart")
+        raise ValueError(f"position embedding {pos_target!r} has no diffusers counterpart")
     return config
 
 

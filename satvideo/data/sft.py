@@ -63,17 +63,27 @@ def resize_cover_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> tor
     return frames[..., top : top + height, left : left + width]
 
 
+def whole_number(key: str, value: int | float) -> int:
+    """A frame count as an int; official configs write some as floats (`skip_frms_num: 3.`)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"data.params.{key} must be a whole number of frames, got {value!r}")
+    return value
+
+
 class SFTDataset(Dataset):
     """Video-caption pairs; items are {"mp4": [T, 3, H, W] in [-1, 1], "txt", "num_frames", "fps"}."""
 
     def __init__(self, data_dir: str, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 0):
+        max_num_frames = whole_number("max_num_frames", max_num_frames)
         if max_num_frames % 4 != 1:
             raise ValueError(f"max_num_frames must be 4k+1 for the causal VAE, got {max_num_frames}")
         self.pairs = find_video_label_pairs(Path(data_dir))
         self.video_size = (int(video_size[0]), int(video_size[1]))
         self.fps = fps
         self.max_num_frames = max_num_frames
-        self.skip_frms_num = skip_frms_num
+        self.skip_frms_num = whole_number("skip_frms_num", skip_frms_num)
         self._warned_short_clip = False
 
     def __len__(self) -> int:

@@ -16,6 +16,7 @@ Parameter names equal those of the official SAT checkpoints (`mixins.<name>.*`, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from functools import partial
 from typing import Any
@@ -26,6 +27,7 @@ from sat.model.base_model import BaseModel
 from sat.model.transformer import BaseTransformer
 from sat.ops.layernorm import LayerNorm, RMSNorm
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from satvideo.config import ConfigError, instantiate_from_config
 from satvideo.distributed import init_distributed
@@ -38,6 +40,26 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Mixins in the order their hooks wrap each other: attention runs qk-LayerNorm (adaln_layer), then RoPE
 # (pos_embed), then scaled_dot_product_attention (the model's own attention_fn).
 MIXIN_ORDER = ("pos_embed", "patch_embed", "adaln_layer", "final_layer")
+
+
+class _ForceMeta(TorchFunctionMode):
+    """Sends tensors created with an explicit `device` to the meta device too. SAT's LoraMixin builds its layers
+    on the CPU and copies the original weights into them, which a meta build could not otherwise do."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
+def allocate_on(device: torch.device) -> contextlib.ExitStack:
+    """A context in which new tensors default to `device`; on meta, every new tensor goes there."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.device(device))
+    if device.type == "meta":
+        stack.enter_context(_ForceMeta())
+    return stack
 
 
 def _transformer_option(transformer_args: dict | argparse.Namespace | None, key: str, default: Any) -> Any:
@@ -73,7 +95,8 @@ class DiffusionTransformer(BaseModel):
         device: str | torch.device = "cpu",
         checkpoint_activations: bool | None = None,
         num_classes: int | None = None,
-        adm_in_channels: int | None = None,  # official 1.5 configs carry it; only used with num_classes
+        # Official configs carry these; they matter only for class-conditional or model-parallel variants.
+        adm_in_channels: int | None = None,
         input_time: str = "adaln",
         parallel_output: bool = True,
         zero_init_y_embed: bool = False,
@@ -99,14 +122,16 @@ class DiffusionTransformer(BaseModel):
         self.ofs_embed_dim = ofs_embed_dim
         self.default_ofs = default_ofs
         self.patch_t, self.patch = split_patch_size(patch_size)
-        layernorm = RMSNorm if use_RMSNorm else partial(LayerNorm, elementwise_affine=elementwise_affine, eps=1e-6)
+        # SAT hands `layernorm_epsilon` (1e-5, as in the official model) to every block and final LayerNorm.
+        layernorm = RMSNorm if use_RMSNorm else partial(LayerNorm, elementwise_affine=elementwise_affine)
         activation = F.silu if use_SwiGLU else nn.GELU(approximate="tanh")
-        with torch.device(device):  # SAT passes `device` to its linears but not to its LayerNorms
+        with allocate_on(device):  # SAT passes `device` to its linears but not to its LayerNorms
             transformer = BaseTransformer(
                 num_layers=num_layers,
                 vocab_size=1,  # SAT always builds a word embedding; PatchEmbedMixin removes it
                 hidden_size=hidden_size,
                 num_attention_heads=num_attention_heads,
+                layernorm_epsilon=1e-5,
                 max_sequence_length=_transformer_option(transformer_args, "max_sequence_length", 64),
                 checkpoint_activations=checkpoint_activations,
                 checkpoint_num_layers=_transformer_option(transformer_args, "checkpoint_num_layers", 1),
@@ -117,7 +142,7 @@ class DiffusionTransformer(BaseModel):
             )
         super().__init__(args=None, transformer=transformer)
 
-        with torch.device(device):
+        with allocate_on(device):
             self.time_embed = embedding_mlp(hidden_size, self.time_embed_dim)
             self.ofs_embed = embedding_mlp(ofs_embed_dim, self.time_embed_dim) if ofs_embed_dim else None
             self._add_mixins(modules, num_frames, time_compressed_rate, latent_width, latent_height, patch_size,

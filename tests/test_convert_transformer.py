@@ -1,0 +1,190 @@
+"""Transformer weight conversion satvideo (SAT layout) <-> diffusers, proven by equal outputs on tiny random models."""
+
+import os
+
+import pytest
+import torch
+from conftest import ROOT, family_config, tiny_inputs
+from convert_helpers import (diffusers_output, parity_network_config, randomize, relative_error, run_cli,
+                             write_sat_checkpoint)
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from satvideo.config import instantiate_from_config, load_config, to_plain
+from satvideo.convert.checkpoints import diffusers_to_sat_checkpoint, write_diffusers_folder
+from satvideo.convert.transformer import (diffusers_to_sat_transformer, diffusers_transformer_config,
+                                          network_config_from_diffusers, sat_to_diffusers_transformer)
+from satvideo.convert.vae import sat_vae_to_diffusers
+from satvideo.training.checkpoint import load_network
+
+# Values of the official diffusers configs (THUDM/CogVideoX-2b, -5b, -5b-I2V, CogVideoX1.5-5B, -5B-I2V).
+OFFICIAL = {
+    "2b": dict(num_attention_heads=30, num_layers=30, in_channels=16, use_rotary_positional_embeddings=False,
+               spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0, patch_size_t=None),
+    "5b": dict(num_attention_heads=48, num_layers=42, in_channels=16, use_rotary_positional_embeddings=True,
+               use_learned_positional_embeddings=False, patch_size_t=None),
+    "5b_i2v": dict(num_attention_heads=48, num_layers=42, in_channels=32, use_learned_positional_embeddings=True),
+    "1.5_5b": dict(num_attention_heads=48, in_channels=16, patch_size_t=2, patch_bias=False, ofs_embed_dim=None),
+    "1.5_5b_i2v": dict(num_attention_heads=48, in_channels=32, patch_size_t=2, patch_bias=False, ofs_embed_dim=512),
+}
+
+
+def random_network(family: str, num_layers: int = 2, seed: int = 0):
+    return randomize(instantiate_from_config(parity_network_config(family, num_layers)), seed)
+
+
+def random_diffusers_model(config: dict, seed: int = 1) -> CogVideoXTransformer3DModel:
+    return randomize(CogVideoXTransformer3DModel(**config), seed)
+
+
+def assert_equal_state_dicts(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    different = [key for key in expected if not torch.equal(actual[key], expected[key])]
+    assert not different, f"tensors differ: {different}"
+
+
+def test_full_size_configs_match_the_official_diffusers_configs(family):
+    config = diffusers_transformer_config(family_config(family)["network_config"]["params"])
+    assert config["attention_head_dim"] == 64 and config["text_embed_dim"] == 4096 and config["time_embed_dim"] == 512
+    assert config["norm_eps"] == 1e-5
+    assert {key: config[key] for key in OFFICIAL[family]} == OFFICIAL[family]
+    assert diffusers_transformer_config(network_config_from_diffusers(config)["params"]) == config
+
+
+def test_full_size_weights_fit_the_full_size_diffusers_model(family):
+    """On the meta device: every converted key and shape, e.g. the 5B-I2V learnable table [1, 226 + 13*30*45, 3072]."""
+    network_config = family_config(family, device="meta")["network_config"]
+    weights = instantiate_from_config(network_config).state_dict()
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel(**diffusers_transformer_config(network_config["params"]))
+    converted = sat_to_diffusers_transformer(weights, network_config["params"]["num_layers"])
+    expected = model.state_dict()
+    assert set(converted) == set(expected)
+    assert [key for key in expected if converted[key].shape != expected[key].shape] == []
+
+
+def test_sat_to_diffusers_outputs_match(family):
+    network = random_network(family)
+    config = diffusers_transformer_config(parity_network_config(family)["params"])
+    model = CogVideoXTransformer3DModel(**config).eval()
+    model.load_state_dict(sat_to_diffusers_transformer(network.state_dict(), num_layers=2), strict=True)
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        expected = network(**inputs)  # 1.5-I2V: satvideo's default ofs 2.0, as the diffusers pipeline passes
+    assert relative_error(diffusers_output(model, inputs), expected) <= 1e-5
+
+    # The one remaining difference is the eps of the final adaptive norm (SAT 1e-6, diffusers norm_eps):
+    # with it aligned, every other operation agrees to rounding.
+    layer = network.transformer.layers[0]
+    assert layer.input_layernorm.eps == layer.post_attention_layernorm.eps == config["norm_eps"]
+    assert network.transformer.final_layernorm.eps == config["norm_eps"]
+    model.norm_out.norm.eps = network.mixins.final_layer.norm_final.eps
+    assert relative_error(diffusers_output(model, inputs), expected) <= 1e-6
+
+
+def test_sincos_positions_match_at_another_latent_size():
+    """2B at a grid other than sample_width/height/frames: diffusers recomputes its table, satvideo too."""
+    network = random_network("2b")
+    model = CogVideoXTransformer3DModel(**diffusers_transformer_config(parity_network_config("2b")["params"]))
+    model.load_state_dict(sat_to_diffusers_transformer(network.state_dict(), num_layers=2))
+    inputs = tiny_inputs("2b")
+    inputs["x"] = torch.randn(2, 5, 16, 12, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = network(**inputs)
+    assert relative_error(diffusers_output(model.eval(), inputs), expected) <= 1e-5
+
+
+def test_diffusers_to_sat_outputs_match_and_round_trip_exactly(family):
+    config = diffusers_transformer_config(parity_network_config(family)["params"])
+    model = random_diffusers_model(config)
+    sat_weights = diffusers_to_sat_transformer(model.state_dict())
+    network_config = network_config_from_diffusers(config)
+    if family.startswith("1.5"):  # diffusers' 1.5 patch Linear always has a bias, here a random one
+        network_config["params"]["modules"]["patch_embed_config"]["params"]["bias"] = True
+    network = instantiate_from_config(network_config).eval()
+    network.load_state_dict(sat_weights, strict=True)
+    inputs = tiny_inputs(family)
+    model.norm_out.norm.eps = network.mixins.final_layer.norm_final.eps
+    with torch.no_grad():
+        assert relative_error(network(**inputs), diffusers_output(model, inputs)) <= 1e-6
+    assert_equal_state_dicts(sat_to_diffusers_transformer(sat_weights, num_layers=2), model.state_dict())
+
+
+def test_sat_to_diffusers_to_sat_is_exact(family):
+    weights = random_network(family, num_layers=3).state_dict()
+    assert_equal_state_dicts(diffusers_to_sat_transformer(sat_to_diffusers_transformer(weights, num_layers=3)), weights)
+
+
+def test_zero_patch_bias_of_1_5_is_added_and_dropped():
+    weights = random_network("1.5_5b").state_dict()
+    converted = sat_to_diffusers_transformer(weights, num_layers=2)
+    assert "mixins.patch_embed.proj.bias" not in weights
+    assert torch.equal(converted["patch_embed.proj.bias"], torch.zeros(64))
+    assert "mixins.patch_embed.proj.bias" not in diffusers_to_sat_transformer(converted)
+
+
+def test_conversion_errors_name_the_problem():
+    params = parity_network_config("5b")["params"]
+    with pytest.raises(ValueError, match="no counterpart for: use_SwiGLU"):
+        diffusers_transformer_config({**params, "use_SwiGLU": True})
+    weights = instantiate_from_config(parity_network_config("5b", lora_rank=4)).state_dict()
+    with pytest.raises(ValueError, match="lora-to-diffusers"):
+        sat_to_diffusers_transformer(weights, num_layers=2)
+    with pytest.raises(ValueError, match=r"expected layers 0..2, the state dict has layers \[0, 1\]"):
+        sat_to_diffusers_transformer(random_network("5b").state_dict(), num_layers=3)
+
+
+@pytest.mark.parametrize("zero_bias", [True, False])
+def test_diffusers_folder_of_a_1_5_model_gets_the_patch_bias_it_needs(tmp_path, zero_bias):
+    """diffusers' 1.5 patch Linear always has a bias: the SAT model drops a zero one, keeps a trained one."""
+    config = diffusers_transformer_config(parity_network_config("1.5_5b")["params"])
+    model = random_diffusers_model(config)
+    if zero_bias:
+        torch.nn.init.zeros_(model.patch_embed.proj.bias)
+    write_diffusers_folder(tmp_path / "transformer", "CogVideoXTransformer3DModel", config, model.state_dict())
+    diffusers_to_sat_checkpoint(tmp_path / "transformer", tmp_path / "sat")
+    network_config = load_config([tmp_path / "sat" / "model.yaml"]).model.network_config
+    assert network_config.params.modules.patch_embed_config.params.bias is not zero_bias
+    network = instantiate_from_config(network_config).eval()
+    load_network(network, tmp_path / "sat" / "transformer")
+    inputs = tiny_inputs("1.5_5b")
+    model.norm_out.norm.eps = network.mixins.final_layer.norm_final.eps
+    with torch.no_grad():
+        assert relative_error(network(**inputs), diffusers_output(model, inputs)) <= 1e-6
+
+
+def test_cli_converts_both_ways(tmp_path):
+    """Tiny 2B (sin-cos table recomputed by diffusers after from_pretrained) and the tiny VAE, through the script."""
+    network_config = parity_network_config("2b")
+    network = random_network("2b")
+    weights = network.state_dict()
+    # Official 2B checkpoints also store the fixed sin-cos table.
+    weights["mixins.pos_embed.pos_embedding"] = torch.zeros(1, 8 + 3 * 4 * 4, 64)
+    write_sat_checkpoint(tmp_path / "sat", weights)
+    OmegaConf.save(OmegaConf.create({"model": {"network_config": network_config}}), tmp_path / "model.yaml")
+    vae_yaml = os.path.join(ROOT, "configs", "tiny", "vae.yaml")
+    vae = randomize(instantiate_from_config(to_plain(load_config([vae_yaml]).model.first_stage_config)), seed=2)
+    torch.save({"state_dict": vae.state_dict()}, tmp_path / "3d-vae.pt")
+
+    run_cli("sat-to-diffusers", "--config", str(tmp_path / "model.yaml"), vae_yaml, "--checkpoint",
+            str(tmp_path / "sat"), "--out", str(tmp_path / "transformer"), "--vae", str(tmp_path / "3d-vae.pt"),
+            "--vae-out", str(tmp_path / "vae"))
+    model = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "transformer").eval()
+    inputs = tiny_inputs("2b")
+    with torch.no_grad():
+        expected = network(**inputs)
+    assert relative_error(diffusers_output(model, inputs), expected) <= 1e-5
+    diffusers_vae = AutoencoderKLCogVideoX.from_pretrained(tmp_path / "vae")
+    assert_equal_state_dicts(diffusers_vae.state_dict(), sat_vae_to_diffusers(vae.state_dict()))
+    vae_file = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    assert {value.dtype for value in vae_file.values()} == {torch.float32}
+
+    run_cli("diffusers-to-sat", "--transformer", str(tmp_path / "transformer"), "--out", str(tmp_path / "back"),
+            "--vae", str(tmp_path / "vae"))
+    rebuilt = instantiate_from_config(load_config([tmp_path / "back" / "model.yaml"]).model.network_config).eval()
+    load_network(rebuilt, tmp_path / "back" / "transformer")
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**inputs), expected)
+    vae_back = torch.load(tmp_path / "back" / "vae" / "3d-vae.pt", weights_only=True)["state_dict"]
+    assert_equal_state_dicts(vae_back, vae.state_dict())
