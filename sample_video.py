@@ -43,7 +43,7 @@ def main() -> None:
     args = args_namespace(config)
     distributed.init_distributed()
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    engine = VideoDiffusionEngine.from_config(config.model)
+    engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=False)  # no backward pass
     if not args.load:
         raise ConfigError("args.load: give the checkpoint to sample from (a run folder, iteration folder or file)")
     load_network(engine.network, args.load, strict=args.strict_load)

@@ -19,21 +19,16 @@ from omegaconf.errors import OmegaConfBaseException
 # Every key the `args` section may hold, with its default. Official CogVideoX configs use these names too.
 ARGS_DEFAULTS: dict[str, Any] = {
     # run
-    "mode": "finetune",  # finetune | pretrain | inference
     "experiment_name": "satvideo",
     "seed": 1234,
     "device": None,  # None: cuda when available, else cpu
-    # training length and logging
+    # training length, logging, checkpoints
     "train_iters": 1000,
     "log_interval": 10,
     "save_interval": 500,
-    "eval_interval": None,
-    "eval_iters": 1,
-    "eval_batch_size": 1,
-    "save": None,
-    "load": None,
+    "save": None,  # a run folder; restarting with the same folder resumes from its `latest`
+    "load": None,  # weights to start from when `save` has no checkpoint yet
     "no_load_rng": False,
-    "force_train": False,
     "strict_load": True,
     # optimisation (lr, betas, weight decay live in the `deepspeed.optimizer` section)
     "lr_decay_style": "cosine",  # constant | linear | cosine
@@ -41,20 +36,16 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "lr_decay_iters": None,  # None: train_iters
     "min_lr_ratio": 0.0,
     "checkpoint_activations": False,
-    "model_parallel_size": 1,
     "zero_stage": None,  # overrides deepspeed.zero_optimization.stage
     "fp16": False,
     "bf16": False,
     # data
     "train_data": None,
-    "valid_data": None,
-    "split": "1,0,0",
     "num_workers": 2,
     "batch_size": 1,
     # logging backends
     "wandb": False,
     "wandb_project": "satvideo",
-    "only_log_video_latents": False,
     # sampling
     "input_type": "txt",  # txt | cli
     "input_file": None,
@@ -64,9 +55,20 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "sampling_fps": 8,
     "latent_channels": 16,
     "image2video": False,
-    "force_inference": False,
     "num_samples": 1,
     "decode_chunk_frames": 2,
+    # Accepted so that official CogVideoX configs load unchanged; no effect here (there is no validation loop,
+    # model parallelism is 1, and the entrypoint itself decides between training and sampling).
+    "mode": "finetune",
+    "model_parallel_size": 1,
+    "eval_interval": None,
+    "eval_iters": 1,
+    "eval_batch_size": 1,
+    "valid_data": None,
+    "split": "1,0,0",
+    "force_train": False,
+    "force_inference": False,
+    "only_log_video_latents": False,
 }
 
 

@@ -35,10 +35,7 @@ def test_every_full_size_config_builds_on_meta(family):
 
 
 def test_lora_overlay_applies_to_every_family(family):
-    """configs/lora.yaml on top of a family config: adapters on every layer, only they are trainable.
-
-    (SAT's LoraMixin creates its layers on the CPU, so LoRA models are checked at tiny size, not on meta.)
-    """
+    """configs/lora.yaml on top of a family config: adapters on every layer, only they are trainable."""
     from satvideo.config import load_config, to_plain
     from satvideo.engine import trainable_filter
 
@@ -66,9 +63,7 @@ def official_keys(family: str, num_layers: int = 2) -> set[str]:
     for part in ("transformer.final_layernorm", "time_embed.0", "time_embed.2", "mixins.patch_embed.text_proj",
                  "mixins.final_layer.norm_final", "mixins.final_layer.adaLN_modulation.1", "mixins.final_layer.linear"):
         keys |= {f"{part}.{w}" for w in weight_bias}
-    keys.add("mixins.patch_embed.proj.weight")
-    if not family.startswith("1.5"):
-        keys.add("mixins.patch_embed.proj.bias")  # 1.5 patches have no bias
+    keys |= {"mixins.patch_embed.proj.weight", "mixins.patch_embed.proj.bias"}
     if family == "5b_i2v":
         keys.add("mixins.pos_embed.pos_embedding")
     if family == "1.5_5b_i2v":
