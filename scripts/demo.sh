@@ -17,7 +17,7 @@ python scripts/make_toy_dataset.py --out "$DATA" --num 64 --size 32 --frames 9 -
 
 step "2/5 tiny 3D causal VAE (8x8 spatial, 4x temporal compression), trained on the toy clips -> $RUN/vae"
 python -m satvideo.vae.train --data "$DATA" --out "$RUN/vae/3d-vae.pt" --overlay "$RUN/vae/vae.yaml" \
-  --config configs/tiny/vae.yaml --size 32 --frames 9 --iters "${VAE_ITERS:-400}"
+  --config configs/tiny/vae.yaml --size 32 --frames 9 --iters "${VAE_ITERS:-800}"
 
 step "3/5 tiny diffusion transformer, trained with DeepSpeed on the CPU -> $RUN/dit"
 python train_video.py --base $MODEL_CONFIGS configs/tiny/train.yaml \

@@ -116,12 +116,13 @@ def test_sat_to_diffusers_to_sat_is_exact(family):
     assert_equal_state_dicts(diffusers_to_sat_transformer(sat_to_diffusers_transformer(weights, num_layers=3)), weights)
 
 
-def test_zero_patch_bias_of_1_5_is_added_and_dropped():
-    weights = random_network("1.5_5b").state_dict()
+def test_a_1_5_model_without_patch_bias_gets_a_zero_one_in_diffusers():
+    config = parity_network_config("1.5_5b")
+    config["params"]["modules"]["patch_embed_config"]["params"]["bias"] = False
+    weights = instantiate_from_config(config).state_dict()
     converted = sat_to_diffusers_transformer(weights, num_layers=2)
     assert "mixins.patch_embed.proj.bias" not in weights
     assert torch.equal(converted["patch_embed.proj.bias"], torch.zeros(64))
-    assert "mixins.patch_embed.proj.bias" not in diffusers_to_sat_transformer(converted)
 
 
 def test_conversion_errors_name_the_problem():
@@ -135,19 +136,18 @@ def test_conversion_errors_name_the_problem():
         sat_to_diffusers_transformer(random_network("5b").state_dict(), num_layers=3)
 
 
-@pytest.mark.parametrize("zero_bias", [True, False])
-def test_diffusers_folder_of_a_1_5_model_gets_the_patch_bias_it_needs(tmp_path, zero_bias):
-    """diffusers' 1.5 patch Linear always has a bias: the SAT model drops a zero one, keeps a trained one."""
+def test_diffusers_folder_of_a_1_5_model_keeps_its_patch_bias(tmp_path):
+    """diffusers' 1.5 patch Linear always has a bias, as the official SAT 1.5 configs do."""
     config = diffusers_transformer_config(parity_network_config("1.5_5b")["params"])
+    assert config["patch_bias"] is False  # the official 1.5 value; it only affects diffusers' Conv2d patches
     model = random_diffusers_model(config)
-    if zero_bias:
-        torch.nn.init.zeros_(model.patch_embed.proj.bias)
     write_diffusers_folder(tmp_path / "transformer", "CogVideoXTransformer3DModel", config, model.state_dict())
     diffusers_to_sat_checkpoint(tmp_path / "transformer", tmp_path / "sat")
     network_config = load_config([tmp_path / "sat" / "model.yaml"]).model.network_config
-    assert network_config.params.modules.patch_embed_config.params.bias is not zero_bias
+    assert "bias" not in network_config.params.modules.patch_embed_config.params
     network = instantiate_from_config(network_config).eval()
     load_network(network, tmp_path / "sat" / "transformer")
+    torch.testing.assert_close(network.mixins.patch_embed.proj.bias, model.patch_embed.proj.bias, rtol=0, atol=0)
     inputs = tiny_inputs("1.5_5b")
     model.norm_out.norm.eps = network.mixins.final_layer.norm_final.eps
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The CogVideoX 3D causal VAE: causal convs, shapes, chunked causality, key layout, loading, training."""
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,9 +9,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from satvideo.config import instantiate_from_config
+from satvideo.data.toy import make_toy_dataset
 from satvideo.vae import DiagonalGaussianRegularizer, VideoAutoencoder
 from satvideo.vae.blocks import double_time, halve_time
 from satvideo.vae.causal_conv import CausalConv3d, stream_over_time, streaming, time_chunks
+from satvideo.vae.train import main as train_main
 from satvideo.vae.train import reconstruction_mse, train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,8 +219,8 @@ def test_missing_checkpoint_names_path_and_config_key(tmp_path):
 
 def test_official_config_targets_resolve():
     params = copy.deepcopy(TINY_VAE["params"])
-    for part, target in (("encoder_config", "ContextParallelEncoder3D"), ("decoder_config", "ContextParallelDecoder3D")):
-        params[part]["target"] = f"vae_modules.cp_enc_dec.{target}"
+    for part, name in (("encoder_config", "ContextParallelEncoder3D"), ("decoder_config", "ContextParallelDecoder3D")):
+        params[part]["target"] = f"vae_modules.cp_enc_dec.{name}"
         params[part]["params"].update(resolution=256, gather_norm=True)
     params["regularizer_config"] = {"target": "vae_modules.regularizers.DiagonalGaussianRegularizer"}
     official = {
@@ -279,3 +282,18 @@ def test_training_reduces_reconstruction_error():
     after = reconstruction_mse(vae, clips)
     assert len(history) == 20
     assert after < 0.3 * before, (before, after)
+
+
+def test_train_command_saves_official_layout_and_overlay(tmp_path, monkeypatch):
+    make_toy_dataset(tmp_path / "toy", num=2, size=32, frames=9)
+    out, overlay = tmp_path / "vae" / "3d-vae.pt", tmp_path / "vae" / "vae.yaml"
+    monkeypatch.setattr(sys, "argv", ["train", "--data", str(tmp_path / "toy"), "--out", str(out),
+                                      "--overlay", str(overlay), "--config", str(ROOT / "configs/tiny/vae.yaml"),
+                                      "--iters", "2", "--batch-size", "1"])
+    train_main()
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    assert saved.keys() == instantiate_from_config(TINY_VAE).state_dict().keys()
+    ckpt_path = OmegaConf.load(overlay).model.first_stage_config.params.ckpt_path
+    assert Path(ckpt_path) == out.resolve()
+    loaded = instantiate_from_config(TINY_VAE, ckpt_path=ckpt_path)
+    assert all(torch.equal(value, saved[key]) for key, value in loaded.state_dict().items())

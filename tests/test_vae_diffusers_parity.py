@@ -64,13 +64,16 @@ def test_converted_keys_match_a_diffusers_model_exactly(pair):
 def test_key_mapping_examples(pair):
     ours, _ = pair
     renamed = dict(zip(ours.state_dict(), sat_vae_to_diffusers(ours.state_dict())))
-    assert renamed["encoder.down.1.block.0.nin_shortcut.weight"] == "encoder.down_blocks.1.resnets.0.conv_shortcut.weight"
-    assert renamed["encoder.down.0.downsample.conv.weight"] == "encoder.down_blocks.0.downsamplers.0.conv.weight"
-    assert renamed["encoder.mid.block_2.conv1.conv.weight"] == "encoder.mid_block.resnets.1.conv1.conv.weight"
-    assert renamed["decoder.mid.block_1.norm1.conv_y.conv.weight"] == "decoder.mid_block.resnets.0.norm1.conv_y.conv.weight"
-    assert renamed["decoder.up.3.upsample.conv.weight"] == "decoder.up_blocks.0.upsamplers.0.conv.weight"
-    assert renamed["decoder.up.0.block.1.norm2.norm_layer.weight"] == "decoder.up_blocks.3.resnets.1.norm2.norm_layer.weight"
-    assert renamed["decoder.norm_out.conv_b.conv.bias"] == "decoder.norm_out.conv_b.conv.bias"
+    examples = {
+        "encoder.down.1.block.0.nin_shortcut.weight": "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+        "encoder.down.0.downsample.conv.weight": "encoder.down_blocks.0.downsamplers.0.conv.weight",
+        "encoder.mid.block_2.conv1.conv.weight": "encoder.mid_block.resnets.1.conv1.conv.weight",
+        "decoder.mid.block_1.norm1.conv_y.conv.weight": "decoder.mid_block.resnets.0.norm1.conv_y.conv.weight",
+        "decoder.up.3.upsample.conv.weight": "decoder.up_blocks.0.upsamplers.0.conv.weight",
+        "decoder.up.0.block.1.norm2.norm_layer.weight": "decoder.up_blocks.3.resnets.1.norm2.norm_layer.weight",
+        "decoder.norm_out.conv_b.conv.bias": "decoder.norm_out.conv_b.conv.bias",
+    }
+    assert {sat: renamed[sat] for sat in examples} == examples
 
 
 def test_round_trips_are_bit_exact_and_loss_keys_are_dropped(pair):

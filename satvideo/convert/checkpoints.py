@@ -82,8 +82,6 @@ def diffusers_to_sat_checkpoint(transformer_dir: str | Path, out_dir: str | Path
     config, state_dict = read_diffusers_folder(transformer_dir)
     weights = diffusers_to_sat_transformer(state_dict)
     network = network_config_from_diffusers(config)
-    # diffusers' 1.5 patch Linear always has a bias; the SAT model gets one only if it is non-zero.
-    network["params"]["modules"]["patch_embed_config"]["params"]["bias"] = "mixins.patch_embed.proj.bias" in weights
     iteration_dir = out_dir / "transformer" / str(SAT_ITERATION)
     iteration_dir.mkdir(parents=True, exist_ok=True)
     module = {NETWORK_PREFIX + key: value for key, value in weights.items()}

@@ -108,16 +108,13 @@ def sat_to_diffusers_transformer(state_dict: dict[str, torch.Tensor], num_layers
         raise _unknown_keys_error(unknown, "satvideo/SAT")
     patch_weight = converted["patch_embed.proj.weight"]
     if patch_weight.dim() == 2 and "patch_embed.proj.bias" not in converted:
-        # diffusers' 1.5 patch Linear always has a bias; the official 1.5 models have none.
+        # diffusers' 1.5 patch Linear always has a bias; a SAT config with `bias: false` has none.
         converted["patch_embed.proj.bias"] = patch_weight.new_zeros(patch_weight.shape[0])
     return converted
 
 
 def diffusers_to_sat_transformer(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers `CogVideoXTransformer3DModel` state dict -> satvideo/SAT state dict (no prefix).
-
-    A 1.5 patch bias that is all zero is dropped: the official 1.5 models have none.
-    """
+    """diffusers `CogVideoXTransformer3DModel` state dict -> satvideo/SAT state dict (no prefix)."""
     converted, qkv, modulation, unknown = {}, {}, {}, []
     for key, value in state_dict.items():
         if match := DIFFUSERS_QKV.match(key):
@@ -140,9 +137,6 @@ def diffusers_to_sat_transformer(state_dict: dict[str, torch.Tensor]) -> dict[st
         video_mlp, text_mlp = norms["2"].chunk(2)
         converted[f"mixins.adaln_layer.adaLN_modulations.{layer}.1.{kind}"] = torch.cat(
             [video_attn, video_mlp, text_attn, text_mlp])
-    bias = converted.get("mixins.patch_embed.proj.bias")
-    if bias is not None and converted["mixins.patch_embed.proj.weight"].dim() == 2 and not bias.any():
-        del converted["mixins.patch_embed.proj.bias"]
     return converted
 
 
@@ -196,7 +190,9 @@ def diffusers_transformer_config(network_params: dict) -> dict:
         "norm_eps": SAT_NORM_EPS,
         "use_rotary_positional_embeddings": pos_target == ROTARY_TARGET,
         "use_learned_positional_embeddings": bool(pos.get("learnable_pos_embed", False)),
-        "patch_bias": patch.get("bias", True),
+        # diffusers applies patch_bias to its Conv2d (1.0) only; its 1.5 Linear always has a bias, and the
+        # official 1.5 configs say false.
+        "patch_bias": False if isinstance(params["patch_size"], list) else patch.get("bias", True),
         **FIXED_DIFFUSERS_OPTIONS,
     }
     if pos_target == SINCOS_TARGET:
@@ -233,7 +229,7 @@ def network_config_from_diffusers(config: dict) -> dict:
                                 "width_interpolation": spatial,
                                 "time_interpolation": config.get("temporal_interpolation_scale", 1.0)}}
     patch_params = {"text_hidden_size": config["text_embed_dim"]}
-    if not config.get("patch_bias", True):
+    if not config.get("patch_bias", True) and config.get("patch_size_t") is None:
         patch_params["bias"] = False
     params = {
         "time_embed_dim": config["time_embed_dim"],

@@ -64,27 +64,41 @@ def diffusers_vae_to_sat(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return converted
 
 
-def _comparable(value: object) -> object:
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+# Encoder/decoder params that diffusers keeps once for both, with their defaults where optional.
+_SHARED_PARAM_DEFAULTS = {"ch": None, "ch_mult": None, "num_res_blocks": None, "z_channels": None,
+                          "norm_groups": 32, "temporal_compress_times": 4}
 
 
-def diffusers_vae_config(sat_encoder_params: dict, sat_decoder_params: dict, scaling_factor: float | None = None) -> dict:
+def _shared_params(encoder: dict, decoder: dict) -> dict:
+    """The params diffusers shares between encoder and decoder; both sides must agree on them."""
+    shared = {}
+    for name, default in _SHARED_PARAM_DEFAULTS.items():
+        in_encoder, in_decoder = encoder.get(name, default), decoder.get(name, default)
+        if name == "ch_mult":  # a list from YAML, maybe a tuple from Python
+            in_encoder, in_decoder = list(in_encoder), list(in_decoder)
+        if in_encoder != in_decoder:
+            raise ValueError(f"diffusers needs the same {name} in encoder and decoder, "
+                             f"got {in_encoder} and {in_decoder}")
+        shared[name] = in_encoder
+    return shared
+
+
+def diffusers_vae_config(sat_encoder_params: dict, sat_decoder_params: dict,
+                         scaling_factor: float | None = None) -> dict:
     """`AutoencoderKLCogVideoX` config for the SAT encoder/decoder `params` of an official YAML."""
-    enc, dec = to_plain(sat_encoder_params), to_plain(sat_decoder_params)
-    for name in ("ch", "ch_mult", "num_res_blocks", "z_channels"):
-        if _comparable(enc[name]) != _comparable(dec[name]):
-            raise ValueError(f"diffusers needs the same {name} in encoder and decoder, got {enc[name]} and {dec[name]}")
-    num_levels = len(enc["ch_mult"])
+    encoder, decoder = to_plain(sat_encoder_params), to_plain(sat_decoder_params)
+    shared = _shared_params(encoder, decoder)
+    num_levels = len(shared["ch_mult"])
     config = {
-        "in_channels": enc.get("in_channels", 3),
-        "out_channels": dec.get("out_ch", 3),
+        "in_channels": encoder.get("in_channels", 3),
+        "out_channels": decoder.get("out_ch", 3),
         "down_block_types": ["CogVideoXDownBlock3D"] * num_levels,
         "up_block_types": ["CogVideoXUpBlock3D"] * num_levels,
-        "block_out_channels": [enc["ch"] * m for m in enc["ch_mult"]],
-        "latent_channels": enc["z_channels"],
-        "layers_per_block": enc["num_res_blocks"],
-        "norm_num_groups": enc.get("norm_groups", 32),
-        "temporal_compression_ratio": enc.get("temporal_compress_times", 4),
+        "block_out_channels": [shared["ch"] * m for m in shared["ch_mult"]],
+        "latent_channels": shared["z_channels"],
+        "layers_per_block": shared["num_res_blocks"],
+        "norm_num_groups": shared["norm_groups"],
+        "temporal_compression_ratio": shared["temporal_compress_times"],
     }
     if scaling_factor is not None:
         config["scaling_factor"] = scaling_factor

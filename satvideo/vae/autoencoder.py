@@ -57,7 +57,8 @@ class VideoAutoencoder(nn.Module):
         chunk also takes the remainder) with a causal conv cache; None decodes in one pass.
 
         GroupNorm statistics are per chunk, as in the official sampler and diffusers, so chunked and
-        one-pass decoding differ slightly.
+        one-pass decoding differ slightly. An odd T' gives 4T' - 3 frames; an even T' (from 4k+1
+        frames with odd k) gives 4T', as in the official model, which is why CogVideoX uses 8N+1 frames.
         """
         z = z / self.scale_factor
         if chunk_frames is None:

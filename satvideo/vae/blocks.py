@@ -1,4 +1,4 @@
-"""Building blocks of the CogVideoX VAE: resnet block, spatial norm, down/upsampling.
+"""Building blocks of the CogVideoX VAE: resnet blocks, spatial norm, down/upsampling.
 
 Frame 0 of a causal video stands alone (it is the 'image' frame), so every temporal resampling
 treats an odd-length clip as frame 0 plus pairs of frames.
@@ -13,6 +13,11 @@ from satvideo.vae.causal_conv import CausalConv3d
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def check_no_attention(attn_resolutions: list[int]) -> None:
+    if attn_resolutions:
+        raise ValueError(f"attn_resolutions={list(attn_resolutions)}: the CogVideoX VAE has no attention blocks")
 
 
 def split_leading_frame(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,6 +99,18 @@ class ResnetBlock3d(nn.Module):
         return skip + h
 
 
+class ResnetPair(nn.Module):
+    """The two resnet blocks at the lowest resolution (`mid.block_1`, `mid.block_2`)."""
+
+    def __init__(self, channels: int, groups: int, dropout: float, z_channels: int | None = None):
+        super().__init__()
+        self.block_1 = ResnetBlock3d(channels, channels, groups, dropout, z_channels)
+        self.block_2 = ResnetBlock3d(channels, channels, groups, dropout, z_channels)
+
+    def forward(self, h: Tensor, z: Tensor | None = None) -> Tensor:
+        return self.block_2(self.block_1(h, z), z)
+
+
 class Downsample3d(nn.Module):
     """Halve H and W with a strided conv; with `compress_time`, first average frame pairs."""
 
@@ -122,20 +139,3 @@ class Upsample3d(nn.Module):
         if self.compress_time:
             x = double_time(x)
         return per_frame(self.conv, x)
-
-
-def check_no_attention(attn_resolutions: list[int]) -> None:
-    if attn_resolutions:
-        raise ValueError(f"attn_resolutions={list(attn_resolutions)}: the CogVideoX VAE has no attention blocks")
-
-
-class ResnetPair(nn.Module):
-    """The two resnet blocks at the lowest resolution (`mid.block_1`, `mid.block_2`)."""
-
-    def __init__(self, channels: int, groups: int, dropout: float, z_channels: int | None = None):
-        super().__init__()
-        self.block_1 = ResnetBlock3d(channels, channels, groups, dropout, z_channels)
-        self.block_2 = ResnetBlock3d(channels, channels, groups, dropout, z_channels)
-
-    def forward(self, h: Tensor, z: Tensor | None = None) -> Tensor:
-        return self.block_2(self.block_1(h, z), z)

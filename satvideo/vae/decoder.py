@@ -31,8 +31,9 @@ class ContextParallelDecoder3D(nn.Module):
 
     `up[i]` mirrors encoder level i (`num_res_blocks + 1` resnets with `ch * ch_mult[i]` channels)
     and runs from the deepest level up; the deepest log2(`temporal_compress_times`) upsamples also
-    double time. Every norm is a spatial norm conditioned on z. Official params without effect here
-    (resolution, gather_norm, in_channels, ...) are accepted and ignored.
+    double time. Every norm is a spatial norm conditioned on z. `norm_groups` (not an official
+    param; 32 there) lets tiny widths use fewer GroupNorm groups. Official params without effect
+    here (resolution, gather_norm, in_channels, ...) are accepted and ignored.
     """
 
     def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, out_ch: int = 3,

@@ -15,7 +15,9 @@ class EncoderLevel(nn.Module):
                  downsample: Downsample3d | None):
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock3d(c_in, c_out, groups, dropout) for c_in, c_out in zip(channels, channels[1:]))
+        self.block = nn.ModuleList(
+            ResnetBlock3d(c_in, c_out, groups, dropout) for c_in, c_out in zip(channels, channels[1:])
+        )
         self.downsample = downsample
 
     def forward(self, h: Tensor) -> Tensor:
@@ -29,6 +31,7 @@ class ContextParallelEncoder3D(nn.Module):
 
     Level i has `num_res_blocks` resnets with `ch * ch_mult[i]` channels; every level but the last
     halves H and W, and the first log2(`temporal_compress_times`) levels also halve time.
+    `norm_groups` (not an official param; 32 there) lets tiny widths use fewer GroupNorm groups.
     Official params without effect here (resolution, gather_norm, out_ch, ...) are accepted and ignored.
     """
 

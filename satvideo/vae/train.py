@@ -1,9 +1,11 @@
 """Train a small VAE to reconstruct the clips of an SFT-layout dataset, on the CPU (used by `make demo`).
 
-    python -m satvideo.vae.train --data DIR --out FILE.pt --iters 300 --size 32 --frames 9
+    python -m satvideo.vae.train --data DIR --out FILE.pt --iters 800 --size 32 --frames 9
 
 Loss: MSE + kl_weight * KL, Adam. The whole dataset is decoded into memory once (the demo dataset
-is small). Saves `{"state_dict": ...}` with the keys of the official `3d-vae.pt`.
+is small). Saves `{"state_dict": ...}` with the keys of the official `3d-vae.pt`; `--overlay` also
+writes a YAML that points `model.first_stage_config.params.ckpt_path` at it and sets `model.scale_factor`,
+to merge after the model config.
 """
 import argparse
 import time
@@ -50,13 +52,32 @@ def train_vae(model: VideoAutoencoder, clips: Tensor, iters: int, batch_size: in
 def reconstruction_mse(model: VideoAutoencoder, clips: Tensor, batch_size: int = 8) -> float:
     """MSE over all clips through the sampling path: posterior mean, chunked decode."""
     model.eval()
-    errors = [F.mse_loss(model.decode(model.encode(batch)), batch, reduction="sum") for batch in clips.split(batch_size)]
-    return (torch.stack(errors).sum() / clips.numel()).item()
+    squared_error = sum(F.mse_loss(model.decode(model.encode(batch)), batch, reduction="sum")
+                        for batch in clips.split(batch_size))
+    return (squared_error / clips.numel()).item()
 
 
 def build_model(config_path: str) -> VideoAutoencoder:
+    """The VAE of `model.first_stage_config` in a YAML file."""
     config = OmegaConf.load(config_path)
     return instantiate_from_config(config.model.first_stage_config)
+
+
+@torch.no_grad()
+def latent_scale_factor(model: VideoAutoencoder, clips: Tensor, batch_size: int = 8) -> float:
+    """1 / std of the posterior means: the factor that gives the diffusion model unit-variance latents
+    (the role of 1.15258426 and 0.7 for the official VAEs)."""
+    model.eval()
+    latents = torch.cat([model.encode(batch) for batch in clips.split(batch_size)])
+    return 1.0 / latents.std().item()
+
+
+def write_ckpt_overlay(overlay_path: str, ckpt_path: str, scale_factor: float) -> None:
+    """A config fragment that makes the model config load the trained VAE and scale its latents."""
+    overlay = {"model": {"scale_factor": scale_factor,
+                         "first_stage_config": {"params": {"ckpt_path": str(Path(ckpt_path).resolve())}}}}
+    Path(overlay_path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(overlay), overlay_path)
 
 
 def main() -> None:
@@ -64,7 +85,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="dataset folder with videos/ and labels/")
     parser.add_argument("--out", required=True, help="where to write the checkpoint (.pt)")
     parser.add_argument("--config", default="configs/tiny/vae.yaml", help="YAML with model.first_stage_config")
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--overlay", help="also write a YAML setting model.first_stage_config.params.ckpt_path and model.scale_factor")
+    parser.add_argument("--iters", type=int, default=800, help="about 800 for colours to survive on the toy data")
     parser.add_argument("--size", type=int, default=32, help="frame height and width")
     parser.add_argument("--frames", type=int, default=9, help="frames per clip (4k+1)")
     parser.add_argument("--fps", type=int, default=8)
@@ -87,6 +109,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict()}, args.out)
     print(f"saved {args.out}")
+    if args.overlay:
+        scale_factor = latent_scale_factor(model, clips)
+        write_ckpt_overlay(args.overlay, args.out, scale_factor)
+        print(f"wrote {args.overlay} (latent scale factor {scale_factor:.4f})")
 
 
 if __name__ == "__main__":
