@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def default_backend() -> str:
@@ -27,12 +20,17 @@ def init_distributed(backend: str | None = None) -> None:
     """
     if not dist.is_initialized():
         backend = backend or default_backend()
-        if "WORLD_SIZE" not in os.environ:  # a plain `python` run: a group of one, as torchrun would describe it
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend=backend)
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            dist.init_process_group(backend=backend)
+        else:  # a plain `python` run: a group of one, rendezvous in memory (no port to race for)
+            # DeepSpeed insists on LOCAL_RANK; WORLD_SIZE stays unset so that child processes start groups of
+            # their own instead of taking the torchrun path.
+            os.environ.update(RANK="0", LOCAL_RANK="0")
+            if backend == "nccl":
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         if backend == "gloo":
             _skip_deepspeed_shm_kernel()
     from sat import mpu

@@ -1,8 +1,8 @@
 """diffusers is a test and conversion dependency only: training and sampling code never imports it."""
 
-import os
-import subprocess
 import sys
+
+from test_training import run
 
 CHECK = """
 import sys, runpy
@@ -18,7 +18,5 @@ print("LEAKED", leaked)
 
 
 def test_training_sampling_and_conversion_do_not_import_diffusers():
-    result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": "tests"}, cwd=".")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "LEAKED []" in result.stdout, result.stdout[-2000:]
+    output = run([sys.executable, "-c", CHECK], timeout=120, PYTHONPATH="tests")
+    assert "LEAKED []" in output, output[-2000:]

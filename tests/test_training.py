@@ -29,9 +29,13 @@ def toy_data(tmp_path_factory):
     return str(folder)
 
 
-def run(command: list[str], timeout: int = 300) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run(command: list[str], timeout: int = 300, **extra_env: str) -> str:
+    """Run a command from the repository root as a fresh process (no process-group variables inherited)."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra_env)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout + result.stderr
