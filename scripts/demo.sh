@@ -21,8 +21,8 @@ python -m satvideo.vae.train --data "$DATA" --out "$RUN/vae/3d-vae.pt" --overlay
 
 step "3/5 tiny diffusion transformer, trained with DeepSpeed on the CPU -> $RUN/dit"
 python train_video.py --base $MODEL_CONFIGS configs/tiny/train.yaml \
-  args.save="$RUN/dit" args.train_data="[$DATA]" args.train_iters="${DIT_ITERS:-2000}" args.save_interval=1000000 \
-  args.log_interval=250
+  args.save="$RUN/dit" args.train_data="[$DATA]" args.train_iters="${DIT_ITERS:-3000}" args.save_interval=1000000 \
+  args.log_interval=500
 
 step "4/5 sampling the prompts of configs/tiny/prompts.txt -> $OUT"
 python sample_video.py --base $MODEL_CONFIGS configs/tiny/sample.yaml args.load="$RUN/dit" args.output_dir="$OUT"
