@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert_helpers import relative_error
 from diffusers import AutoencoderKLCogVideoX
 from omegaconf import OmegaConf
 
@@ -22,10 +23,6 @@ from satvideo.vae import VideoAutoencoder
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/tiny/vae.yaml").model.first_stage_config)
 ONE_PASS = 10_000  # a diffusers frame batch size larger than any clip here
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def with_ch_mult(config: dict, ch_mult: list[int]) -> dict:
