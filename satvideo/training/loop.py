@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from satvideo import distributed
 from satvideo.config import ConfigError, args_namespace, get_obj_from_str, instantiate_from_config, to_plain
 from satvideo.engine import VideoDiffusionEngine
-from satvideo.training.checkpoint import load_network, read_latest, write_latest
+from satvideo.training.checkpoint import MODEL_STATES, load_network, read_latest, write_latest
 from satvideo.training.data_order import ResumableSampler
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations
 
@@ -203,7 +203,13 @@ def train(config: DictConfig) -> None:
 def save_checkpoint(model, save_dir: str, iteration: int) -> None:
     """Model and optimizer states, this rank's RNG, then (after all ranks finished) the `latest` pointer."""
     model.save_checkpoint(save_dir, tag=str(iteration), client_state={"iteration": iteration}, save_latest=False)
-    torch.save(rng_state(), Path(save_dir) / str(iteration) / f"rng_rank{distributed.rank()}.pt")
+    iteration_dir = Path(save_dir) / str(iteration)
+    if model.zero_optimization_partition_weights():
+        # ZeRO-3 wrote only weight partitions: gather them (every rank takes part) into the SAT-layout file.
+        weights = model._zero3_consolidated_16bit_state_dict()  # what DeepSpeed's save_16bit_model uses
+        if distributed.is_main_process():
+            torch.save({"module": weights}, iteration_dir / MODEL_STATES)
+    torch.save(rng_state(), iteration_dir / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main_process():
         write_latest(save_dir, iteration)
