@@ -15,6 +15,10 @@ def parse_config(description: str, argv: list[str] | None = None) -> DictConfig:
                         help="YAML files, merged in order, then key=value overrides (e.g. args.train_iters=20)")
     parsed = parser.parse_args(argv)
     # argparse cannot end a nargs="+" list before positionals, so files and overrides share one list.
-    files = [item for item in parsed.base if "=" not in item]
-    overrides = [item for item in parsed.base if "=" in item]
+    files = [item for item in parsed.base if is_config_file(item)]
+    overrides = [item for item in parsed.base if not is_config_file(item)]
     return load_config(files, overrides)
+
+
+def is_config_file(item: str) -> bool:
+    return item.endswith((".yaml", ".yml")) or "=" not in item

@@ -42,7 +42,7 @@ ARGS_DEFAULTS: dict[str, Any] = {
     # data
     "train_data": None,
     "num_workers": 2,
-    "batch_size": 1,
+    "batch_size": None,  # micro-batch per GPU; None: deepspeed.train_micro_batch_size_per_gpu, else 1
     # logging backends
     "wandb": False,
     "wandb_project": "satvideo",
@@ -72,6 +72,9 @@ ARGS_DEFAULTS: dict[str, Any] = {
 }
 
 
+SECTIONS = ("args", "model", "data", "deepspeed")
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported with the file or key it comes from."""
 
@@ -91,6 +94,9 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        section = item.split("=", 1)[0].split(".", 1)[0]
+        if section not in SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
         try:  # keys may index lists: model.conditioner_config.params.emb_models.0.params.model_dir=...
             config.merge_with_dotlist([item])
         except OmegaConfBaseException as error:

@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def use_gpu(device: str | None) -> bool:
+    """`args.device`: None picks CUDA when available; "cpu" forces the CPU."""
+    return torch.cuda.is_available() and device != "cpu"
 
 
 def init_distributed(backend: str | None = None) -> None:
@@ -19,7 +20,7 @@ def init_distributed(backend: str | None = None) -> None:
     single process, so a one-process gloo group is created when the script was not launched by torchrun.
     """
     if not dist.is_initialized():
-        backend = backend or default_backend()
+        backend = backend or ("nccl" if use_gpu(None) else "gloo")
         if "WORLD_SIZE" in os.environ:  # launched by torchrun
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -63,6 +63,9 @@ class VideoDiffusionEngine(nn.Module):
         checkpoint_activations: bool | None = None,
     ):
         super().__init__()
+        if noised_image_input and latent_input:
+            raise ConfigError("model.noised_image_input with model.latent_input: the first frame would have to be "
+                              "a pixel image; give videos (latent_input: false) for image-to-video training")
         if noised_image_all_concat:
             raise ConfigError("model.noised_image_all_concat: only first-frame image conditioning is supported")
         network_config = to_plain(network_config)
@@ -168,6 +171,8 @@ class VideoDiffusionEngine(nn.Module):
         cond = {key: value.to(dtype) for key, value in self.conditioner({"txt": prompts}).items()}
         uncond = self.conditioner.unconditional(cond)
         model_inputs = {}
+        if first_frames is not None and not self.noised_image_input:
+            raise ValueError("this is a text-to-video model (model.noised_image_input is false): it takes no first frame")
         if self.noised_image_input:
             if first_frames is None:
                 raise ValueError("this is an image-to-video model: give a first frame for each prompt")

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from satvideo.config import load_config, to_plain
 

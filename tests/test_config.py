@@ -87,3 +87,13 @@ def test_bad_targets_name_the_problem():
 def test_instantiate_merges_params_and_extra_kwargs():
     layer = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3}}, out_features=5)
     assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (5, 3)
+
+
+def test_command_line_tells_files_from_overrides(tmp_path):
+    from satvideo.cli import parse_config
+
+    odd_name = write(tmp_path, "lr=1e-3.yaml", "args: {train_iters: 7}\n")
+    config = parse_config("test", ["--base", odd_name, "args.seed=3"])
+    assert config.args.train_iters == 7 and config.args.seed == 3
+    with pytest.raises(ConfigError, match=r"override 'modle.x=1': unknown section 'modle'; expected one of args, model"):
+        parse_config("test", ["--base", odd_name, "modle.x=1"])

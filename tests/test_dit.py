@@ -238,3 +238,12 @@ def test_bad_shapes_and_missing_mixins_are_reported():
     del config["params"]["modules"]["final_layer_config"]
     with pytest.raises(ConfigError, match="modules.final_layer_config is missing"):
         instantiate_from_config(config)
+
+
+def test_learnable_position_table_refuses_another_grid():
+    model = build(tiny_network_config("5b_i2v"))
+    inputs = tiny_inputs("5b_i2v")
+    assert model(**inputs).shape == inputs["x"].shape  # the configured 3 x 4 x 4 patches
+    inputs = {key: value[..., :4, :4] if value.ndim == 5 else value for key, value in inputs.items()}
+    with pytest.raises(ValueError, match=r"learnable position table covers 3 x 4 x 4 .* this input has 3 x 2 x 2"):
+        model(**inputs)

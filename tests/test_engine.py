@@ -125,3 +125,12 @@ def test_local_t5_directory_loads_without_network(tmp_path):
     embedder = FrozenT5Embedder(str(tmp_path), max_length=12)
     assert embedder(["hello"]).shape == (1, 12, 16)
     assert not any(p.requires_grad for p in embedder.parameters())
+
+
+def test_text_to_video_model_refuses_a_first_frame_and_latent_input_refuses_image_conditioning():
+    engine = tiny_engine()
+    with pytest.raises(ValueError, match="text-to-video model .* takes no first frame"):
+        engine.sample(["a red square"], (3, 16, 4, 4), torch.Generator().manual_seed(0),
+                      first_frames=torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ConfigError, match="model.noised_image_input with model.latent_input"):
+        tiny_engine(noised_image_input=True, latent_input=True)

@@ -188,6 +188,10 @@ def test_deepspeed_section_on_cpu_uses_torch_adam_and_refuses_gpu_only_settings(
     config = OmegaConf.create({"deepspeed": {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}})
     ds = deepspeed_config(config, args, on_gpu=False)
     assert ds["optimizer"]["params"]["torch_adam"] is True
+    section_batch = OmegaConf.create({"deepspeed": {"train_micro_batch_size_per_gpu": 5}})
+    assert deepspeed_config(section_batch, args, on_gpu=False)["train_micro_batch_size_per_gpu"] == 2  # args win
+    unset = Namespace(**{**vars(args), "batch_size": None})
+    assert deepspeed_config(section_batch, unset, on_gpu=False)["train_micro_batch_size_per_gpu"] == 5
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 3
     with pytest.raises(ConfigError, match="deepspeed.fp16.enabled: fp16 training needs a GPU"):
         deepspeed_config(config, Namespace(**{**vars(args), "fp16": True}), on_gpu=False)

@@ -143,18 +143,6 @@ def test_chunk_frames_must_fit_the_temporal_compression(vae):
         vae.encode(random_video(17), chunk_frames=6)
 
 
-@torch.no_grad()
-def test_scale_factor_scales_latents():
-    torch.manual_seed(0)
-    plain = instantiate_from_config(TINY_VAE).eval()
-    scaled = instantiate_from_config(TINY_VAE, scale_factor=0.7).eval()
-    scaled.load_state_dict(plain.state_dict())
-    x = random_video(5)
-    z = plain.encode(x)
-    torch.testing.assert_close(scaled.encode(x), 0.7 * z)
-    torch.testing.assert_close(scaled.decode(0.7 * z), plain.decode(z), rtol=0, atol=1e-5)
-
-
 def test_attention_resolutions_are_rejected():
     config = copy.deepcopy(TINY_VAE)
     config["params"]["encoder_config"]["params"]["attn_resolutions"] = [16]

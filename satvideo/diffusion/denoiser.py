@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from satvideo.config import instantiate_from_config
-from satvideo.diffusion.discretization import timestep_alphas
+from satvideo.diffusion.discretization import noise_std, timestep_alphas
 
 
 def append_dims(values: Tensor, ndim: int) -> Tensor:
@@ -21,7 +21,7 @@ class VideoScaling:
 
     def __call__(self, alpha: Tensor, timestep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-sample (c_skip, c_out, c_in, c_noise) for alpha [B] at integer timesteps [B]."""
-        return alpha, -(1 - alpha**2).sqrt(), torch.ones_like(alpha), timestep
+        return alpha, -noise_std(alpha), torch.ones_like(alpha), timestep
 
 
 class EpsWeighting:
@@ -52,23 +52,30 @@ class DiscreteDenoiser(nn.Module):
         super().__init__()
         # a plain attribute, not a buffer: it must not appear in checkpoints
         self.alphas_cumprod_sqrt = timestep_alphas(discretization_config, num_idx, do_append_zero, flip)
+        self._tables_by_device: dict[torch.device, Tensor] = {}
         self.scaling = instantiate_from_config(scaling_config)
         self.weighting = instantiate_from_config(weighting_config) if weighting_config else EpsWeighting()
 
+    def table_on(self, device: torch.device) -> Tensor:
+        """The alpha table on `device`, copied there once."""
+        if device not in self._tables_by_device:
+            self._tables_by_device[device] = self.alphas_cumprod_sqrt.to(device)
+        return self._tables_by_device[device]
+
     def timestep_of(self, alpha: Tensor) -> Tensor:
         """The timesteps [B] (int64) whose table alphas are nearest to alpha [B]."""
-        table = self.alphas_cumprod_sqrt.to(alpha.device)
+        table = self.table_on(alpha.device)
         return (alpha.float()[:, None] - table[None, :]).abs().argmin(dim=1)
 
     def w(self, alpha: Tensor) -> Tensor:
         """Per-sample loss weight [B] at noise levels alpha [B]."""
-        return self.weighting((1 - alpha.float() ** 2).sqrt())
+        return self.weighting(noise_std(alpha.float()))
 
     def forward(
         self, network: Callable[..., Tensor], x: Tensor, alpha: Tensor, cond: dict, **kwargs: Any
     ) -> Tensor:
         timestep = self.timestep_of(alpha)
-        alpha = self.alphas_cumprod_sqrt.to(x.device)[timestep]
+        alpha = self.table_on(x.device)[timestep]
         c_skip, c_out, c_in, c_noise = self.scaling(alpha, timestep)
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in (c_skip, c_out, c_in))
         return network(x * c_in, c_noise, cond, **kwargs) * c_out + x * c_skip

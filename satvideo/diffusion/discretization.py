@@ -90,3 +90,8 @@ def timestep_alphas(discretization_config: dict, num_idx: int, do_append_zero: b
             f"num_idx ({num_idx}) must equal the discretization's num_timesteps ({discretization.num_timesteps})"
         )
     return discretization.alphas_cumprod_sqrt.float()
+
+
+def noise_std(alpha: Tensor) -> Tensor:
+    """sigma = sqrt(1 - alpha^2): the noise std at signal level alpha on this variance-preserving schedule."""
+    return (1 - alpha**2).sqrt()

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from satvideo.config import instantiate_from_config
 from satvideo.diffusion.denoiser import DiscreteDenoiser, append_dims
+from satvideo.diffusion.discretization import noise_std
 
 LOSS_TYPES = ("l2", "l1")
 
@@ -20,8 +21,8 @@ class VideoDiffusionLoss:
     denoiser's x0 estimate is compared with x under the weight denoiser.w(alpha); with EpsWeighting that
     weight is 1 / (1 - alpha^2), which makes the l2 loss the squared error of the network's v-prediction.
     The first `fixed_frames` latent frames are given to the network clean (conditioning frames, as the
-    samplers' fixed_frames keep them) and left out of the loss. `batch2model_keys` names the batch entries
-    the engine forwards to the network as keyword arguments.
+    samplers' fixed_frames keep them) and left out of the loss. Keyword arguments of a call go to the
+    network; `batch2model_keys` of official configs is accepted and not needed, since the engine passes them.
     """
 
     def __init__(
@@ -37,9 +38,6 @@ class VideoDiffusionLoss:
         self.sigma_sampler = instantiate_from_config(sigma_sampler_config)
         self.type = type
         self.offset_noise_level = offset_noise_level
-        if isinstance(batch2model_keys, str):
-            batch2model_keys = [batch2model_keys]
-        self.batch2model_keys = set(batch2model_keys or [])
         self.fixed_frames = fixed_frames
 
     def noise_like(self, x: Tensor) -> Tensor:
@@ -61,7 +59,7 @@ class VideoDiffusionLoss:
         x = x.float()
         alpha, _ = self.sigma_sampler(x.shape[0])
         alpha = alpha.to(x.device)
-        noised = append_dims(alpha, x.ndim) * x + append_dims((1 - alpha**2).sqrt(), x.ndim) * self.noise_like(x)
+        noised = append_dims(alpha, x.ndim) * x + append_dims(noise_std(alpha), x.ndim) * self.noise_like(x)
         frames = self.fixed_frames
         noised[:, :frames] = x[:, :frames]
         x0 = denoiser(network, noised, alpha, cond, **batch2model)

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from satvideo.config import instantiate_from_config
+from satvideo.diffusion.discretization import noise_std
 
 DenoiserFn = Callable[[Tensor, Tensor, dict], Tensor]
 
@@ -27,11 +28,6 @@ DenoiserFn = Callable[[Tensor, Tensor, dict], Tensor]
 def log_snr(alpha: Tensor) -> Tensor:
     """lambda = log(alpha / sigma): -inf at zero SNR, +inf at alpha = 1."""
     return alpha.log() - 0.5 * torch.log1p(-(alpha**2))
-
-
-def noise_std(alpha: Tensor) -> Tensor:
-    """sigma = sqrt(1 - alpha^2)."""
-    return (1 - alpha**2).sqrt()
 
 
 def dpmpp_2m_terms(x0: Tensor, x0_prev: Tensor | None, alphas: Tensor, i: int) -> tuple[Tensor, Tensor]:

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from satvideo import distributed
 from satvideo.diffusion.discretization import timestep_alphas
-
-
-def data_parallel_rank_and_size() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed when initialised, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def timestep_interval(rank: int, world_size: int, num_idx: int, group_num: int = 0) -> tuple[int, int]:
@@ -60,7 +53,7 @@ class DiscreteSampling:
         """[low, high) of the timesteps this process draws from."""
         if not self.uniform_sampling:
             return 0, self.num_idx
-        rank, world_size = data_parallel_rank_and_size()
+        rank, world_size = distributed.rank(), distributed.world_size()
         rank = rank if self.rank is None else self.rank
         world_size = world_size if self.world_size is None else self.world_size
         return timestep_interval(rank, world_size, self.num_idx, self.group_num)

@@ -30,9 +30,8 @@ class AdaLNMixin(BaseMixin):
     """Per layer, a SiLU+Linear maps the timestep embedding to 12 chunks: video (shift, scale, gate) for
     attention, video (shift, scale, gate) for the MLP, then the same six for text."""
 
-    def __init__(self, width: int, height: int, hidden_size: int, num_layers: int, time_embed_dim: int,
-                 compressed_num_frames: int, qk_ln: bool = True, hidden_size_head: int | None = None,
-                 elementwise_affine: bool = True):
+    def __init__(self, hidden_size: int, num_layers: int, time_embed_dim: int, qk_ln: bool = True,
+                 hidden_size_head: int | None = None, elementwise_affine: bool = True):
         super().__init__()
         self.adaLN_modulations = nn.ModuleList(
             [nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, 12 * hidden_size)) for _ in range(num_layers)])

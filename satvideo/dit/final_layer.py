@@ -12,7 +12,7 @@ from satvideo.dit.patch_embed import split_patch_size
 
 class FinalLayerMixin(BaseMixin):
     def __init__(self, hidden_size: int, time_embed_dim: int, patch_size: int | list[int], out_channels: int,
-                 latent_width: int, latent_height: int, elementwise_affine: bool = True):
+                 elementwise_affine: bool = True):
         super().__init__()
         self.patch_t, self.patch = split_patch_size(patch_size)
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=elementwise_affine, eps=1e-6)

@@ -1,7 +1,8 @@
 """Positional information for video tokens: 3D sin-cos tables, 3D rotary embedding, learnable table.
 
-Tables and frequencies are computed for the actual latent grid of each call (and cached), so a model trained
-at one size samples at another; at the configured size they equal the official ones.
+Sin-cos tables and rotary frequencies are computed for the actual latent grid of each call (and cached), so
+a model trained at one size samples at another; at the configured size they equal the official ones. The
+learnable table of 5B-I2V is tied to its configured grid.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Rotary3DPositionMixin(BaseMixin):
                  text_length: int, theta: float = 10000.0, rot_v: bool = False, learnable_pos_embed: bool = False):
         super().__init__()
         self.head_dim, self.theta, self.rot_v = hidden_size_head, theta, rot_v
+        self.learned_grid = (compressed_num_frames, height, width)
         if learnable_pos_embed:
             num_tokens = text_length + height * width * compressed_num_frames
             self.pos_embedding = nn.Parameter(torch.zeros(1, num_tokens, hidden_size))
@@ -116,6 +118,10 @@ class Rotary3DPositionMixin(BaseMixin):
     def position_embedding_forward(self, position_ids, **kwargs):
         if self.pos_embedding is None:
             return None
+        t, h, w = kwargs["grid_size"]
+        if (h, w) != self.learned_grid[1:] or t > self.learned_grid[0]:
+            raise ValueError(f"the learnable position table covers {self.learned_grid[0]} x {self.learned_grid[1]} x "
+                             f"{self.learned_grid[2]} latent patches (t, h, w); this input has {t} x {h} x {w}")
         return self.pos_embedding[:, : kwargs["text_length"] + kwargs["seq_length"]].to(kwargs["images"].dtype)
 
     @non_conflict

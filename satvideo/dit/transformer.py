@@ -162,12 +162,11 @@ class DiffusionTransformer(BaseModel):
         extra_args = {
             "pos_embed": {**grid, **shared},
             "patch_embed": dict(patch_size=patch_size, in_channels=in_channels, **shared),
-            "adaln_layer": dict(**grid, **shared, num_layers=self.num_layers, time_embed_dim=self.time_embed_dim,
+            "adaln_layer": dict(**shared, num_layers=self.num_layers, time_embed_dim=self.time_embed_dim,
                                 hidden_size_head=self.hidden_size // num_attention_heads,
                                 elementwise_affine=elementwise_affine),
             "final_layer": dict(**shared, patch_size=patch_size, out_channels=out_channels,
-                                time_embed_dim=self.time_embed_dim, latent_width=latent_width,
-                                latent_height=latent_height, elementwise_affine=elementwise_affine),
+                                time_embed_dim=self.time_embed_dim, elementwise_affine=elementwise_affine),
         }
         for name in MIXIN_ORDER:
             self.add_mixin(name, instantiate_from_config(modules[f"{name}_config"], **extra_args[name]), reinit=True)

@@ -35,7 +35,9 @@ DEEPSPEED_OPTIMIZERS = {"adam", "adamw", "lamb", "onebitadam", "zerooneadam", "o
 def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
     """The `deepspeed` section completed from `args`: batch size, ZeRO stage, precision, CPU-safe optimizer."""
     ds = copy.deepcopy(to_plain(config.get("deepspeed") or {}))
-    ds.setdefault("train_micro_batch_size_per_gpu", args.batch_size)
+    if args.batch_size is not None:  # the command-line knob wins over the section
+        ds["train_micro_batch_size_per_gpu"] = args.batch_size
+    ds.setdefault("train_micro_batch_size_per_gpu", 1)
     ds.setdefault("gradient_accumulation_steps", 1)
     ds.setdefault("steps_per_print", 10**9)  # satvideo prints its own log line
     if args.zero_stage is not None:
@@ -125,22 +127,23 @@ class MetricsLog:
 
 def train(config: DictConfig) -> None:
     args = args_namespace(config)
-    distributed.init_distributed()
+    on_gpu = distributed.use_gpu(args.device)
+    distributed.init_distributed("nccl" if on_gpu else "gloo")
     rank, world_size = distributed.rank(), distributed.world_size()
-    on_gpu = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    torch.manual_seed(args.seed + rank)  # ranks draw different noise and timesteps
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
+    dataset = build_dataset(config, args)  # first: a bad data path should not wait for the model to load
+    ds = deepspeed_config(config, args, on_gpu)
 
+    torch.manual_seed(args.seed)  # the same initial weights on every rank, frozen parts included
     engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=args.checkpoint_activations)
     resume_iteration = read_latest(args.save) if args.save else None
     if args.load and resume_iteration is None:
         load_network(engine.network, args.load, strict=args.strict_load)
     engine.to(device)
+    torch.manual_seed(args.seed + rank)  # ranks draw different noise and timesteps
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
 
-    dataset = build_dataset(config, args)
-    ds = deepspeed_config(config, args, on_gpu)
     trainable = [parameter for parameter in engine.parameters() if parameter.requires_grad]
     optimizer = build_optimizer(ds, trainable, on_gpu)
     multiplier = lr_multiplier(args.lr_decay_style, warmup_iterations(args.warmup, args.train_iters),
@@ -178,23 +181,23 @@ def train(config: DictConfig) -> None:
 
     data = micro_batches(start_iteration * accumulation)
     log = MetricsLog(args, config)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     for iteration in range(start_iteration + 1, args.train_iters + 1):
         for _ in range(accumulation):
             loss = model(to_device(next(data), device))
             model.backward(loss)
             model.step()
-            window_loss += loss.item() / accumulation
+            window_loss += loss.detach() / accumulation  # no host sync until the log line
         window_steps += 1
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            mean_loss = torch.tensor(window_loss / window_steps, device=device)
+            mean_loss = window_loss / window_steps
             torch.distributed.all_reduce(mean_loss)
             elapsed = time.perf_counter() - window_start
             log.write({"iteration": iteration, "loss": mean_loss.item() / world_size,
                        "lr": scheduler.get_last_lr()[0],
                        "samples_per_s": window_steps * accumulation * micro_batch * world_size / elapsed})
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
 
         if args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
             save_checkpoint(model, args.save, iteration)

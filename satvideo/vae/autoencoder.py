@@ -21,20 +21,18 @@ def load_vae_state_dict(ckpt_path: str, ignore_keys: list[str] = ()) -> dict[str
 class VideoAutoencoder(nn.Module):
     """CogVideoX 3D causal VAE: [B, 3, 4k+1, H, W] in [-1, 1] <-> latents [B, z_channels, k+1, H/8, W/8].
 
-    Latents are multiplied by `scale_factor` on encode and divided by it on decode (1 when unset).
-    Official params without effect here (cp_size, loss_config, ...) are accepted and ignored.
+    Latents are unscaled: the engine applies `model.scale_factor`. Official params without effect here
+    (cp_size, loss_config, ...) are accepted and ignored.
     """
 
     def __init__(self, encoder_config: dict, decoder_config: dict, regularizer_config: dict | None = None,
-                 ckpt_path: str | None = None, ignore_keys: list[str] = (), scale_factor: float | None = None,
-                 **unused):
+                 ckpt_path: str | None = None, ignore_keys: list[str] = (), **unused):
         super().__init__()
         self.encoder = instantiate_from_config(encoder_config)
         self.decoder = instantiate_from_config(decoder_config)
         self.regularization = (
             DiagonalGaussianRegularizer() if regularizer_config is None else instantiate_from_config(regularizer_config)
         )
-        self.scale_factor = 1.0 if scale_factor is None else scale_factor
         if ckpt_path is not None:
             self.load_state_dict(load_vae_state_dict(ckpt_path, ignore_keys))
 
@@ -50,7 +48,7 @@ class VideoAutoencoder(nn.Module):
             check_chunk_frames(chunk_frames, self.encoder.temporal_compress_times)
             moments = stream_over_time(self.encoder, x, chunk_frames)
         z, _ = self.regularization(moments, sample=sample)
-        return z * self.scale_factor
+        return z
 
     def decode(self, z: Tensor, chunk_frames: int | None = 2) -> Tensor:
         """Latent [B, C, T', h, w] -> video, decoding `chunk_frames` latent frames at a time (the first
@@ -60,7 +58,6 @@ class VideoAutoencoder(nn.Module):
         one-pass decoding differ slightly. An odd T' gives 4T' - 3 frames; an even T' (from 4k+1
         frames with odd k) gives 4T', as in the official model, which is why CogVideoX uses 8N+1 frames.
         """
-        z = z / self.scale_factor
         if chunk_frames is None:
             return self.decoder(z)
         check_chunk_frames(chunk_frames, 2)
@@ -69,7 +66,7 @@ class VideoAutoencoder(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Training pass: (reconstruction, sampled latent, {"kl": KL to N(0, I)})."""
         z, log = self.regularization(self.encoder(x), sample=True)
-        return self.decoder(z), z * self.scale_factor, log
+        return self.decoder(z), z, log
 
 
 def check_chunk_frames(chunk_frames: int, multiple: int) -> None:
