@@ -390,3 +390,11 @@ def test_dynamic_cfg_uses_the_raw_timestep():
 def test_dynamic_cfg_needs_an_integer_exponent():
     with pytest.raises(ValueError, match="DynamicCFG exp must be an integer, got 2.5"):
         DynamicCFG(scale=6.0, exp=2.5, num_steps=50)
+
+
+def test_dynamic_cfg_and_sampler_must_agree_on_the_step_count():
+    from satvideo.config import ConfigError
+
+    guider = {"target": "satvideo.diffusion.DynamicCFG", "params": {"scale": 6, "exp": 5, "num_steps": 50}}
+    with pytest.raises(ConfigError, match=r"guider_config.params.num_steps=50 differs from sampler_config.params.num_steps=10"):
+        VideoDDIMSampler(num_steps=10, discretization_config=DISCRETIZATION, guider_config=guider)

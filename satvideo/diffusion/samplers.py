@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from satvideo.config import instantiate_from_config
+from satvideo.config import ConfigError, instantiate_from_config
 from satvideo.diffusion.discretization import noise_std
 
 DenoiserFn = Callable[[Tensor, Tensor, dict], Tensor]
@@ -61,6 +61,10 @@ class VideoDDIMSampler:
         self.num_steps = num_steps
         self.discretization = instantiate_from_config(discretization_config)
         self.guider = instantiate_from_config(guider_config) if guider_config else None
+        guider_steps = getattr(self.guider, "num_steps", num_steps)
+        if guider_steps != num_steps:  # DynamicCFG's schedule is defined over the sampler's steps
+            raise ConfigError(f"sampler_config.params.guider_config.params.num_steps={guider_steps} differs from "
+                              f"sampler_config.params.num_steps={num_steps}; set both")
         self.verbose = verbose
         self.fixed_frames = fixed_frames
 
