@@ -52,8 +52,7 @@ def main() -> None:
         raise ConfigError(f"args.sampling_image_size={[height, width]}: both must be multiples of {VAE_SPATIAL * patch}")
     latent_shape = (latent_frames, args.latent_channels, height // VAE_SPATIAL, width // VAE_SPATIAL)
 
-    on_gpu = distributed.use_gpu(args.device)
-    distributed.init_distributed("nccl" if on_gpu else "gloo")
+    device = distributed.init_device(args.device)
     rank, world_size = distributed.rank(), distributed.world_size()
     if args.input_type == "txt":
         if not args.input_file:
@@ -64,7 +63,6 @@ def main() -> None:
     else:
         prompts = enumerate(interactive_prompts())
 
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=False)  # no backward pass
     load_network(engine.network, args.load, strict=args.strict_load)
     engine.to(device, sampling_dtype(args)).eval()

@@ -49,6 +49,13 @@ def _skip_deepspeed_shm_kernel() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def init_device(device: str | None) -> torch.device:
+    """Join the process group with the backend that suits `args.device` and return this rank's device."""
+    on_gpu = use_gpu(device)
+    init_distributed("nccl" if on_gpu else "gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

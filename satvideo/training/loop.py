@@ -127,10 +127,9 @@ class MetricsLog:
 
 def train(config: DictConfig) -> None:
     args = args_namespace(config)
-    on_gpu = distributed.use_gpu(args.device)
-    distributed.init_distributed("nccl" if on_gpu else "gloo")
+    device = distributed.init_device(args.device)
+    on_gpu = device.type == "cuda"
     rank, world_size = distributed.rank(), distributed.world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     dataset = build_dataset(config, args)  # first: a bad data path should not wait for the model to load
     ds = deepspeed_config(config, args, on_gpu)
 
