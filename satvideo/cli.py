@@ -1,18 +1,22 @@
-"""Command line shared by the entrypoints: `--base a.yaml b.yaml ... key=value ...`."""
+"""Command line shared by the entrypoints: `--base a.yaml b.yaml ... key=value ... [--debug]`."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from typing import Callable
 
 from omegaconf import DictConfig
 
-from satvideo.config import load_config
+from satvideo.config import ConfigError, load_config
 
 
 def parse_config(description: str, argv: list[str] | None = None) -> DictConfig:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--base", nargs="+", required=True, metavar="YAML_OR_OVERRIDE",
                         help="YAML files, merged in order, then key=value overrides (e.g. args.train_iters=20)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of configuration errors")
     parsed = parser.parse_args(argv)
     # argparse cannot end a nargs="+" list before positionals, so files and overrides share one list.
     files = [item for item in parsed.base if is_config_file(item)]
@@ -22,3 +26,15 @@ def parse_config(description: str, argv: list[str] | None = None) -> DictConfig:
 
 def is_config_file(item: str) -> bool:
     return item.endswith((".yaml", ".yml")) or "=" not in item
+
+
+def run_entrypoint(main: Callable[[], None]) -> None:
+    """Run `main` with logging set up; a ConfigError ends the process with one line (its traceback with --debug)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        main()
+    except ConfigError as error:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import inspect
+import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -20,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 ARGS_DEFAULTS: dict[str, Any] = {
     # run
     "experiment_name": "satvideo",
+    "mode": "pretrain",  # SAT's modes; "finetune" adds SAT's auto warm-up (100 iterations at 5% of the lr)
     "seed": 1234,
     "device": None,  # None: cuda when available, else cpu
     # training length, logging, checkpoints
@@ -30,12 +33,12 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "load": None,  # weights to start from when `save` has no checkpoint yet
     "no_load_rng": False,
     "strict_load": True,
-    # optimisation (lr, betas, weight decay live in the `deepspeed.optimizer` section)
-    "lr_decay_style": "cosine",  # constant | linear | cosine
-    "warmup": 0.01,  # fraction of train_iters when < 1, else a number of iterations
+    # optimisation (lr, betas, weight decay live in the `deepspeed.optimizer` section); SAT's schedule and defaults
+    "lr_decay_style": "linear",  # constant | linear | cosine | exponential (SAT: exponential is constant)
+    "warmup": 0.01,  # fraction of lr_decay_iters when < 1, else a number of iterations
     "lr_decay_iters": None,  # None: train_iters
-    "min_lr_ratio": 0.0,
-    "checkpoint_activations": False,
+    "lr_decay_ratio": 0.1,  # cosine decays to lr * lr_decay_ratio
+    "checkpoint_activations": None,  # None: model.network_config.params.transformer_args decides
     "zero_stage": None,  # overrides deepspeed.zero_optimization.stage
     "fp16": False,
     "bf16": False,
@@ -50,26 +53,73 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "input_type": "txt",  # txt | cli
     "input_file": None,
     "output_dir": "outputs",
-    "sampling_num_frames": None,  # latent frames; None: from the model config
-    "sampling_image_size": None,  # [H, W] in pixels; None: from the model config
+    "sampling_num_frames": None,  # latent frames (1.5: including the first, dropped at decoding); None: model config
+    "sampling_image_size": None,  # [H, W] in pixels; None: from the model config (1.5-I2V: from the image)
     "sampling_fps": 8,
     "latent_channels": 16,
     "image2video": False,
     "num_samples": 1,
     "decode_chunk_frames": 2,
-    # Accepted so that official CogVideoX configs load unchanged; no effect here (there is no validation loop,
-    # model parallelism is 1, and the entrypoint itself decides between training and sampling).
-    "mode": "finetune",
-    "model_parallel_size": 1,
-    "eval_interval": None,
-    "eval_iters": 1,
-    "eval_batch_size": 1,
-    "valid_data": None,
-    "split": "1,0,0",
-    "force_train": False,
-    "force_inference": False,
-    "only_log_video_latents": False,
+    "only_save_latents": False,  # write the sampled latents (safetensors) instead of decoding them
 }
+
+# Keys of the official CogVideoX SAT configs that change nothing in satvideo, by section or by the satvideo
+# target they are given to. They are dropped before use and logged once; any other unknown key is an error.
+OFFICIAL_KEYS_WITHOUT_EFFECT: dict[str, frozenset[str]] = {
+    # no validation loop yet; model parallelism is 1; the entrypoint itself decides training vs sampling
+    "args": frozenset({"model_parallel_size", "eval_interval", "eval_iters", "eval_batch_size", "valid_data",
+                       "split", "force_train", "force_inference", "only_log_video_latents"}),
+    # autocast and logging switches of the original engine, per-call VAE batch limits, LoRA flags read elsewhere;
+    # `augmentation_dropout` (1.5-I2V) is never read by the original either
+    "model": frozenset({"disable_first_stage_autocast", "log_keys", "en_and_decode_n_samples_a_time", "lr_scale",
+                        "use_lora", "compile_model", "augmentation_dropout"}),
+    # fp16 loss-scaling keys written at the top level, where DeepSpeed does not read them (they belong in `fp16`)
+    "deepspeed": frozenset({"loss_scale", "loss_scale_window", "hysteresis", "min_loss_scale"}),
+    # class-conditional and model-parallel variants only
+    "satvideo.dit.DiffusionTransformer": frozenset({"adm_in_channels", "parallel_output", "zero_init_y_embed"}),
+    # context parallelism is not used; the VAE's training loss is not part of the diffusion model
+    "satvideo.vae.VideoAutoencoder": frozenset({"cp_size", "loss_config", "monitor", "input_key"}),
+    "satvideo.vae.ContextParallelEncoder3D": frozenset({"resolution", "gather_norm", "out_ch", "pad_mode"}),
+    "satvideo.vae.ContextParallelDecoder3D": frozenset({"resolution", "gather_norm", "in_channels", "double_z",
+                                                        "pad_mode"}),
+    # the engine passes the model inputs itself
+    "satvideo.diffusion.VideoDiffusionLoss": frozenset({"batch2model_keys"}),
+}
+
+# Top-level keys of a DeepSpeed config (DeepSpeed checks the sub-sections itself).
+DEEPSPEED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print",
+    "optimizer", "scheduler", "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "gradient_clipping",
+    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "activation_checkpointing",
+    "wall_clock_breakdown", "memory_breakdown", "dump_state", "flops_profiler", "comms_logger", "tensorboard",
+    "wandb", "csv_monitor", "comet", "aio", "checkpoint", "data_types", "communication_data_type",
+    "seq_parallel_communication_data_type", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "disable_allgather", "dataloader_drop_last", "elasticity", "autotuning", "compression_training",
+    "data_efficiency", "curriculum_learning", "pipeline", "hybrid_engine", "compile", "timers",
+    "use_data_before_expert_parallelism", "graph_harvesting", "eigenvalue", "progressive_layer_drop",
+    "sparse_attention", "weight_quantization", "nebula", "use_node_local_storage", "load_universal_checkpoint",
+})
+
+logger = logging.getLogger(__name__)
+_logged_ignored: set[str] = set()
+
+
+def drop_keys_without_effect(where: str, mapping: dict, label: str | None = None) -> dict:
+    """`mapping` without the official keys listed for `where`; each dropped key is logged once per process."""
+    ignored = OFFICIAL_KEYS_WITHOUT_EFFECT.get(where, frozenset())
+    for key in sorted(ignored.intersection(mapping)):
+        name = f"{label or where}.{key}"
+        if name not in _logged_ignored:
+            _logged_ignored.add(name)
+            logger.info("%s: official key without effect in satvideo, ignored", name)
+    return {key: value for key, value in mapping.items() if key not in ignored}
+
+
+def unknown_key_error(key: str, where: str, valid: Iterable[str]) -> "ConfigError":
+    """`unknown key <where>.<key>; did you mean <where>.<closest>?`"""
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f"; did you mean {where}.{close[0]}?" if close else ""
+    return ConfigError(f"unknown key {where}.{key}{hint}")
 
 
 SECTIONS = ("args", "model", "data", "deepspeed")
@@ -101,17 +151,31 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
             config.merge_with_dotlist([item])
         except OmegaConfBaseException as error:
             raise ConfigError(f"cannot apply override {item!r}: {error}") from error
+    for section in config:
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), SECTIONS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown section {section!r} (expected {', '.join(SECTIONS)}){hint}")
     config.args = _validated_args(config.get("args") or OmegaConf.create())
+    if "deepspeed" in config:
+        config.deepspeed = _validated_deepspeed(config.deepspeed)
     return config
 
 
 def _validated_args(args: DictConfig) -> DictConfig:
+    args = drop_keys_without_effect("args", to_plain(args))
     for key in args:
         if key not in ARGS_DEFAULTS:
-            close = difflib.get_close_matches(str(key), ARGS_DEFAULTS, n=1)
-            hint = f"; did you mean args.{close[0]}?" if close else ""
-            raise ConfigError(f"unknown key args.{key}{hint}")
+            raise unknown_key_error(key, "args", ARGS_DEFAULTS)
     return OmegaConf.merge(OmegaConf.create(ARGS_DEFAULTS), args)
+
+
+def _validated_deepspeed(section: DictConfig) -> DictConfig:
+    section = drop_keys_without_effect("deepspeed", to_plain(section))
+    for key in section:
+        if key not in DEEPSPEED_KEYS:
+            raise unknown_key_error(key, "deepspeed", DEEPSPEED_KEYS)
+    return OmegaConf.create(section)
 
 
 def args_namespace(config: DictConfig) -> argparse.Namespace:
@@ -186,10 +250,33 @@ def to_plain(value: Any) -> Any:
 
 
 def instantiate_from_config(config: dict | DictConfig, **extra_kwargs: Any) -> Any:
-    """Build `target(**params, **extra_kwargs)` from a `{target, params}` config."""
+    """Build `target(**params, **extra_kwargs)` from a `{target, params}` config.
+
+    Official keys without effect for the target are dropped (OFFICIAL_KEYS_WITHOUT_EFFECT); any other
+    parameter the target does not take is an error naming it and the closest parameter it does take.
+    """
     config = to_plain(config)
     if not isinstance(config, dict) or "target" not in config:
         raise ConfigError(f"expected a mapping with a 'target' key, got {config!r}")
-    params = dict(config.get("params") or {})
+    target = resolve_target(config["target"])
+    params = drop_keys_without_effect(target, dict(config.get("params") or {}), label=f"{target} params")
     params.update(extra_kwargs)
-    return get_obj_from_str(config["target"])(**params)
+    factory = get_obj_from_str(target)
+    check_parameters(factory, params, f"{config['target']} params")
+    return factory(**params)
+
+
+def check_parameters(factory: Callable, params: dict, where: str) -> None:
+    """Raise ConfigError for a key of `params` that `factory` does not accept (unless it takes **kwargs)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have no signature: let the call itself check
+        return
+    parameters = signature.parameters.values()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    accepted = [parameter.name for parameter in parameters
+                if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key in params:
+        if key not in accepted:
+            raise unknown_key_error(key, where, accepted)

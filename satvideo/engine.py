@@ -7,6 +7,8 @@ they never reach the optimizer or a checkpoint. `.to()`/`.half()` still move the
 
 from __future__ import annotations
 
+import difflib
+import logging
 import random
 from typing import Any, Callable
 
@@ -14,14 +16,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from satvideo.config import ConfigError, instantiate_from_config, to_plain
+from satvideo.config import ConfigError, check_parameters, drop_keys_without_effect, instantiate_from_config, to_plain
 
+logger = logging.getLogger(__name__)
 
-# `model` keys of official configs that tune the original implementation (autocast, logging, per-call batch
-# limits of its VAE, LoRA flags it reads elsewhere) and have no effect here. `augmentation_dropout` (1.5-I2V)
-# is never read by the original either.
-OFFICIAL_KEYS_WITHOUT_EFFECT = {"disable_first_stage_autocast", "log_keys", "en_and_decode_n_samples_a_time",
-                                "lr_scale", "use_lora", "compile_model", "augmentation_dropout"}
+# The network's parameter names inside the engine (and in official checkpoints), and the engine's frozen parts.
+NETWORK_PREFIX = "model.diffusion_model."
+FROZEN_PARTS = ("conditioner", "first_stage_model")
 
 
 class DiffusionModelWrapper(nn.Module):
@@ -35,13 +36,38 @@ class DiffusionModelWrapper(nn.Module):
         return self.diffusion_model(x, timesteps, context=cond["crossattn"], **kwargs)
 
 
+def is_lora_matrix(name: str) -> bool:
+    return "matrix_A" in name or "matrix_B" in name
+
+
 def trainable_filter(not_trainable_prefixes: list[str]) -> Callable[[str], bool]:
-    """Name -> trainable? `all` freezes every network weight except LoRA matrices (official LoRA configs)."""
+    """Network parameter name -> trainable?, as the original decides it.
+
+    A prefix freezes the parameters whose name starts with it, written either as the engine sees them
+    (`model.diffusion_model.transformer.layers.0`, the official form) or as network names
+    (`transformer.layers.0`); `all` freezes everything. LoRA matrices are never frozen.
+    """
     def is_trainable(name: str) -> bool:
-        if "all" in not_trainable_prefixes:
-            return "matrix_A" in name or "matrix_B" in name
-        return not any(name.startswith(prefix) for prefix in not_trainable_prefixes)
+        if is_lora_matrix(name):
+            return True
+        return not any(prefix == "all" or name.startswith(prefix) or (NETWORK_PREFIX + name).startswith(prefix)
+                       for prefix in not_trainable_prefixes)
     return is_trainable
+
+
+def check_prefixes_match(not_trainable_prefixes: list[str], names: list[str]) -> None:
+    """A prefix that matches no network parameter and no frozen part is a ConfigError naming the closest one."""
+    engine_names = [NETWORK_PREFIX + name for name in names] + list(FROZEN_PARTS)
+    for prefix in not_trainable_prefixes:
+        if prefix == "all" or any(name.startswith(prefix) for name in names + engine_names):
+            continue
+        if any(prefix.startswith(part) for part in FROZEN_PARTS):
+            continue  # inside the T5 or VAE: frozen anyway
+        candidates = {".".join(name.split(".")[:depth]) for name in names + engine_names
+                      for depth in range(1, name.count(".") + 2)}
+        close = difflib.get_close_matches(prefix, sorted(candidates), n=1)
+        hint = f"; closest real prefix: {close[0]!r}" if close else ""
+        raise ConfigError(f"model.not_trainable_prefixes: {prefix!r} matches no parameter{hint}")
 
 
 class VideoDiffusionEngine(nn.Module):
@@ -72,9 +98,7 @@ class VideoDiffusionEngine(nn.Module):
         if checkpoint_activations is not None:
             network_config.setdefault("params", {})["checkpoint_activations"] = checkpoint_activations
         network = instantiate_from_config(network_config)
-        is_trainable = trainable_filter(list(not_trainable_prefixes))
-        for name, parameter in network.named_parameters():
-            parameter.requires_grad_(is_trainable(name))
+        freeze_network(network, list(not_trainable_prefixes))
         self.model = DiffusionModelWrapper(network)
         self.denoiser = instantiate_from_config(denoiser_config)
         self.loss_fn = instantiate_from_config(loss_fn_config) if loss_fn_config else None
@@ -91,9 +115,10 @@ class VideoDiffusionEngine(nn.Module):
 
     @classmethod
     def from_config(cls, model_config: DictConfig | dict, **overrides: Any) -> "VideoDiffusionEngine":
-        """Build from the `model` section; official keys that only tune the original code are dropped."""
-        params = {key: value for key, value in {**to_plain(model_config), **overrides}.items()
-                  if key not in OFFICIAL_KEYS_WITHOUT_EFFECT}
+        """Build from the `model` section; official keys that only tune the original code are dropped and
+        any other unknown key is an error naming the closest valid one."""
+        params = {**drop_keys_without_effect("model", to_plain(model_config)), **overrides}
+        check_parameters(cls, params, "model")
         return cls(**params)
 
     @property
@@ -109,10 +134,15 @@ class VideoDiffusionEngine(nn.Module):
     # --- latents ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_first_stage(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, T, 3, H, W] pixels in [-1, 1] -> [B, T', C, H/8, W/8] scaled latents."""
+    def encode_first_stage(self, video: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
+        """[B, T, 3, H, W] pixels in [-1, 1] -> [B, T', C, H/8, W/8] scaled latents.
+
+        `sample`: a posterior draw or its mean; None follows the VAE's regularizer (`sample: true` by default,
+        as the original trains; `first_stage_config.params.regularizer_config.params.sample: false` for the mean).
+        """
         vae_dtype = next(self.first_stage_model.parameters()).dtype
-        latents = self.first_stage_model.encode(video.permute(0, 2, 1, 3, 4).to(vae_dtype))  # [B, C, T', h, w]
+        video = video.permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, 3, T, H, W]
+        latents = self.first_stage_model.encode(video, sample=sample)  # [B, C, T', h, w]
         return (latents * self.scale_factor).permute(0, 2, 1, 3, 4).contiguous()
 
     @torch.no_grad()
@@ -134,7 +164,7 @@ class VideoDiffusionEngine(nn.Module):
         if noise_images:  # noise augmentation of the conditioning frame, log-normal strength (as CogVideoX)
             sigma = torch.exp(torch.randn(image.shape[0], device=image.device) * 0.5 - 3.0)
             image = image + torch.randn_like(image) * sigma[:, None, None, None, None]
-        latent = self.encode_first_stage(image)
+        latent = self.encode_first_stage(image, sample=None if noise_images else False)  # sampling: the mean
         padding = latent.new_zeros(latent.shape[0], num_latent_frames - 1, *latent.shape[2:])
         return torch.cat([latent, padding], dim=1)
 
@@ -143,7 +173,8 @@ class VideoDiffusionEngine(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """Mean diffusion loss of a batch {"mp4": [B, T, 3, H, W], "txt": [B] prompts}."""
         video = batch[self.input_key]
-        latents = video if self.latent_input else self.encode_first_stage(video)
+        # precomputed latents are unscaled VAE outputs, scaled here as the original does
+        latents = video * self.scale_factor if self.latent_input else self.encode_first_stage(video)
         latents = self.pad_to_temporal_patch(latents)
         cond = self.conditioner(batch, drop_for_guidance=True)
         model_inputs = {}
@@ -186,3 +217,16 @@ class VideoDiffusionEngine(nn.Module):
 
         latents = self.sampler(denoise, noise, cond, uc=uncond, generator=generator)
         return latents[:, padded_frames - frames:]  # drop the frames added for the temporal patch
+
+
+def freeze_network(network: nn.Module, not_trainable_prefixes: list[str]) -> None:
+    """Set requires_grad from `model.not_trainable_prefixes` and log the trainable and frozen counts."""
+    names = [name for name, _ in network.named_parameters()]
+    check_prefixes_match(not_trainable_prefixes, names)
+    is_trainable = trainable_filter(not_trainable_prefixes)
+    counts = {True: 0, False: 0}
+    for name, parameter in network.named_parameters():
+        parameter.requires_grad_(is_trainable(name))
+        counts[parameter.requires_grad] += parameter.numel()
+    logger.info("network parameters: %d trainable, %d frozen (not_trainable_prefixes %s)",
+                counts[True], counts[False], not_trainable_prefixes)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from satvideo.data import SFTDataset
-from satvideo.data.sft import resampled_indices, resize_cover_center_crop
+from satvideo.data.sft import resampled_indices, resize_cover_center_crop, strided_indices
 from satvideo.data.toy import DIRECTIONS, PALETTE, dominant_palette_colour, make_toy_dataset, palette_colour_in
 from satvideo.data.video import read_mp4, write_mp4
 from satvideo.sampling import interactive_prompts, read_prompts, save_video, slugify, write_manifest_line
@@ -99,7 +99,7 @@ def test_toy_shape_moves_in_captioned_direction(toy):
 
 def test_sft_items_shapes_range_and_batching(toy):
     out, written = toy
-    dataset = SFTDataset(str(out), video_size=[32, 32], fps=8, max_num_frames=9)
+    dataset = SFTDataset(str(out), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
     assert len(dataset) == 8
     item = dataset[5]
     assert item["mp4"].shape == (9, 3, 32, 32) and item["mp4"].dtype == torch.float32
@@ -115,7 +115,7 @@ def test_sft_items_shapes_range_and_batching(toy):
 
 def test_sft_same_fps_returns_decoded_frames(toy):
     out, written = toy
-    item = SFTDataset(str(out), video_size=[32, 32], fps=8, max_num_frames=17)[2]
+    item = SFTDataset(str(out), video_size=[32, 32], fps=8, max_num_frames=17, skip_frms_num=0)[2]
     decoded, _ = read_mp4(written[2][0])
     expected = torch.from_numpy(decoded).permute(0, 3, 1, 2).float() / 127.5 - 1
     torch.testing.assert_close(item["mp4"], expected)
@@ -125,7 +125,8 @@ def test_sft_resamples_16_to_8_fps(tmp_path):
     write_counter_video(tmp_path / "videos" / "count.mp4", num_frames=17, fps=16)
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "count.txt").write_text("counter")
-    item = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)[0]
+    item = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0,
+                      frame_sampling="fps")[0]
     assert [decoded_frame_index(frame) for frame in item["mp4"]] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
 
 
@@ -133,14 +134,74 @@ def test_sft_skips_ends_and_pads_short_clips(tmp_path, caplog):
     write_counter_video(tmp_path / "videos" / "count.mp4", num_frames=17, fps=16)
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "count.txt").write_text("counter")
-    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=1)
+    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=1,
+                         frame_sampling="fps")
     with caplog.at_level(logging.WARNING, logger="satvideo.data.sft"):
         first, second = dataset[0], dataset[0]
     # Frames 1..15 remain after skipping; at 8 fps that is 8 frames, padded with the last one.
     assert [decoded_frame_index(frame) for frame in first["mp4"]] == [1, 3, 5, 7, 9, 11, 13, 15, 15]
+    assert (first["num_frames"], first["padded_frames"]) == (8, 1)
     assert second["mp4"].shape[0] == 9
     warnings = [r.getMessage() for r in caplog.records if "padding" in r.getMessage()]
     assert len(warnings) == 1 and "count.mp4" in warnings[0]
+
+
+# The original's frame choice, by hand from its formulas (data_video.py, SFTDataset.__getitem__).
+@pytest.mark.parametrize("num_source, skip, expected, padded", [
+    # long (300 frames at 30 fps, read at 8 fps): end - start = int(49 / 8 * 30) = 183, stride 183 // 49 = 3
+    (300, 0, list(range(0, 147, 3)), 0),
+    (300, 3, list(range(3, 150, 3)), 0),
+    # medium (120 frames: 32 at 8 fps, fewer than 49, but more than 49 frames): stride (120 - 2 skip) // 49 = 2
+    (120, 0, list(range(0, 98, 2)), 0),
+    (120, 3, list(range(3, 101, 2)), 0),
+    # medium, 60 frames: stride max((60 - 6) // 49, 1) = 1, the first 49 frames after skipping
+    (60, 3, list(range(3, 52)), 0),
+    # short (45 frames <= 49): the largest 4k+1 after skipping, then padding
+    (45, 0, list(range(0, 45)), 4),
+    (45, 3, list(range(3, 40)), 12),
+])
+def test_strided_indices_follow_the_original(num_source, skip, expected, padded):
+    indices = strided_indices(num_source, 30.0, 8, skip, 49)
+    assert indices.tolist() == expected and 49 - len(indices) == padded
+
+
+def write_binary_counter_video(path: Path, num_frames: int, fps: int) -> None:
+    """A 32x32 video whose frame i shows i in binary: 8 vertical stripes, white where a bit is set."""
+    bits = (np.arange(num_frames)[:, None] >> np.arange(8)[None, :]) & 1  # [T, 8]
+    frames = np.repeat(bits * 255, 4, axis=1).astype(np.uint8)  # [T, 32]
+    write_mp4(np.broadcast_to(frames[:, None, :, None], (num_frames, 32, 32, 3)).copy(), path, fps)
+
+
+def binary_frame_index(frame: torch.Tensor) -> int:
+    stripes = frame.mean(dim=(0, 1)).reshape(8, 4).mean(dim=1)  # [8] in [-1, 1]
+    return int(sum(1 << bit for bit in range(8) if stripes[bit] > 0))
+
+
+@pytest.mark.parametrize("num_source, max_frames, expected, padded", [
+    (100, 9, list(range(3, 30, 3)), 0),  # long: end = int(3 + 9 / 8 * 30) = 36, stride 33 // 9 = 3
+    (60, 17, list(range(3, 54, 3)), 0),  # medium: 16 frames at 8 fps; stride (57 - 3) // 17 = 3
+    (13, 17, [3, 4, 5, 6, 7] + [7] * 12, 12),  # short: 13 - 6 = 7 -> 5 frames, padded with the last
+])
+def test_sft_default_decodes_the_originals_frames(tmp_path, num_source, max_frames, expected, padded):
+    write_binary_counter_video(tmp_path / "videos" / "count.mp4", num_frames=num_source, fps=30)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "count.txt").write_text("first line\nsecond line\n")
+    item = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=max_frames, skip_frms_num=3)[0]
+    assert [binary_frame_index(frame) for frame in item["mp4"]] == expected
+    assert item["padded_frames"] == padded and item["txt"] == "first line"
+    whole = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=max_frames, caption="whole_file")
+    assert whole[0]["txt"] == "first line\nsecond line"
+
+
+def test_resize_follows_the_originals_integer_sizes_and_bicubic(monkeypatch):
+    calls = []
+    interpolate = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate",
+                        lambda *args, **kwargs: calls.append(kwargs) or interpolate(*args, **kwargs))
+    out = resize_cover_center_crop(torch.rand(2, 3, 30, 50), (16, 16))
+    # width 50 * 16 / 30 = 26.67 truncates to 26 (rounding would give 27); centre crop from column 5
+    assert calls[0]["size"] == (16, 26) and calls[0]["mode"] == "bicubic" and calls[0]["antialias"]
+    assert out.shape == (2, 3, 16, 16)
 
 
 def test_resampled_indices_non_integer_ratio():
@@ -165,13 +226,13 @@ def test_sft_center_crops_non_square_video(tmp_path):
     write_labelled(tmp_path, "stripes", stripes)
 
     # 32x64 -> scaled to 16x32 -> centre 16x16 is the green stripe only.
-    square = SFTDataset(str(tmp_path), video_size=[16, 16], fps=8, max_num_frames=9)[0]["mp4"]
+    square = SFTDataset(str(tmp_path), video_size=[16, 16], fps=8, max_num_frames=9, skip_frms_num=0)[0]["mp4"]
     assert square.shape == (9, 3, 16, 16)
     red, green, blue = square.unbind(dim=1)
     assert (green - torch.maximum(red, blue)).min() > 0.8
 
     # 32x64 -> scaled by 1.5 to 48x96 -> centre 32x96 keeps all stripes, red up to column 24.
-    wide = SFTDataset(str(tmp_path), video_size=[32, 96], fps=8, max_num_frames=9)[0]["mp4"]
+    wide = SFTDataset(str(tmp_path), video_size=[32, 96], fps=8, max_num_frames=9, skip_frms_num=0)[0]["mp4"]
     assert wide.shape == (9, 3, 32, 96)
     column_colour = wide.mean(dim=(0, 2)).argmax(dim=0)  # strongest channel per column
     assert column_colour[:22].eq(0).all() and column_colour[26:70].eq(1).all() and column_colour[74:].eq(2).all()
@@ -182,13 +243,13 @@ def test_sft_center_crops_non_square_video(tmp_path):
 
 def test_missing_videos_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "videos"))):
-        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
 
 
 def test_empty_videos_folder_is_named(tmp_path):
     (tmp_path / "videos").mkdir()
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "videos"))):
-        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
 
 
 def test_missing_label_names_the_video(toy, tmp_path):
@@ -197,24 +258,24 @@ def test_missing_label_names_the_video(toy, tmp_path):
     nested.parent.mkdir(parents=True)
     shutil.copy(written[0][0], nested)
     with pytest.raises(FileNotFoundError, match=r"part1/clip\.mp4 has no label"):
-        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
 
     label = tmp_path / "labels" / "part1" / "clip.txt"
     label.parent.mkdir(parents=True)
     label.write_text("nested clip\n")
-    assert SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)[0]["txt"] == "nested clip"
+    assert SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)[0]["txt"] == "nested clip"
 
 
 def test_frame_count_must_be_4k_plus_1(toy):
     with pytest.raises(ValueError, match="4k\\+1"):
-        SFTDataset(str(toy[0]), video_size=[32, 32], fps=8, max_num_frames=8)
+        SFTDataset(str(toy[0]), video_size=[32, 32], fps=8, max_num_frames=8, skip_frms_num=0)
 
 
 def test_corrupt_video_is_skipped_with_warning(toy, tmp_path, caplog):
     _, written = toy
     write_labelled(tmp_path, "a_corrupt")
     write_labelled(tmp_path, "b_good", read_mp4(written[1][0])[0], caption="good clip")
-    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
     with caplog.at_level(logging.WARNING, logger="satvideo.data.sft"):
         item = dataset[0]
     assert item["txt"] == "good clip"
@@ -224,7 +285,7 @@ def test_corrupt_video_is_skipped_with_warning(toy, tmp_path, caplog):
 def test_all_corrupt_videos_give_a_clear_error(tmp_path):
     for name in ("a", "b", "c"):
         write_labelled(tmp_path, name)
-    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9)
+    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
     with pytest.raises(RuntimeError, match=r"3 videos in a row failed to decode, starting at .*b\.mp4"):
         dataset[1]
 

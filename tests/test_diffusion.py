@@ -161,25 +161,41 @@ def test_denoiser_refuses_tables_not_indexed_by_timestep():
 # timestep sampling
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 7, 8, 16])
-def test_uniform_sampling_partitions_the_timesteps(world_size):
+def rank_intervals(world_size: int, **params) -> list[tuple[int, int]]:
     intervals = []
     for rank in range(world_size):
-        sampler = DiscreteSampling(DISCRETIZATION, 1000, uniform_sampling=True, rank=rank, world_size=world_size)
+        sampler = DiscreteSampling(DISCRETIZATION, 1000, uniform_sampling=True, rank=rank, world_size=world_size,
+                                   **params)
         low, high = sampler.interval()
         alphas, timesteps = sampler(256, generator=torch.Generator().manual_seed(rank))
         assert ((timesteps >= low) & (timesteps < high)).all()
         assert torch.equal(alphas, ALPHAS[timesteps])
         intervals.append((low, high))
-    covered = [t for low, high in intervals for t in range(low, high)]
-    assert sorted(covered) == list(range(1000))  # no gap, no overlap
+    return intervals
 
 
-def test_group_num_makes_ranks_share_intervals():
-    intervals = [timestep_interval(rank, 80, 1000, group_num=40) for rank in range(80)]
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_uniform_sampling_is_ignored_on_eight_ranks_or_fewer_as_in_the_original(world_size):
+    assert rank_intervals(world_size) == [(0, 1000)] * world_size
+
+
+def test_uniform_sampling_on_sixteen_ranks_follows_the_original_formula():
+    # one group per rank (the original needs group_num > 0 here and stops): width 1000 // 16 = 62
+    assert rank_intervals(16) == [(62 * rank, 62 * (rank + 1)) for rank in range(16)]
+    # the 1.5 configs' group_num: 40 (world_size must then divide by 40 in the original)
+    intervals = rank_intervals(80, group_num=40)
     assert intervals[0] == intervals[1] == (0, 25) and intervals[78] == intervals[79] == (975, 1000)
     assert len(set(intervals)) == 40
-    # fewer ranks than groups: every rank gets its own interval
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+def test_min_ranks_option_stratifies_small_worlds(world_size):
+    intervals = rank_intervals(world_size, uniform_sampling_min_ranks=2)
+    width = 1000 // world_size
+    assert intervals == [(width * rank, width * (rank + 1)) for rank in range(world_size)]
+
+
+def test_group_num_larger_than_the_world_gives_every_rank_its_own_interval():
     assert [timestep_interval(rank, 8, 1000, group_num=40) for rank in (0, 7)] == [(0, 125), (875, 1000)]
 
 
@@ -188,8 +204,8 @@ def test_uniform_sampling_reads_the_process_group(monkeypatch):
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 2)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
-    assert DiscreteSampling(DISCRETIZATION, 1000, uniform_sampling=True).interval() == (500, 750)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 16)
+    assert DiscreteSampling(DISCRETIZATION, 1000, uniform_sampling=True).interval() == (124, 186)
     assert DiscreteSampling(DISCRETIZATION, 1000).interval() == (0, 1000)
 
 

@@ -45,11 +45,49 @@ def test_training_loss_has_gradients_only_for_the_network():
 def test_latents_round_trip_shapes_and_scale_factor():
     engine = tiny_engine(scale_factor=0.5)
     video = torch.rand(1, 9, 3, 32, 32) * 2 - 1
-    latents = engine.encode_first_stage(video)
+    latents = engine.encode_first_stage(video, sample=False)
     assert latents.shape == (1, 3, 16, 4, 4)
-    unscaled = engine.first_stage_model.encode(video.permute(0, 2, 1, 3, 4)).permute(0, 2, 1, 3, 4)
+    unscaled = engine.first_stage_model.encode(video.permute(0, 2, 1, 3, 4), sample=False).permute(0, 2, 1, 3, 4)
     torch.testing.assert_close(latents, unscaled * 0.5)
     assert engine.decode_first_stage(latents).shape == (1, 9, 3, 32, 32)
+
+
+def vae_moments(engine, video):
+    """Posterior mean and std of the VAE, [B, T', C, h, w] each, by hand from the encoder's moments."""
+    moments = engine.first_stage_model.encoder(video.permute(0, 2, 1, 3, 4))
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean.permute(0, 2, 1, 3, 4), torch.exp(0.5 * logvar.clamp(-30, 20)).permute(0, 2, 1, 3, 4)
+
+
+def test_training_latents_are_a_posterior_draw_as_in_the_original():
+    engine = tiny_engine(scale_factor=0.5)
+    video = torch.rand(1, 9, 3, 32, 32) * 2 - 1
+    mean, std = vae_moments(engine, video)
+    torch.manual_seed(3)
+    drawn = engine.encode_first_stage(video)
+    torch.manual_seed(3)
+    noise = torch.randn_like(mean.permute(0, 2, 1, 3, 4)).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(drawn, (mean + std * noise) * 0.5)
+    assert not torch.allclose(drawn, mean * 0.5)
+
+
+def test_posterior_mean_is_an_option_of_the_regularizer():
+    model = to_plain(load_config(TINY).model)
+    model["first_stage_config"]["params"]["regularizer_config"] = {
+        "target": "vae_modules.regularizers.DiagonalGaussianRegularizer", "params": {"sample": False}}
+    engine = tiny_engine(scale_factor=0.5, first_stage_config=model["first_stage_config"])
+    video = torch.rand(1, 9, 3, 32, 32) * 2 - 1
+    mean, _ = vae_moments(engine, video)
+    torch.testing.assert_close(engine.encode_first_stage(video), mean * 0.5)
+
+
+def test_latent_input_is_multiplied_by_the_scale_factor(monkeypatch):
+    engine = tiny_engine(scale_factor=0.7, latent_input=True)
+    seen = {}
+    monkeypatch.setattr(engine, "loss_fn", lambda network, denoiser, cond, x: seen.setdefault("x", x).sum())
+    latents = torch.randn(2, 3, 16, 4, 4)
+    engine({"mp4": latents, "txt": ["a", "b"]})
+    torch.testing.assert_close(seen["x"], latents * 0.7)
 
 
 def test_image_to_video_conditioning_is_first_frame_latent_then_zeros():
@@ -57,7 +95,7 @@ def test_image_to_video_conditioning_is_first_frame_latent_then_zeros():
     frame = torch.rand(2, 3, 32, 32) * 2 - 1
     condition = engine.image_condition(frame, num_latent_frames=3, noise_images=False)
     assert condition.shape == (2, 3, 16, 4, 4)
-    torch.testing.assert_close(condition[:, :1], engine.encode_first_stage(frame[:, None]))
+    torch.testing.assert_close(condition[:, :1], engine.encode_first_stage(frame[:, None], sample=False))
     assert condition[:, 1:].abs().max() == 0
 
 

@@ -172,12 +172,15 @@ def test_sampler_partitions_data_and_resumes_mid_epoch():
     assert list(samplers[1]) != shares[1]
 
 
-def test_lr_schedule_warms_up_then_decays():
-    cosine = lr_multiplier("cosine", warmup_iters=10, decay_iters=110, min_ratio=0.1)
+def test_lr_schedule_warms_up_then_decays_as_sat():
+    # LambdaLR step s is SAT's optimizer step n = s + 1
+    cosine = lr_multiplier("cosine", warmup_iters=10, decay_iters=100, decay_ratio=0.1)
     assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
-    assert cosine(60) == pytest.approx(0.1 + 0.9 * 0.5) and cosine(110) == pytest.approx(0.1)
+    assert cosine(59) == pytest.approx(0.1 + 0.9 * 0.5) and cosine(109) == pytest.approx(0.1)
+    assert cosine(500) == pytest.approx(0.1)  # progress capped at 1
     linear = lr_multiplier("linear", 0, 100)
-    assert linear(50) == pytest.approx(0.5)
+    assert linear(49) == pytest.approx(0.5) and linear(199) == 0.0  # floored where SAT's turns negative
+    assert lr_multiplier("exponential", 10, 100)(50) == 1.0  # SAT computes no decay for it
     assert warmup_iterations(0.05, 200) == 10 and warmup_iterations(30, 200) == 30
     with pytest.raises(ValueError, match="args.lr_decay_style='step'"):
         lr_multiplier("step", 0, 10)

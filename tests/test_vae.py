@@ -113,7 +113,7 @@ def test_chunked_encode_is_causal(vae):
     x = random_video(17)
     changed = x.clone()
     changed[:, :, 9:] = random_video(8)
-    z, z_changed = vae.encode(x, chunk_frames=4), vae.encode(changed, chunk_frames=4)
+    z, z_changed = vae.encode(x, sample=False, chunk_frames=4), vae.encode(changed, sample=False, chunk_frames=4)
     assert torch.equal(z[:, :, :3], z_changed[:, :, :3])
     assert not torch.allclose(z[:, :, 3:], z_changed[:, :, 3:])
 
@@ -228,22 +228,31 @@ def test_regularizer_mode_sample_and_kl():
     moments = torch.cat([mean, logvar], dim=1)
     regularizer = DiagonalGaussianRegularizer()
 
-    z, log = regularizer(moments, sample=False)
-    assert torch.equal(z, mean)
+    assert torch.equal(regularizer(moments, sample=False), mean)
+    assert torch.equal(DiagonalGaussianRegularizer(sample=False)(moments), mean)
     posterior = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
     expected_kl = torch.distributions.kl_divergence(posterior, torch.distributions.Normal(0.0, 1.0)).sum() / 2
-    torch.testing.assert_close(log["kl"], expected_kl)
+    torch.testing.assert_close(regularizer.kl(moments), expected_kl)
 
-    torch.manual_seed(1)
-    z, _ = regularizer(moments, sample=True)
-    torch.manual_seed(1)
-    torch.testing.assert_close(z, mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+    for call in (lambda: regularizer(moments), lambda: regularizer(moments, sample=True)):  # a draw by default
+        torch.manual_seed(1)
+        z = call()
+        torch.manual_seed(1)
+        torch.testing.assert_close(z, mean + torch.exp(0.5 * logvar) * torch.randn_like(mean))
+
+
+def test_encoding_computes_no_kl(vae, monkeypatch):
+    def no_kl(moments):
+        raise AssertionError("KL computed while encoding")
+
+    monkeypatch.setattr(vae.regularization, "kl", no_kl)
+    vae.encode(random_video(9, size=32))
 
 
 def test_regularizer_clamps_log_variance():
     moments = torch.cat([torch.zeros(1, 1, 1, 1, 1), torch.full((1, 1, 1, 1, 1), 100.0)], dim=1)
-    _, log = DiagonalGaussianRegularizer()(moments, sample=False)
-    torch.testing.assert_close(log["kl"], torch.tensor(0.5 * (torch.exp(torch.tensor(20.0)).item() - 1 - 20)))
+    kl = DiagonalGaussianRegularizer.kl(moments)
+    torch.testing.assert_close(kl, torch.tensor(0.5 * (torch.exp(torch.tensor(20.0)).item() - 1 - 20)))
 
 
 # --- training -------------------------------------------------------------------------------------

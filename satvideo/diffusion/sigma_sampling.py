@@ -12,23 +12,27 @@ from satvideo.diffusion.discretization import timestep_alphas
 def timestep_interval(rank: int, world_size: int, num_idx: int, group_num: int = 0) -> tuple[int, int]:
     """[low, high) of the timesteps a rank draws from when the ranks stratify [0, num_idx) between them.
 
-    The range is cut into G near-equal contiguous intervals, G = group_num (or world_size when 0) capped at
-    world_size and num_idx so that every interval has a rank and a timestep; rank r draws from interval
-    r * G // world_size. The intervals partition the range for any world size.
+    As the original: G = group_num groups of world_size / G consecutive ranks, group g drawing from
+    [g * w, (g + 1) * w) with w = num_idx // G (when G does not divide num_idx, the last num_idx % G
+    timesteps are never drawn). Where the original stops, satvideo goes on: group_num 0 means one group per
+    rank, G is capped at world_size and num_idx, and when G does not divide world_size rank r is in group
+    r * G // world_size.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     groups = min(group_num or world_size, world_size, num_idx)
-    group = rank * groups // world_size
-    return group * num_idx // groups, (group + 1) * num_idx // groups
+    group, width = rank * groups // world_size, num_idx // groups
+    return group * width, (group + 1) * width
 
 
 class DiscreteSampling:
     """Uniform draws of raw timesteps in [0, num_idx), returned with their alphas.
 
     With `uniform_sampling` each data-parallel rank draws only from its own interval (see timestep_interval),
-    which spreads the timesteps of a global batch evenly. rank and world_size default to torch.distributed's,
-    read at each call; pass them to pin them (tests).
+    which spreads the timesteps of a global batch evenly; as in the original this happens only with at least
+    `uniform_sampling_min_ranks` ranks (9: the original ignores the flag on 8 ranks or fewer; 2 stratifies at
+    any world size). rank and world_size default to torch.distributed's, read at each call; pass them to pin
+    them (tests).
     """
 
     def __init__(
@@ -39,6 +43,7 @@ class DiscreteSampling:
         flip: bool = True,
         uniform_sampling: bool = False,
         group_num: int = 0,
+        uniform_sampling_min_ranks: int = 9,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -46,16 +51,16 @@ class DiscreteSampling:
         self.alphas_cumprod_sqrt = timestep_alphas(discretization_config, num_idx, do_append_zero, flip)
         self.uniform_sampling = uniform_sampling
         self.group_num = group_num
+        self.uniform_sampling_min_ranks = uniform_sampling_min_ranks
         self.rank = rank
         self.world_size = world_size
 
     def interval(self) -> tuple[int, int]:
         """[low, high) of the timesteps this process draws from."""
-        if not self.uniform_sampling:
+        rank = distributed.rank() if self.rank is None else self.rank
+        world_size = distributed.world_size() if self.world_size is None else self.world_size
+        if not self.uniform_sampling or world_size < self.uniform_sampling_min_ranks:
             return 0, self.num_idx
-        rank, world_size = distributed.rank(), distributed.world_size()
-        rank = rank if self.rank is None else self.rank
-        world_size = world_size if self.world_size is None else self.world_size
         return timestep_interval(rank, world_size, self.num_idx, self.group_num)
 
     def __call__(self, n_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,7 @@ from sat.ops.layernorm import LayerNorm, RMSNorm
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from satvideo.config import ConfigError, instantiate_from_config
+from satvideo.config import ConfigError, instantiate_from_config, unknown_key_error
 from satvideo.distributed import init_distributed
 from satvideo.dit.embeddings import embedding_mlp, timestep_embedding
 from satvideo.dit.patch_embed import split_patch_size
@@ -62,12 +62,25 @@ def allocate_on(device: torch.device) -> contextlib.ExitStack:
     return stack
 
 
+# `transformer_args` keys of the official configs; vocab_size and is_decoder describe SAT's text models and are
+# fixed here (1 and false).
+TRANSFORMER_ARGS = ("checkpoint_activations", "checkpoint_num_layers", "max_sequence_length", "layernorm_order",
+                    "skip_init", "model_parallel_size", "vocab_size", "is_decoder")
+
+
 def _transformer_option(transformer_args: dict | argparse.Namespace | None, key: str, default: Any) -> Any:
     if transformer_args is None:
         return default
     if isinstance(transformer_args, dict):
         return transformer_args.get(key, default)
     return getattr(transformer_args, key, default)
+
+
+def check_transformer_args(transformer_args: dict | argparse.Namespace | None) -> None:
+    keys = vars(transformer_args) if isinstance(transformer_args, argparse.Namespace) else transformer_args or {}
+    for key in keys:
+        if key not in TRANSFORMER_ARGS:
+            raise unknown_key_error(key, "model.network_config.params.transformer_args", TRANSFORMER_ARGS)
 
 
 class DiffusionTransformer(BaseModel):
@@ -95,12 +108,9 @@ class DiffusionTransformer(BaseModel):
         device: str | torch.device = "cpu",
         checkpoint_activations: bool | None = None,
         num_classes: int | None = None,
-        # Official configs carry these; they matter only for class-conditional or model-parallel variants.
-        adm_in_channels: int | None = None,
         input_time: str = "adaln",
-        parallel_output: bool = True,
-        zero_init_y_embed: bool = False,
     ):
+        check_transformer_args(transformer_args)
         if num_classes is not None:
             raise ConfigError("model.network_config.params.num_classes: class-conditional models are not supported")
         if input_time != "adaln":

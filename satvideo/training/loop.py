@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import deepspeed
 import numpy as np
@@ -24,7 +25,7 @@ from satvideo.config import ConfigError, args_namespace, get_obj_from_str, insta
 from satvideo.engine import VideoDiffusionEngine
 from satvideo.training.checkpoint import MODEL_STATES, load_network, read_latest, write_latest
 from satvideo.training.data_order import ResumableSampler
-from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations
+from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
 
 logger = logging.getLogger("satvideo.train")
 
@@ -54,7 +55,7 @@ def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
     return ds
 
 
-def build_optimizer(ds: dict, parameters: list[torch.nn.Parameter], on_gpu: bool) -> torch.optim.Optimizer | None:
+def build_optimizer(ds: dict, parameters: list[dict], on_gpu: bool) -> torch.optim.Optimizer | None:
     """A class-path optimizer (e.g. the official `sat.ops.FusedEmaAdam`) built here; DeepSpeed's own by name."""
     optimizer = ds["optimizer"]
     if optimizer["type"].lower() in DEEPSPEED_OPTIMIZERS:
@@ -66,13 +67,25 @@ def build_optimizer(ds: dict, parameters: list[torch.nn.Parameter], on_gpu: bool
     return get_obj_from_str(optimizer["type"])(parameters, **optimizer.get("params", {}))
 
 
+def schedule_from_args(args) -> Callable[[int], float]:
+    """SAT's schedule as `training_main` sets it up from the run's args (see lr_schedule)."""
+    decay_iters = args.lr_decay_iters or args.train_iters
+    return lr_multiplier(args.lr_decay_style, warmup_iterations(args.warmup, decay_iters), decay_iters,
+                         args.lr_decay_ratio, auto_warmup=args.mode == "finetune")
+
+
 def build_dataset(config: DictConfig, args) -> Dataset:
     if not args.train_data:
         raise ConfigError("args.train_data: give one or more dataset folders")
     if "data" not in config:
         raise ConfigError("the config has no `data` section (target/params of the dataset)")
     folders = [args.train_data] if isinstance(args.train_data, str) else list(args.train_data)
-    datasets = [instantiate_from_config(config.data, data_dir=folder) for folder in folders]
+    datasets = []
+    for folder in folders:
+        try:
+            datasets.append(instantiate_from_config(config.data, data_dir=folder))
+        except (FileNotFoundError, ValueError) as error:  # ConfigError included: name the folder
+            raise ConfigError(f"args.train_data {folder}: {error}") from error
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
 
@@ -143,12 +156,11 @@ def train(config: DictConfig) -> None:
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    trainable = [parameter for parameter in engine.parameters() if parameter.requires_grad]
-    optimizer = build_optimizer(ds, trainable, on_gpu)
-    multiplier = lr_multiplier(args.lr_decay_style, warmup_iterations(args.warmup, args.train_iters),
-                               args.lr_decay_iters or args.train_iters, args.min_lr_ratio)
+    parameter_groups = weight_decay_groups(engine)  # SAT's: no weight decay on norms and biases
+    optimizer = build_optimizer(ds, parameter_groups, on_gpu)
+    multiplier = schedule_from_args(args)
     model, optimizer, _, scheduler = deepspeed.initialize(
-        model=engine, model_parameters=trainable, optimizer=optimizer, config=ds,
+        model=engine, model_parameters=parameter_groups, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier))
     micro_batch, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
 
@@ -180,23 +192,27 @@ def train(config: DictConfig) -> None:
 
     data = micro_batches(start_iteration * accumulation)
     log = MetricsLog(args, config)
-    window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    # summed over a log window: loss, clips padded with copies of their last frame, such copies
+    window, window_steps, window_start = torch.zeros(3, device=device), 0, time.perf_counter()
     for iteration in range(start_iteration + 1, args.train_iters + 1):
         for _ in range(accumulation):
-            loss = model(to_device(next(data), device))
+            batch = to_device(next(data), device)
+            padded = batch.pop("padded_frames", torch.zeros(1, dtype=torch.long, device=device))
+            loss = model(batch)
             model.backward(loss)
             model.step()
-            window_loss += loss.detach() / accumulation  # no host sync until the log line
+            window += torch.stack([loss.detach() / accumulation, (padded > 0).sum(), padded.sum()])  # no host sync
         window_steps += 1
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            mean_loss = window_loss / window_steps
-            torch.distributed.all_reduce(mean_loss)
+            torch.distributed.all_reduce(window)
+            loss_sum, padded_clips, padded_frames = window.tolist()
             elapsed = time.perf_counter() - window_start
-            log.write({"iteration": iteration, "loss": mean_loss.item() / world_size,
+            log.write({"iteration": iteration, "loss": loss_sum / window_steps / world_size,
                        "lr": scheduler.get_last_lr()[0],
-                       "samples_per_s": window_steps * accumulation * micro_batch * world_size / elapsed})
-            window_loss, window_steps, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+                       "samples_per_s": window_steps * accumulation * micro_batch * world_size / elapsed,
+                       "padded_clips": int(padded_clips), "padded_frames": int(padded_frames)})
+            window, window_steps, window_start = torch.zeros(3, device=device), 0, time.perf_counter()
 
         if args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
             save_checkpoint(model, args.save, iteration)

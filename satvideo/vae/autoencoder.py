@@ -21,12 +21,12 @@ def load_vae_state_dict(ckpt_path: str, ignore_keys: list[str] = ()) -> dict[str
 class VideoAutoencoder(nn.Module):
     """CogVideoX 3D causal VAE: [B, 3, 4k+1, H, W] in [-1, 1] <-> latents [B, z_channels, k+1, H/8, W/8].
 
-    Latents are unscaled: the engine applies `model.scale_factor`. Official params without effect here
-    (cp_size, loss_config, ...) are accepted and ignored.
+    Latents are unscaled: the engine applies `model.scale_factor`. Official params without effect here are
+    listed in `satvideo.config.OFFICIAL_KEYS_WITHOUT_EFFECT`.
     """
 
     def __init__(self, encoder_config: dict, decoder_config: dict, regularizer_config: dict | None = None,
-                 ckpt_path: str | None = None, ignore_keys: list[str] = (), **unused):
+                 ckpt_path: str | None = None, ignore_keys: list[str] = ()):
         super().__init__()
         self.encoder = instantiate_from_config(encoder_config)
         self.decoder = instantiate_from_config(decoder_config)
@@ -36,8 +36,9 @@ class VideoAutoencoder(nn.Module):
         if ckpt_path is not None:
             self.load_state_dict(load_vae_state_dict(ckpt_path, ignore_keys))
 
-    def encode(self, x: Tensor, sample: bool = False, chunk_frames: int | None = None) -> Tensor:
-        """Video [B, 3, T, H, W] -> latent (posterior mean, or a draw with `sample`).
+    def encode(self, x: Tensor, sample: bool | None = None, chunk_frames: int | None = None) -> Tensor:
+        """Video [B, 3, T, H, W] -> latent: a posterior draw or its mean (`sample`; None: as the regularizer
+        is configured, a draw by default as in the original).
 
         `chunk_frames` (a multiple of the temporal compression) encodes in time chunks to save
         memory; GroupNorm statistics are then per chunk, as in diffusers' default encode.
@@ -47,8 +48,7 @@ class VideoAutoencoder(nn.Module):
         else:
             check_chunk_frames(chunk_frames, self.encoder.temporal_compress_times)
             moments = stream_over_time(self.encoder, x, chunk_frames)
-        z, _ = self.regularization(moments, sample=sample)
-        return z
+        return self.regularization(moments, sample=sample)
 
     def decode(self, z: Tensor, chunk_frames: int | None = 2) -> Tensor:
         """Latent [B, C, T', h, w] -> video, decoding `chunk_frames` latent frames at a time (the first
@@ -65,8 +65,9 @@ class VideoAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Training pass: (reconstruction, sampled latent, {"kl": KL to N(0, I)})."""
-        z, log = self.regularization(self.encoder(x), sample=True)
-        return self.decoder(z), z, log
+        moments = self.encoder(x)
+        z = self.regularization(moments, sample=True)
+        return self.decoder(z), z, {"kl": self.regularization.kl(moments)}
 
 
 def check_chunk_frames(chunk_frames: int, multiple: int) -> None:

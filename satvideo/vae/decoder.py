@@ -33,12 +33,12 @@ class ContextParallelDecoder3D(nn.Module):
     and runs from the deepest level up; the deepest log2(`temporal_compress_times`) upsamples also
     double time. Every norm is a spatial norm conditioned on z. `norm_groups` (not an official
     param; 32 there) lets tiny widths use fewer GroupNorm groups. Official params without effect
-    here (resolution, gather_norm, in_channels, ...) are accepted and ignored.
+    here are listed in `satvideo.config.OFFICIAL_KEYS_WITHOUT_EFFECT`.
     """
 
     def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, out_ch: int = 3,
                  dropout: float = 0.0, attn_resolutions: list[int] = (), temporal_compress_times: int = 4,
-                 norm_groups: int = 32, **unused):
+                 norm_groups: int = 32):
         super().__init__()
         check_no_attention(attn_resolutions)
         num_levels = len(ch_mult)

@@ -32,12 +32,12 @@ class ContextParallelEncoder3D(nn.Module):
     Level i has `num_res_blocks` resnets with `ch * ch_mult[i]` channels; every level but the last
     halves H and W, and the first log2(`temporal_compress_times`) levels also halve time.
     `norm_groups` (not an official param; 32 there) lets tiny widths use fewer GroupNorm groups.
-    Official params without effect here (resolution, gather_norm, out_ch, ...) are accepted and ignored.
+    Official params without effect here are listed in `satvideo.config.OFFICIAL_KEYS_WITHOUT_EFFECT`.
     """
 
     def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, in_channels: int = 3,
                  double_z: bool = True, dropout: float = 0.0, attn_resolutions: list[int] = (),
-                 temporal_compress_times: int = 4, norm_groups: int = 32, **unused):
+                 temporal_compress_times: int = 4, norm_groups: int = 32):
         super().__init__()
         check_no_attention(attn_resolutions)
         self.temporal_compress_times = temporal_compress_times

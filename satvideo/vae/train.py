@@ -23,7 +23,7 @@ from satvideo.vae.autoencoder import VideoAutoencoder
 
 def load_clips(data_dir: str, size: int, frames: int, fps: int) -> Tensor:
     """Every clip of the dataset as one tensor [N, 3, T, H, W] in [-1, 1]."""
-    dataset = SFTDataset(data_dir, video_size=[size, size], fps=fps, max_num_frames=frames)
+    dataset = SFTDataset(data_dir, video_size=[size, size], fps=fps, max_num_frames=frames, skip_frms_num=0)
     clips = torch.stack([dataset[i]["mp4"] for i in range(len(dataset))])  # [N, T, 3, H, W]
     return clips.permute(0, 2, 1, 3, 4).contiguous()
 
@@ -52,7 +52,7 @@ def train_vae(model: VideoAutoencoder, clips: Tensor, iters: int, batch_size: in
 def reconstruction_mse(model: VideoAutoencoder, clips: Tensor, batch_size: int = 8) -> float:
     """MSE over all clips through the sampling path: posterior mean, chunked decode."""
     model.eval()
-    squared_error = sum(F.mse_loss(model.decode(model.encode(batch)), batch, reduction="sum")
+    squared_error = sum(F.mse_loss(model.decode(model.encode(batch, sample=False)), batch, reduction="sum")
                         for batch in clips.split(batch_size))
     return (squared_error / clips.numel()).item()
 
@@ -68,7 +68,7 @@ def latent_scale_factor(model: VideoAutoencoder, clips: Tensor, batch_size: int 
     """1 / std of the posterior means: the factor that gives the diffusion model unit-variance latents
     (the role of 1.15258426 and 0.7 for the official VAEs)."""
     model.eval()
-    latents = torch.cat([model.encode(batch) for batch in clips.split(batch_size)])
+    latents = torch.cat([model.encode(batch, sample=False) for batch in clips.split(batch_size)])
     return 1.0 / latents.std().item()
 
 
