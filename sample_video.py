@@ -22,7 +22,7 @@ from satvideo.config import ConfigError, args_namespace
 from satvideo.data.sft import resize_cover_center_crop
 from satvideo.engine import VideoDiffusionEngine
 from satvideo.sampling import interactive_prompts, read_prompts, save_video, slugify, write_manifest_line
-from satvideo.training.checkpoint import load_network
+from satvideo.checkpoint import load_network
 
 VAE_SPATIAL = 8  # the CogVideoX VAE's spatial compression
 
@@ -108,6 +108,7 @@ def main() -> None:
     engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=False)  # no backward pass
     load_network(engine.network, args.load, strict=args.strict_load)
     engine.to(device, sampling_dtype(args)).eval()
+    engine.place_frozen_parts(device, sampling_dtype(args))
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def main() -> None:
         frame_height, frame_width = first_frames.shape[-2:] if first_frames is not None else (height, width)
         latent_shape = (latent_frames, args.latent_channels, frame_height // VAE_SPATIAL, frame_width // VAE_SPATIAL)
         seed = args.seed + index
-        generator = torch.Generator(device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: a seed gives the same video on any device
         latents = engine.sample([prompt] * args.num_samples, latent_shape, generator, first_frames=first_frames)
         for sample in range(len(latents)):
             stem = f"{index:03d}_{sample}_{slugify(prompt)}"

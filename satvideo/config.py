@@ -131,16 +131,17 @@ class ConfigError(ValueError):
 
 def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:
     """Merge YAML files in order, apply `key=value` overrides, and validate the `args` section."""
-    configs = []
+    config = OmegaConf.create()
     for path in base:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            configs.append(OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
         except Exception as error:  # omegaconf raises several YAML error types
             raise ConfigError(f"cannot parse config file {path}: {error}") from error
-    config = OmegaConf.merge(*configs) if configs else OmegaConf.create()
+        config = OmegaConf.merge(config, loaded)
+        _last_precision_wins(config, loaded, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -149,6 +150,8 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
             raise ConfigError(f"override {item!r}: unknown section {section!r}; expected one of {', '.join(SECTIONS)}")
         try:  # keys may index lists: model.conditioner_config.params.emb_models.0.params.model_dir=...
             config.merge_with_dotlist([item])
+            if section == "args":
+                _last_precision_wins(config, OmegaConf.from_dotlist([item]), f"override {item!r}")
         except OmegaConfBaseException as error:
             raise ConfigError(f"cannot apply override {item!r}: {error}") from error
     for section in config:
@@ -160,6 +163,19 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
     if "deepspeed" in config:
         config.deepspeed = _validated_deepspeed(config.deepspeed)
     return config
+
+
+def _last_precision_wins(config: DictConfig, source: DictConfig, where: str) -> None:
+    """A file or override that turns args.fp16 on turns args.bf16 off, and the other way round: the family configs
+    state each model's precision and a later file or the command line may change it."""
+    args = source.get("args") if isinstance(source, DictConfig) else None
+    if not isinstance(args, DictConfig):
+        return
+    enabled = [flag for flag in ("fp16", "bf16") if args.get(flag) is True]
+    if len(enabled) == 2:
+        raise ConfigError(f"{where}: args.fp16 and args.bf16 are both true; choose one")
+    if enabled:
+        config.args["bf16" if enabled[0] == "fp16" else "fp16"] = False
 
 
 def _validated_args(args: DictConfig) -> DictConfig:

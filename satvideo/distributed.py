@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from satvideo.config import ConfigError
+
 
 def use_gpu(device: str | None) -> bool:
     """`args.device`: None picks CUDA when available; "cpu" forces the CPU."""
@@ -50,10 +52,32 @@ def _skip_deepspeed_shm_kernel() -> None:
 
 
 def init_device(device: str | None) -> torch.device:
-    """Join the process group with the backend that suits `args.device` and return this rank's device."""
+    """The one place that decides where a run lives: this rank's device, the process-group backend (nccl or
+    gloo) and DeepSpeed's accelerator, which otherwise detects CUDA by itself and would move a CPU run's
+    module to the GPU."""
+    if device not in (None, "cpu", "cuda"):
+        raise ConfigError(f"args.device={device!r}: expected cpu, cuda or null (cuda when available)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("args.device=cuda: no CUDA device is visible")
     on_gpu = use_gpu(device)
+    set_deepspeed_accelerator(on_gpu)
     init_distributed("nccl" if on_gpu else "gloo")
     return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
+def set_deepspeed_accelerator(on_gpu: bool) -> None:
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if (get_accelerator().device_name() == "cuda") == on_gpu:
+        return
+    if on_gpu:
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+        set_accelerator(CUDA_Accelerator())
+    else:
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
 
 
 def rank() -> int:

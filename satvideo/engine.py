@@ -16,12 +16,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from satvideo.checkpoint import NETWORK_PREFIX
 from satvideo.config import ConfigError, check_parameters, drop_keys_without_effect, instantiate_from_config, to_plain
 
 logger = logging.getLogger(__name__)
 
-# The network's parameter names inside the engine (and in official checkpoints), and the engine's frozen parts.
-NETWORK_PREFIX = "model.diffusion_model."
+# The engine's frozen parts (the network's names inside the engine start with NETWORK_PREFIX).
 FROZEN_PARTS = ("conditioner", "first_stage_model")
 
 
@@ -130,6 +130,19 @@ class VideoDiffusionEngine(nn.Module):
         self.conditioner._apply(fn)
         self.first_stage_model._apply(fn)
         return self
+
+    def place_frozen_parts(self, device: torch.device, dtype: torch.dtype) -> None:
+        """T5 and the VAE on `device` in `dtype`, as the original casts every part. Under fp16, the modules a text
+        encoder keeps in fp32 (transformers' `_keep_in_fp32_modules`: T5's `wo`, which overflows fp16) stay fp32."""
+        for part in (self.conditioner, self.first_stage_model):
+            part.to(device=device, dtype=dtype)
+        if dtype != torch.float16:
+            return
+        for module in self.conditioner.modules():
+            keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+            for name, submodule in module.named_modules():
+                if name.rsplit(".", 1)[-1] in keep:
+                    submodule.float()
 
     # --- latents ---------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from conftest import ROOT, tiny_network_config
 from torch import nn
 
 from satvideo.dit.positions import rotary_frequencies
-from satvideo.training.checkpoint import MODEL_STATES, NETWORK_PREFIX, write_latest
+from satvideo.checkpoint import MODEL_STATES, NETWORK_PREFIX, write_latest
 
 
 def parity_network_config(family: str, num_layers: int = 2, lora_rank: int | None = None) -> dict:

@@ -16,7 +16,7 @@ from satvideo.convert.checkpoints import diffusers_to_sat_checkpoint, write_diff
 from satvideo.convert.transformer import (diffusers_to_sat_transformer, diffusers_transformer_config,
                                           network_config_from_diffusers, sat_to_diffusers_transformer)
 from satvideo.convert.vae import sat_vae_to_diffusers
-from satvideo.training.checkpoint import load_network
+from satvideo.checkpoint import load_network
 
 # Values of the official diffusers configs (THUDM/CogVideoX-2b, -5b, -5b-I2V, CogVideoX1.5-5B, -5B-I2V).
 OFFICIAL = {

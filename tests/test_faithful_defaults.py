@@ -20,7 +20,7 @@ from satvideo.config import ConfigError, args_namespace, instantiate_from_config
 from satvideo.data.toy import make_toy_dataset
 from satvideo.data.video import read_mp4
 from satvideo.engine import VideoDiffusionEngine, trainable_filter
-from satvideo.training.checkpoint import MODEL_STATES, write_latest
+from satvideo.checkpoint import MODEL_STATES, write_latest
 from satvideo.training.loop import schedule_from_args
 from satvideo.training.lr_schedule import weight_decay_groups
 

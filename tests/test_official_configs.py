@@ -20,8 +20,8 @@ from satvideo.data.toy import make_toy_dataset
 from satvideo.data.video import read_mp4
 from satvideo.config import OFFICIAL_KEYS_WITHOUT_EFFECT
 from satvideo.engine import VideoDiffusionEngine, trainable_filter
-from satvideo.training.checkpoint import MODEL_STATES, read_latest
-from satvideo.training.loop import deepspeed_config
+from satvideo.checkpoint import MODEL_STATES, read_latest
+from satvideo.training.deepspeed_setup import deepspeed_config
 
 OFFICIAL = Path(__file__).parent / "official_configs"
 LORA_BASES = {"cogvideox_2b_lora.yaml": "cogvideox_2b.yaml", "cogvideox_5b_lora.yaml": "cogvideox_5b.yaml",

@@ -12,10 +12,11 @@ from omegaconf import OmegaConf
 
 from satvideo.config import ConfigError
 from satvideo.data.toy import make_toy_dataset
-from satvideo.training.checkpoint import (MODEL_STATES, load_network, network_state_dict, read_latest,
+from satvideo.checkpoint import (MODEL_STATES, load_network, network_state_dict, read_latest,
                                           write_latest)
 from satvideo.training.data_order import ResumableSampler
-from satvideo.training.loop import deepspeed_config, save_checkpoint
+from satvideo.training.deepspeed_setup import deepspeed_config
+from satvideo.training.loop import save_checkpoint
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +90,14 @@ def test_zero3_run_writes_the_full_weights_in_sat_layout_and_resumes(tmp_path, t
 
     network = instantiate_from_config(to_plain(load_config(TINY[:1]).model.network_config))
     load_network(network, save)  # strict: every key present with its full shape
+    # DeepSpeed's own tool reads the folder and finds the same weights as the SAT-layout file
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(save, tag="2")
+    sat_layout = network_state_dict(os.path.join(save, "2"))
+    assert {key.removeprefix("model.diffusion_model.") for key in consolidated} == set(sat_layout)
+    for key, value in consolidated.items():
+        assert torch.equal(value, sat_layout[key.removeprefix("model.diffusion_model.")].float()), key
     assert "resumed from" in train(save, toy_data, "args.train_iters=4", *common, nproc=2)
     assert read_latest(save) == 4
     assert not torch.equal(network_state_dict(os.path.join(save, "2"))["time_embed.0.weight"],
@@ -131,7 +140,7 @@ def test_latest_is_only_written_after_a_complete_save(tmp_path):
 
     write_latest(tmp_path, 100)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(FailingEngine(), str(tmp_path), 200)
+        save_checkpoint(FailingEngine(), str(tmp_path), 200, torch.device("cpu"))
     assert read_latest(tmp_path) == 100
     (tmp_path / "latest").write_text("garbage")
     with pytest.raises(ValueError, match="latest should hold an iteration number, found 'garbage'"):
@@ -199,7 +208,7 @@ def test_deepspeed_section_on_cpu_uses_torch_adam_and_refuses_gpu_only_settings(
     with pytest.raises(ConfigError, match="deepspeed.fp16.enabled: fp16 training needs a GPU"):
         deepspeed_config(config, Namespace(**{**vars(args), "fp16": True}), on_gpu=False)
 
-    from satvideo.training.loop import build_optimizer
+    from satvideo.training.deepspeed_setup import build_optimizer
     fused = deepspeed_config(OmegaConf.create({"deepspeed": {"optimizer": {"type": "sat.ops.FusedEmaAdam"}}}),
                              args, on_gpu=False)
     with pytest.raises(ConfigError, match=r"deepspeed.optimizer.type='sat.ops.FusedEmaAdam' is a fused CUDA optimizer"):

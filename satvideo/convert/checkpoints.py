@@ -19,7 +19,7 @@ from satvideo.convert.lora import sat_lora_to_peft
 from satvideo.convert.transformer import (diffusers_to_sat_transformer, diffusers_transformer_config,
                                           network_config_from_diffusers, sat_to_diffusers_transformer)
 from satvideo.convert.vae import diffusers_vae_config, diffusers_vae_to_sat, sat_vae_to_diffusers
-from satvideo.training.checkpoint import MODEL_STATES, NETWORK_PREFIX, network_state_dict, write_latest
+from satvideo.checkpoint import MODEL_STATES, NETWORK_PREFIX, network_state_dict, write_latest
 from satvideo.vae.autoencoder import load_vae_state_dict
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"

@@ -135,7 +135,9 @@ class VPSDEDPMPP2MSampler(VideoDDIMSampler):
         alpha, alpha_next = alphas[i], alphas[i + 1]
         h, x0 = dpmpp_2m_terms(x0, x0_prev, alphas, i)
         sigma, sigma_next = noise_std(alpha), noise_std(alpha_next)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        # drawn where the generator lives, so that a seed gives the same noise on any device
+        noise_device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
         return (
             sigma_next / sigma * torch.exp(-h) * x
             - alpha_next * torch.expm1(-2 * h) * x0

@@ -6,7 +6,6 @@ every `log_interval` and saves every `save_interval` iterations.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
@@ -21,51 +20,14 @@ from omegaconf import DictConfig
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from satvideo import distributed
-from satvideo.config import ConfigError, args_namespace, get_obj_from_str, instantiate_from_config, to_plain
+from satvideo.config import ConfigError, args_namespace, instantiate_from_config, to_plain
 from satvideo.engine import VideoDiffusionEngine
-from satvideo.training.checkpoint import MODEL_STATES, load_network, read_latest, write_latest
+from satvideo.checkpoint import load_network, read_latest, write_latest, write_zero3_model_states
 from satvideo.training.data_order import ResumableSampler
+from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, training_dtype
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
 
 logger = logging.getLogger("satvideo.train")
-
-# DeepSpeed's own optimizer names; any other `deepspeed.optimizer.type` is imported as a class path.
-DEEPSPEED_OPTIMIZERS = {"adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion", "muon"}
-
-
-def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
-    """The `deepspeed` section completed from `args`: batch size, ZeRO stage, precision, CPU-safe optimizer."""
-    ds = copy.deepcopy(to_plain(config.get("deepspeed") or {}))
-    if args.batch_size is not None:  # the command-line knob wins over the section
-        ds["train_micro_batch_size_per_gpu"] = args.batch_size
-    ds.setdefault("train_micro_batch_size_per_gpu", 1)
-    ds.setdefault("gradient_accumulation_steps", 1)
-    ds.setdefault("steps_per_print", 10**9)  # satvideo prints its own log line
-    if args.zero_stage is not None:
-        ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    if args.bf16:
-        ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
-    if args.fp16:
-        ds["fp16"] = {**ds.get("fp16", {}), "enabled": True}
-    if not on_gpu and ds.get("fp16", {}).get("enabled"):
-        raise ConfigError("deepspeed.fp16.enabled: fp16 training needs a GPU; use fp32 or bf16 on the CPU")
-    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": 1e-4}})
-    if optimizer["type"].lower() in DEEPSPEED_OPTIMIZERS and not on_gpu:
-        optimizer.setdefault("params", {})["torch_adam"] = True  # no fused CUDA extension to compile
-    return ds
-
-
-def build_optimizer(ds: dict, parameters: list[dict], on_gpu: bool) -> torch.optim.Optimizer | None:
-    """A class-path optimizer (e.g. the official `sat.ops.FusedEmaAdam`) built here; DeepSpeed's own by name."""
-    optimizer = ds["optimizer"]
-    if optimizer["type"].lower() in DEEPSPEED_OPTIMIZERS:
-        return None
-    if not on_gpu:
-        raise ConfigError(f"deepspeed.optimizer.type={optimizer['type']!r} is a fused CUDA optimizer; on the CPU "
-                          "use type: AdamW (torch's implementation is used automatically)")
-    ds.pop("optimizer")
-    return get_obj_from_str(optimizer["type"])(parameters, **optimizer.get("params", {}))
-
 
 def schedule_from_args(args) -> Callable[[int], float]:
     """SAT's schedule as `training_main` sets it up from the run's args (see lr_schedule)."""
@@ -93,22 +55,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Python, NumPy and torch RNG states, and that of this rank's GPU only (a resume may see fewer GPUs)."""
     numpy_state = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class MetricsLog:
@@ -138,6 +101,24 @@ class MetricsLog:
             self.wandb.log(record, step=record["iteration"])
 
 
+def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.device, load_weights: bool):
+    """(DeepSpeed engine, LR scheduler): the model with `args.load` weights (when `load_weights`), every part on
+    `device`, T5 and VAE in the run's dtype (DeepSpeed casts only the network), SAT's parameter groups."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank, frozen parts included
+    engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=args.checkpoint_activations)
+    if args.load and load_weights:
+        load_network(engine.network, args.load, strict=args.strict_load)
+    engine.to(device)
+    engine.place_frozen_parts(device, training_dtype(ds))
+    parameter_groups = weight_decay_groups(engine)  # SAT's: no weight decay on norms and biases
+    optimizer = build_optimizer(ds, parameter_groups, device.type == "cuda")
+    multiplier = schedule_from_args(args)
+    model, _, _, scheduler = deepspeed.initialize(
+        model=engine, model_parameters=parameter_groups, optimizer=optimizer, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier))
+    return model, scheduler
+
+
 def train(config: DictConfig) -> None:
     args = args_namespace(config)
     device = distributed.init_device(args.device)
@@ -145,23 +126,11 @@ def train(config: DictConfig) -> None:
     rank, world_size = distributed.rank(), distributed.world_size()
     dataset = build_dataset(config, args)  # first: a bad data path should not wait for the model to load
     ds = deepspeed_config(config, args, on_gpu)
-
-    torch.manual_seed(args.seed)  # the same initial weights on every rank, frozen parts included
-    engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=args.checkpoint_activations)
     resume_iteration = read_latest(args.save) if args.save else None
-    if args.load and resume_iteration is None:
-        load_network(engine.network, args.load, strict=args.strict_load)
-    engine.to(device)
+    model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None)
     torch.manual_seed(args.seed + rank)  # ranks draw different noise and timesteps
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-
-    parameter_groups = weight_decay_groups(engine)  # SAT's: no weight decay on norms and biases
-    optimizer = build_optimizer(ds, parameter_groups, on_gpu)
-    multiplier = schedule_from_args(args)
-    model, optimizer, _, scheduler = deepspeed.initialize(
-        model=engine, model_parameters=parameter_groups, optimizer=optimizer, config=ds,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier))
     micro_batch, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
 
     start_iteration = 0
@@ -170,7 +139,7 @@ def train(config: DictConfig) -> None:
         start_iteration = client_state["iteration"]
         rng_file = Path(args.save) / str(resume_iteration) / f"rng_rank{rank}.pt"
         if rng_file.is_file() and not args.no_load_rng:
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=False), device)
         logger.info("resumed from %s at iteration %d", args.save, start_iteration)
 
     sampler = ResumableSampler(len(dataset), rank, world_size, args.seed)
@@ -215,19 +184,20 @@ def train(config: DictConfig) -> None:
             window, window_steps, window_start = torch.zeros(3, device=device), 0, time.perf_counter()
 
         if args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
-            save_checkpoint(model, args.save, iteration)
+            save_checkpoint(model, args.save, iteration, device)
 
 
-def save_checkpoint(model, save_dir: str, iteration: int) -> None:
+def save_checkpoint(model, save_dir: str, iteration: int, device: torch.device) -> None:
     """Model and optimizer states, this rank's RNG, then (after all ranks finished) the `latest` pointer."""
     model.save_checkpoint(save_dir, tag=str(iteration), client_state={"iteration": iteration}, save_latest=False)
     iteration_dir = Path(save_dir) / str(iteration)
     if model.zero_optimization_partition_weights():
-        # ZeRO-3 wrote only weight partitions: gather them (every rank takes part) into the SAT-layout file.
+        # ZeRO-3 wrote only weight partitions: gather them (every rank takes part) into the SAT-layout file,
+        # which also carries rank 0's shapes and names so that DeepSpeed's zero_to_fp32 reads the folder.
         weights = model._zero3_consolidated_16bit_state_dict()  # what DeepSpeed's save_16bit_model uses
         if distributed.is_main_process():
-            torch.save({"module": weights}, iteration_dir / MODEL_STATES)
-    torch.save(rng_state(), iteration_dir / f"rng_rank{distributed.rank()}.pt")
+            write_zero3_model_states(iteration_dir, weights)
+    torch.save(rng_state(device), iteration_dir / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main_process():
         write_latest(save_dir, iteration)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_RANK0_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 NETWORK_PREFIX = "model.diffusion_model."
 # Keys of official checkpoints that satvideo recomputes or keeps elsewhere: frozen T5 and VAE weights,
 # SAT's unused token/position embeddings, RoPE and sin-cos tables.
@@ -34,6 +35,14 @@ def write_latest(save_dir: str | Path, iteration: int) -> None:
     temporary = save_dir / "latest.tmp"
     temporary.write_text(str(iteration))
     os.replace(temporary, save_dir / "latest")
+
+
+def write_zero3_model_states(iteration_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The SAT-layout model file of a ZeRO-3 save: the gathered `weights` as `module`, beside rank 0's
+    partition metadata (shapes, buffer and shared-parameter names, version) that DeepSpeed's zero_to_fp32
+    expects of every `*_model_states.pt` in the folder."""
+    rank0 = torch.load(iteration_dir / ZERO3_RANK0_MODEL_STATES, map_location="cpu", weights_only=True)
+    torch.save({**rank0, "module": weights}, iteration_dir / MODEL_STATES)
 
 
 def read_latest(save_dir: str | Path) -> int | None:

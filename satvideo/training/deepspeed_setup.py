@@ -1,0 +1,113 @@
+"""The `deepspeed` section completed from `args`: batch size, ZeRO stage, one precision, and an optimizer that
+runs on the machine at hand without compiling anything unless asked to.
+
+Optimizers: DeepSpeed's `Adam`/`AdamW` become torch's AdamW (`torch_adam`; fused kernels on a GPU) unless
+DeepSpeed's FusedAdam is prebuilt or `torch_adam: false` asks for it explicitly. A class path (the official
+`sat.ops.FusedEmaAdam`) is built here; one that compiles a CUDA extension at first use needs nvcc and ninja.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import torch
+from omegaconf import DictConfig
+
+from satvideo.config import ConfigError, get_obj_from_str, to_plain
+
+# DeepSpeed's own optimizer names; any other `deepspeed.optimizer.type` is imported as a class path.
+DEEPSPEED_OPTIMIZERS = {"adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion", "muon"}
+# Class-path optimizers that compile a CUDA extension the first time they are built.
+COMPILED_AT_FIRST_USE = {"sat.ops.FusedEmaAdam"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
+    """The `deepspeed` section completed from `args` (see the module docstring)."""
+    ds = copy.deepcopy(to_plain(config.get("deepspeed") or {}))
+    if args.batch_size is not None:  # the command-line knob wins over the section
+        ds["train_micro_batch_size_per_gpu"] = args.batch_size
+    ds.setdefault("train_micro_batch_size_per_gpu", 1)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds.setdefault("steps_per_print", 10**9)  # satvideo prints its own log line
+    if args.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    set_precision(ds, args)
+    if not on_gpu and ds["fp16"]["enabled"]:
+        raise ConfigError("args.fp16 / deepspeed.fp16.enabled: fp16 training needs a GPU; use fp32 or bf16 on the CPU")
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": 1e-4}})
+    if optimizer["type"].lower() in ("adam", "adamw"):
+        choose_adam(optimizer.setdefault("params", {}), on_gpu)
+    elif optimizer["type"].lower() not in DEEPSPEED_OPTIMIZERS and zero_stage(ds) > 0:
+        ds["zero_allow_untested_optimizer"] = True  # DeepSpeed asserts on any optimizer it did not build
+    return ds
+
+
+def set_precision(ds: dict, args) -> None:
+    """`args.fp16` / `args.bf16` win over the section and switch the other off; two enabled sections are an error."""
+    if args.fp16 and args.bf16:
+        raise ConfigError("args.fp16 and args.bf16 are both true: choose one (the family configs set the precision "
+                          "each model was trained in: 2B fp16, 5B and 1.5 bf16)")
+    for name, other in (("fp16", "bf16"), ("bf16", "fp16")):
+        if getattr(args, name):
+            ds[name] = {**ds.get(name, {}), "enabled": True}
+            ds[other] = {**ds.get(other, {}), "enabled": False}
+    for name in DTYPES:
+        ds[name] = {**ds.get(name, {}), "enabled": bool(ds.get(name, {}).get("enabled", False))}
+    if ds["fp16"]["enabled"] and ds["bf16"]["enabled"]:
+        raise ConfigError("deepspeed.fp16.enabled and deepspeed.bf16.enabled are both true: set args.fp16 or args.bf16")
+
+
+def training_dtype(ds: dict) -> torch.dtype:
+    """The dtype the network computes in (and the frozen T5 and VAE are cast to)."""
+    return next((dtype for name, dtype in DTYPES.items() if ds[name]["enabled"]), torch.float32)
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def choose_adam(params: dict, on_gpu: bool) -> None:
+    """torch's AdamW (fused on a GPU) unless DeepSpeed's FusedAdam is prebuilt or asked for with torch_adam: false."""
+    if "torch_adam" not in params:
+        params["torch_adam"] = not (on_gpu and deepspeed_op_prebuilt("fused_adam"))
+    if params["torch_adam"]:
+        if on_gpu:
+            params.setdefault("fused", True)
+    elif on_gpu and not deepspeed_op_prebuilt("fused_adam") and not can_compile_cuda_ops():
+        raise ConfigError("deepspeed.optimizer.params.torch_adam=false asks for DeepSpeed's FusedAdam, which is not "
+                          "prebuilt here and cannot be compiled (no nvcc/CUDA_HOME or ninja): remove the key to use "
+                          "torch's fused AdamW")
+    elif not on_gpu:
+        raise ConfigError("deepspeed.optimizer.params.torch_adam=false: DeepSpeed's FusedAdam needs a GPU")
+
+
+def build_optimizer(ds: dict, parameters: list[dict], on_gpu: bool) -> torch.optim.Optimizer | None:
+    """A class-path optimizer built here (then removed from `ds`); None for DeepSpeed's own by name."""
+    optimizer = ds["optimizer"]
+    if optimizer["type"].lower() in DEEPSPEED_OPTIMIZERS:
+        return None
+    if optimizer["type"] in COMPILED_AT_FIRST_USE:
+        if not on_gpu:
+            raise ConfigError(f"deepspeed.optimizer.type={optimizer['type']!r} is a fused CUDA optimizer; on the CPU "
+                              "use type: AdamW (torch's implementation is used automatically)")
+        if not can_compile_cuda_ops():
+            raise ConfigError(f"deepspeed.optimizer.type={optimizer['type']!r} compiles a CUDA extension at first use "
+                              "and this machine has no nvcc/CUDA_HOME or ninja: use type: AdamW (torch's fused AdamW)")
+    ds.pop("optimizer")
+    return get_obj_from_str(optimizer["type"])(parameters, **optimizer.get("params", {}))
+
+
+def deepspeed_op_prebuilt(name: str) -> bool:
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get(name, False))
+
+
+def can_compile_cuda_ops() -> bool:
+    """nvcc (on PATH or under CUDA_HOME) and ninja: what DeepSpeed and SAT need to build an op at first use."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = shutil.which("nvcc") or (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
+    return bool(nvcc) and shutil.which("ninja") is not None
