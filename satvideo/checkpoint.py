@@ -5,17 +5,25 @@
     {save}/latest                                   the newest complete iteration, as text
 
 `latest` is replaced atomically and only after every rank has finished writing, so an interrupted save never
-becomes the checkpoint a resumed run starts from.
+becomes the checkpoint a resumed run starts from. LoRA runs save only the adapter matrices (plus their rank,
+alpha, target modules and base checkpoint under `lora`); EMA weights go to `{save}/{iteration}-ema/`.
+
+Nothing read from disk can execute code: every file goes through `safe_load` (torch's weights-only unpickler,
+plus an explicit allow-list of the classes DeepSpeed pickles into its own files).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from satvideo.config import CheckpointError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_RANK0_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -26,7 +34,37 @@ IGNORED_PREFIXES = ("conditioner.", "first_stage_model.")
 IGNORED_NETWORK_KEYS = ("transformer.word_embeddings.weight", "transformer.position_embeddings.weight",
                         "mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos")
 
+LORA_METADATA = "lora"
+
 logger = logging.getLogger(__name__)
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed pickles into its checkpoint files (loss scalers, the ZeRO stage enum, the address of
+    a parameter in a flat partition): plain data, allowed by name on top of torch's weights-only defaults."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable[type] = ()) -> Any:
+    """torch.load with the weights-only unpickler (tensors, containers, numbers, strings and `allowed` classes);
+    a file holding anything else, which could execute code, is a CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as error:
+        reason = str(error).strip().splitlines()
+        detail = next((line.strip() for line in reason if "Unsupported" in line or "GLOBAL" in line), reason[0] if reason else "")
+        raise CheckpointError(f"{path}: refused to load: not a plain tensor file ({detail[:200]})") from error
+
+
+def guard_deepspeed_loads(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint files (model and optimizer states) through `safe_load`."""
+    allowed = deepspeed_safe_globals()
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location or "cpu", allowed)
 
 
 def write_latest(save_dir: str | Path, iteration: int) -> None:
@@ -41,7 +79,7 @@ def write_zero3_model_states(iteration_dir: Path, weights: dict[str, torch.Tenso
     """The SAT-layout model file of a ZeRO-3 save: the gathered `weights` as `module`, beside rank 0's
     partition metadata (shapes, buffer and shared-parameter names, version) that DeepSpeed's zero_to_fp32
     expects of every `*_model_states.pt` in the folder."""
-    rank0 = torch.load(iteration_dir / ZERO3_RANK0_MODEL_STATES, map_location="cpu", weights_only=True)
+    rank0 = safe_load(iteration_dir / ZERO3_RANK0_MODEL_STATES, allowed=deepspeed_safe_globals())
     torch.save({**rank0, "module": weights}, iteration_dir / MODEL_STATES)
 
 
@@ -71,10 +109,15 @@ def resolve_model_states(path: str | Path) -> Path:
     return candidate
 
 
-def network_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
-    """Network weights of a checkpoint, prefix removed, frozen T5/VAE entries and recomputed tables dropped."""
+def read_model_states(checkpoint_path: str | Path) -> tuple[Path, dict]:
+    """(the model-states file, its contents) of a run folder, iteration folder or file."""
     file = resolve_model_states(checkpoint_path)
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    return file, safe_load(file, allowed=deepspeed_safe_globals())
+
+
+def network_weights(state: dict, file: Path | str) -> dict[str, torch.Tensor]:
+    """The network's entries of a model-states dict, prefix removed, frozen T5/VAE entries and recomputed tables
+    dropped."""
     module = state.get("module", state)
     weights, ignored = {}, 0
     for key, value in module.items():
@@ -91,23 +134,79 @@ def network_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_network(network: nn.Module, checkpoint_path: str | Path, strict: bool = True) -> None:
+def network_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
+    """Network weights of a checkpoint (see network_weights)."""
+    file, state = read_model_states(checkpoint_path)
+    return network_weights(state, file)
+
+
+def is_lora_matrix(name: str) -> bool:
+    return "matrix_A" in name or "matrix_B" in name
+
+
+def lora_metadata(checkpoint_path: str | Path) -> dict | None:
+    """Rank, alpha, target modules and base checkpoint of an adapter-only LoRA checkpoint; None for full ones."""
+    return read_model_states(checkpoint_path)[1].get(LORA_METADATA)
+
+
+def ema_model_states(model_states_file: Path) -> Path:
+    """{save}/{iteration}/mp_rank_00_model_states.pt -> {save}/{iteration}-ema/mp_rank_00_model_states.pt."""
+    folder = model_states_file.parent
+    return folder.parent / f"{folder.name}-ema" / MODEL_STATES
+
+
+def load_network(network: nn.Module, checkpoint_path: str | Path, strict: bool = True, lora_base: str | None = None,
+                 lora_scale: float = 1.0, use_ema: bool = False) -> None:
     """Load network weights; missing or unexpected keys are an error listing them unless `strict` is False.
 
-    LoRA matrices absent from a base checkpoint are expected and not reported.
+    An adapter-only LoRA checkpoint is loaded over its base (`lora_base`, else the base it records); LoRA
+    matrices absent from a base checkpoint are expected. `lora_scale` multiplies every adapter's output;
+    `use_ema` loads the checkpoint's EMA weights over it.
     """
-    weights = network_state_dict(checkpoint_path)
+    file, state = read_model_states(checkpoint_path)
+    weights = network_weights(state, file)
+    lora = state.get(LORA_METADATA)
+    if lora is not None:
+        base = lora_base or lora.get("base")
+        if not base:
+            raise CheckpointError(f"{file} holds LoRA adapters only and records no base: set args.lora_base")
+        load_weights(network, network_state_dict(base), base, strict)
+        load_weights(network, weights, file, strict, subset=True)
+    else:
+        load_weights(network, weights, file, strict)
+    if use_ema:
+        ema_file = ema_model_states(file)
+        if not ema_file.is_file():
+            raise CheckpointError(f"args.use_ema: {file.parent} has no EMA weights ({ema_file} is missing; "
+                                  "train with args.ema_decay)")
+        load_weights(network, network_weights(safe_load(ema_file), ema_file), ema_file, strict, subset=True)
+    if lora_scale != 1.0:
+        scale_lora(network, lora_scale)
+
+
+def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: str | Path, strict: bool,
+                 subset: bool = False) -> None:
+    """load_state_dict with the problems listed; `subset` expects only some keys (adapters, EMA weights)."""
     if "mixins.pos_embed.pos_embedding" in weights and not hasattr(network.mixins.pos_embed, "pos_embedding"):
-        weights.pop("mixins.pos_embed.pos_embedding")  # a fixed sin-cos table, recomputed here
+        weights = {k: v for k, v in weights.items() if k != "mixins.pos_embed.pos_embedding"}  # recomputed sin-cos
     result = network.load_state_dict(weights, strict=False)
-    missing = [key for key in result.missing_keys if "matrix_A" not in key and "matrix_B" not in key]
+    missing = [] if subset else [key for key in result.missing_keys if not is_lora_matrix(key)]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
     if result.unexpected_keys:
         problems.append(f"unexpected keys ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys[:20])}")
     if problems:
-        message = f"checkpoint {checkpoint_path} does not match the model config: " + "; ".join(problems)
+        message = f"checkpoint {source} does not match the model config: " + "; ".join(problems)
         if strict:
             raise ValueError(message + " (set args.strict_load=false to load anyway)")
         logger.warning(message)
+
+
+def scale_lora(network: nn.Module, scale: float) -> None:
+    """Multiply the output of every LoRA adapter (SAT's LoraLinear: lora_alpha / r) by `scale`."""
+    adapters = [module for module in network.modules() if hasattr(module, "matrix_A") and hasattr(module, "scaling")]
+    if not adapters:
+        raise CheckpointError("args.lora_scale: the model has no LoRA layers (add configs/lora.yaml)")
+    for module in adapters:
+        module.scaling = module.lora_alpha / module.r * scale

@@ -9,7 +9,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from satvideo.config import ConfigError, load_config
+from satvideo.config import SatvideoError, load_config
 
 
 def parse_config(description: str, argv: list[str] | None = None) -> DictConfig:
@@ -29,11 +29,12 @@ def is_config_file(item: str) -> bool:
 
 
 def run_entrypoint(main: Callable[[], None]) -> None:
-    """Run `main` with logging set up; a ConfigError ends the process with one line (its traceback with --debug)."""
+    """Run `main` with logging set up; satvideo's own errors end the process with one line and exit code 2 (the
+    traceback with --debug)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         main()
-    except ConfigError as error:
+    except SatvideoError as error:
         if "--debug" in sys.argv:
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)

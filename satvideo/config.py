@@ -33,6 +33,21 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "load": None,  # weights to start from when `save` has no checkpoint yet
     "no_load_rng": False,
     "strict_load": True,
+    "keep_last": None,  # keep only the newest N checkpoints in `save` (None: all)
+    "max_nonfinite_steps": 10,  # skipped optimizer steps in a row (non-finite loss or gradients) that stop the run
+    "lock_timeout": 900,  # seconds without a heartbeat after which another host's lock on `save` counts as stale
+    # validation: every eval_interval iterations, the loss on valid_data and videos of validation_prompts
+    "eval_interval": None,
+    "eval_iters": 1,
+    "eval_batch_size": 1,
+    "valid_data": None,
+    "validation_prompts": None,  # a list of prompts, or a text file with one per line; seeds args.seed + i
+    # EMA of the trainable weights, saved as {save}/{iteration}-ema/ (SAT layout) and resumed exactly
+    "ema_decay": None,
+    "use_ema": False,  # sampling: load the EMA weights of the checkpoint
+    # LoRA adapters at sampling: the base checkpoint (default: the one the run started from) and the scale
+    "lora_base": None,
+    "lora_scale": 1.0,
     # optimisation (lr, betas, weight decay live in the `deepspeed.optimizer` section); SAT's schedule and defaults
     "lr_decay_style": "linear",  # constant | linear | cosine | exponential (SAT: exponential is constant)
     "warmup": 0.01,  # fraction of lr_decay_iters when < 1, else a number of iterations
@@ -66,9 +81,8 @@ ARGS_DEFAULTS: dict[str, Any] = {
 # Keys of the official CogVideoX SAT configs that change nothing in satvideo, by section or by the satvideo
 # target they are given to. They are dropped before use and logged once; any other unknown key is an error.
 OFFICIAL_KEYS_WITHOUT_EFFECT: dict[str, frozenset[str]] = {
-    # no validation loop yet; model parallelism is 1; the entrypoint itself decides training vs sampling
-    "args": frozenset({"model_parallel_size", "eval_interval", "eval_iters", "eval_batch_size", "valid_data",
-                       "split", "force_train", "force_inference", "only_log_video_latents"}),
+    # model parallelism is 1; the entrypoint itself decides training vs sampling; validation videos are decoded
+    "args": frozenset({"model_parallel_size", "split", "force_train", "force_inference", "only_log_video_latents"}),
     # autocast and logging switches of the original engine, per-call VAE batch limits, LoRA flags read elsewhere;
     # `augmentation_dropout` (1.5-I2V) is never read by the original either
     "model": frozenset({"disable_first_stage_autocast", "log_keys", "en_and_decode_n_samples_a_time", "lr_scale",
@@ -125,8 +139,20 @@ def unknown_key_error(key: str, where: str, valid: Iterable[str]) -> "ConfigErro
 SECTIONS = ("args", "model", "data", "deepspeed")
 
 
-class ConfigError(ValueError):
+class SatvideoError(Exception):
+    """An error of satvideo's own, reported by the entrypoints as one line (the traceback with --debug)."""
+
+
+class ConfigError(SatvideoError, ValueError):
     """A configuration problem, reported with the file or key it comes from."""
+
+
+class TrainingError(SatvideoError):
+    """A run that must stop: non-finite losses in a row, non-finite weights, a run folder in use."""
+
+
+class CheckpointError(SatvideoError):
+    """A checkpoint file that cannot or must not be read (it would execute code, or it is damaged)."""
 
 
 def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from satvideo.checkpoint import NETWORK_PREFIX
+from satvideo.checkpoint import NETWORK_PREFIX, is_lora_matrix
 from satvideo.config import ConfigError, check_parameters, drop_keys_without_effect, instantiate_from_config, to_plain
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ class DiffusionModelWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
         return self.diffusion_model(x, timesteps, context=cond["crossattn"], **kwargs)
-
-
-def is_lora_matrix(name: str) -> bool:
-    return "matrix_A" in name or "matrix_B" in name
 
 
 def trainable_filter(not_trainable_prefixes: list[str]) -> Callable[[str], bool]:
@@ -183,21 +179,42 @@ class VideoDiffusionEngine(nn.Module):
 
     # --- training ----------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Mean diffusion loss of a batch {"mp4": [B, T, 3, H, W], "txt": [B] prompts}."""
+    def prepare_batch(self, batch: dict, training: bool) -> tuple[torch.Tensor, dict, dict]:
+        """(latents [B, T', C, h, w], text conditioning, network inputs) of a batch {"mp4": [B, T, 3, H, W], "txt"}.
+
+        Training draws latents from the VAE posterior, drops captions for guidance and noises and drops the
+        conditioning frame as configured; otherwise (validation) everything is deterministic.
+        """
         video = batch[self.input_key]
         # precomputed latents are unscaled VAE outputs, scaled here as the original does
-        latents = video * self.scale_factor if self.latent_input else self.encode_first_stage(video)
+        if self.latent_input:
+            latents = video * self.scale_factor
+        else:
+            latents = self.encode_first_stage(video, sample=None if training else False)
         latents = self.pad_to_temporal_patch(latents)
-        cond = self.conditioner(batch, drop_for_guidance=True)
+        cond = self.conditioner(batch, drop_for_guidance=training)
         model_inputs = {}
         if self.noised_image_input:
-            image = self.image_condition(video[:, 0], latents.shape[1], noise_images=True)
-            if random.random() < self.noised_image_dropout:
+            image = self.image_condition(video[:, 0], latents.shape[1], noise_images=training)
+            if training and random.random() < self.noised_image_dropout:
                 image = torch.zeros_like(image)
             model_inputs["concat_images"] = image
         cond = {key: value.to(latents.dtype) for key, value in cond.items()}
+        _, frames, _, height, width = latents.shape
+        patch = self.network.patch
+        self.tokens_per_sample = frames // self.patch_t * (height // patch) * (width // patch) + cond["crossattn"].shape[1]
+        return latents, cond, model_inputs
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Mean diffusion loss of a training batch {"mp4": [B, T, 3, H, W], "txt": [B] prompts}."""
+        latents, cond, model_inputs = self.prepare_batch(batch, training=True)
         return self.loss_fn(self.model, self.denoiser, cond, latents, **model_inputs).mean()
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Mean loss of a batch at timesteps and noise drawn from `generator`: the same for every evaluation."""
+        latents, cond, model_inputs = self.prepare_batch(batch, training=False)
+        return self.loss_fn(self.model, self.denoiser, cond, latents, generator=generator, **model_inputs).mean()
 
     # --- sampling ----------------------------------------------------------------------------------------
 

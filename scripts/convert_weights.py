@@ -2,7 +2,7 @@
 
     sat-to-diffusers   --config cogvideox_5b.yaml --checkpoint CKPT --out DIR [--vae 3d-vae.pt --vae-out DIR]
     diffusers-to-sat   --transformer DIR --out SAT_DIR [--vae DIR]
-    lora-to-diffusers  --checkpoint SAT_LORA_CKPT --out DIR [--lora-alpha A]
+    lora-to-diffusers  --checkpoint SAT_LORA_CKPT --out DIR [--lora-alpha A]   (alpha: from the checkpoint)
 """
 
 import argparse
@@ -31,7 +31,8 @@ def parse_args() -> argparse.Namespace:
     lora = commands.add_parser("lora-to-diffusers", help="SAT LoRA checkpoint -> pytorch_lora_weights.safetensors")
     lora.add_argument("--checkpoint", required=True, help="SAT checkpoint of a LoRA fine-tune")
     lora.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
-    lora.add_argument("--lora-alpha", type=float, default=1.0, help="lora_config lora_alpha of the run (SAT default 1)")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="lora_config lora_alpha of the run (default: recorded in satvideo adapter checkpoints; 1)")
     return parser.parse_args()
 
 

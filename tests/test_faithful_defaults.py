@@ -20,13 +20,12 @@ from satvideo.config import ConfigError, args_namespace, instantiate_from_config
 from satvideo.data.toy import make_toy_dataset
 from satvideo.data.video import read_mp4
 from satvideo.engine import VideoDiffusionEngine, trainable_filter
+from satvideo.sampling import latent_frame_count, size_from_image
 from satvideo.checkpoint import MODEL_STATES, write_latest
 from satvideo.training.loop import schedule_from_args
 from satvideo.training.lr_schedule import weight_decay_groups
 
 TINY = ["configs/tiny/model.yaml", "configs/tiny/vae.yaml"]
-sys.path.insert(0, ROOT)
-from sample_video import size_from_image  # noqa: E402
 
 
 # --- learning rate ----------------------------------------------------------------------------------------
@@ -237,8 +236,6 @@ def test_1_5_sampling_num_frames_22_gives_81_frames_at_16_fps(tmp_path):
 
 def test_bad_sampling_num_frames_are_refused():
     from types import SimpleNamespace
-
-    from sample_video import latent_frame_count
 
     one_five = SimpleNamespace(patch_size=[2, 2, 2], num_frames=81, time_compressed_rate=4)
     assert latent_frame_count(SimpleNamespace(sampling_num_frames=None), one_five) == 21

@@ -157,6 +157,7 @@ def test_official_5b_sft_and_inference_configs_train_and_sample_on_cpu(tmp_path)
     output = run([sys.executable, "train_video.py", "--base", *model, *official("sft.yaml"), *TINY_PARTS,
                   "data.params.video_size=[32,32]", "data.params.max_num_frames=9", "deepspeed.optimizer.type=AdamW",
                   "args.load=null", f"args.save={save}", f"args.train_data=[{tmp_path / 'data'}]",
+                  f"args.valid_data=[{tmp_path / 'data'}]",  # the official eval_interval validates
                   "args.train_iters=2", "args.num_workers=0"])
     assert "iteration 2 | loss" in output and read_latest(save) == 2
     module = torch.load(save / "2" / MODEL_STATES, weights_only=True)["module"]

@@ -134,13 +134,15 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, toy_da
 
 def test_latest_is_only_written_after_a_complete_save(tmp_path):
     class FailingEngine:
-        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        module, device = torch.nn.Linear(2, 2), torch.device("cpu")
+
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
             os.makedirs(os.path.join(save_dir, tag))
             raise OSError("disk full")
 
     write_latest(tmp_path, 100)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(FailingEngine(), str(tmp_path), 200, torch.device("cpu"))
+        save_checkpoint(FailingEngine(), Namespace(save=str(tmp_path), keep_last=None), 200, torch.device("cpu"))
     assert read_latest(tmp_path) == 100
     (tmp_path / "latest").write_text("garbage")
     with pytest.raises(ValueError, match="latest should hold an iteration number, found 'garbage'"):

@@ -19,7 +19,8 @@ from satvideo.convert.lora import sat_lora_to_peft
 from satvideo.convert.transformer import (diffusers_to_sat_transformer, diffusers_transformer_config,
                                           network_config_from_diffusers, sat_to_diffusers_transformer)
 from satvideo.convert.vae import diffusers_vae_config, diffusers_vae_to_sat, sat_vae_to_diffusers
-from satvideo.checkpoint import MODEL_STATES, NETWORK_PREFIX, network_state_dict, write_latest
+from satvideo.checkpoint import (LORA_METADATA, MODEL_STATES, NETWORK_PREFIX, network_state_dict, network_weights,
+                                 read_model_states, write_latest)
 from satvideo.vae.autoencoder import load_vae_state_dict
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -98,8 +99,14 @@ def diffusers_to_sat_checkpoint(transformer_dir: str | Path, out_dir: str | Path
     OmegaConf.save(OmegaConf.create({"model": model}), out_dir / "model.yaml")
 
 
-def sat_lora_to_diffusers_checkpoint(checkpoint: str | Path, out_dir: str | Path, lora_alpha: float = 1.0) -> None:
-    """LoRA matrices of a SAT checkpoint -> `pytorch_lora_weights.safetensors` for `load_lora_weights`."""
+def sat_lora_to_diffusers_checkpoint(checkpoint: str | Path, out_dir: str | Path, lora_alpha: float | None = None) -> None:
+    """LoRA matrices of a SAT checkpoint -> `pytorch_lora_weights.safetensors` for `load_lora_weights`.
+
+    `lora_alpha` defaults to the one a satvideo adapter checkpoint records (SAT's default 1 for older ones).
+    """
+    file, state = read_model_states(checkpoint)
+    if lora_alpha is None:
+        lora_alpha = state.get(LORA_METADATA, {}).get("lora_alpha", 1.0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(sat_lora_to_peft(network_state_dict(checkpoint), lora_alpha), out_dir / LORA_WEIGHTS_NAME)
+    save_file(sat_lora_to_peft(network_weights(state, file), lora_alpha), out_dir / LORA_WEIGHTS_NAME)

@@ -40,11 +40,16 @@ class VideoDiffusionLoss:
         self.offset_noise_level = offset_noise_level
         self.fixed_frames = fixed_frames
 
-    def noise_like(self, x: Tensor) -> Tensor:
-        """Standard normal noise, plus a per-sample constant offset when offset_noise_level > 0."""
-        noise = torch.randn_like(x)
+    def noise_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise, plus a per-sample constant offset when offset_noise_level > 0; from `generator`
+        (drawn where it lives) when given, else from the global RNG on x's device."""
+        if generator is None:
+            noise = torch.randn_like(x)
+        else:
+            noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
         if self.offset_noise_level > 0:
-            offset = torch.randn(x.shape[0], device=x.device, dtype=x.dtype)
+            offset = torch.randn(x.shape[0], generator=generator, device=generator.device if generator else x.device,
+                                 dtype=x.dtype).to(x.device)
             noise = noise + self.offset_noise_level * append_dims(offset, x.ndim)
         return noise
 
@@ -54,12 +59,14 @@ class VideoDiffusionLoss:
         denoiser: DiscreteDenoiser,
         cond: dict,
         x: Tensor,
+        generator: torch.Generator | None = None,
         **batch2model: Any,
     ) -> Tensor:
+        """Per-sample losses [B]; `generator` (a CPU generator) fixes the timesteps and noise (validation)."""
         x = x.float()
-        alpha, _ = self.sigma_sampler(x.shape[0])
+        alpha, _ = self.sigma_sampler(x.shape[0], generator=generator)
         alpha = alpha.to(x.device)
-        noised = append_dims(alpha, x.ndim) * x + append_dims(noise_std(alpha), x.ndim) * self.noise_like(x)
+        noised = append_dims(alpha, x.ndim) * x + append_dims(noise_std(alpha), x.ndim) * self.noise_like(x, generator)
         frames = self.fixed_frames
         noised[:, :frames] = x[:, :frames]
         x0 = denoiser(network, noised, alpha, cond, **batch2model)

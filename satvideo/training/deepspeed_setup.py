@@ -9,6 +9,7 @@ DeepSpeed's FusedAdam is prebuilt or `torch_adam: false` asks for it explicitly.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 
@@ -23,6 +24,8 @@ DEEPSPEED_OPTIMIZERS = {"adam", "adamw", "lamb", "onebitadam", "zerooneadam", "o
 COMPILED_AT_FIRST_USE = {"sat.ops.FusedEmaAdam"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
+logger = logging.getLogger(__name__)
+
 
 def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
     """The `deepspeed` section completed from `args` (see the module docstring)."""
@@ -34,6 +37,11 @@ def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
     ds.setdefault("steps_per_print", 10**9)  # satvideo prints its own log line
     if args.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if zero_stage(ds) == 0:
+        # Stage 0 never skips a step with non-finite gradients (see training/guards.py); stage 1 does, and
+        # partitions only the optimizer states (nothing at all on one GPU).
+        logger.info("deepspeed.zero_optimization.stage 0 -> 1: ZeRO's optimizer skips non-finite steps")
+        ds.setdefault("zero_optimization", {})["stage"] = 1
     set_precision(ds, args)
     if not on_gpu and ds["fp16"]["enabled"]:
         raise ConfigError("args.fp16 / deepspeed.fp16.enabled: fp16 training needs a GPU; use fp32 or bf16 on the CPU")

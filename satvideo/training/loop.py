@@ -1,54 +1,47 @@
 """The training loop: one engine, DeepSpeed for data parallelism, ZeRO sharding, precision and checkpoints.
 
-Read top to bottom: set-up (processes, model, data, DeepSpeed), optional resume, then the loop that logs
-every `log_interval` and saves every `save_interval` iterations.
+Read top to bottom: set-up (processes, run folder, data, model, DeepSpeed), optional resume, then the loop that
+logs every `log_interval`, validates every `eval_interval` and saves every `save_interval` iterations. The parts
+around it have rooms of their own: guards.py (what stops a run), run_folder.py, metrics.py, validation.py, ema.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import deepspeed
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from satvideo import distributed
-from satvideo.config import ConfigError, args_namespace, instantiate_from_config, to_plain
+from satvideo.checkpoint import (guard_deepspeed_loads, load_network, read_latest, safe_load, write_latest,
+                                 write_zero3_model_states)
+from satvideo.config import ConfigError, args_namespace
+from satvideo.data.sources import build_dataset
 from satvideo.engine import VideoDiffusionEngine
-from satvideo.checkpoint import load_network, read_latest, write_latest, write_zero3_model_states
 from satvideo.training.data_order import ResumableSampler
 from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, training_dtype
+from satvideo.training.ema import EMA
+from satvideo.training.guards import NonFiniteGuard, check_training_args, check_weights_finite
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
+from satvideo.training.metrics import MetricsLog, Window
+from satvideo.training.run_folder import RunLock, prune_checkpoints, save_config, truncate_metrics
+from satvideo.training.validation import Validator
 
 logger = logging.getLogger("satvideo.train")
+LORA_TARGETS = ["attention.query_key_value", "attention.dense"]  # SAT's LoraMixin, in every layer
+
 
 def schedule_from_args(args) -> Callable[[int], float]:
     """SAT's schedule as `training_main` sets it up from the run's args (see lr_schedule)."""
     decay_iters = args.lr_decay_iters or args.train_iters
     return lr_multiplier(args.lr_decay_style, warmup_iterations(args.warmup, decay_iters), decay_iters,
                          args.lr_decay_ratio, auto_warmup=args.mode == "finetune")
-
-
-def build_dataset(config: DictConfig, args) -> Dataset:
-    if not args.train_data:
-        raise ConfigError("args.train_data: give one or more dataset folders")
-    if "data" not in config:
-        raise ConfigError("the config has no `data` section (target/params of the dataset)")
-    folders = [args.train_data] if isinstance(args.train_data, str) else list(args.train_data)
-    datasets = []
-    for folder in folders:
-        try:
-            datasets.append(instantiate_from_config(config.data, data_dir=folder))
-        except (FileNotFoundError, ValueError) as error:  # ConfigError included: name the folder
-            raise ConfigError(f"args.train_data {folder}: {error}") from error
-    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -74,31 +67,13 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-class MetricsLog:
-    """The log line on rank 0, a `metrics.jsonl` beside the checkpoints, and wandb when enabled."""
-
-    def __init__(self, args, config: DictConfig):
-        self.enabled = distributed.is_main_process()
-        self.path = Path(args.save) / "metrics.jsonl" if args.save and self.enabled else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.wandb = None
-        if args.wandb and self.enabled:
-            import wandb
-
-            self.wandb = wandb.init(project=args.wandb_project, name=args.experiment_name,
-                                    config=to_plain(config), dir=args.save)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        print(" | ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                         for key, value in record.items()), flush=True)
-        if self.path is not None:
-            with self.path.open("a") as file:
-                file.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["iteration"])
+def lora_metadata(network: torch.nn.Module, args) -> dict | None:
+    """What an adapter-only checkpoint records about its adapters (None when the network has no LoRA)."""
+    if "lora" not in network.mixins:
+        return None
+    lora = network.mixins.lora
+    base = str(Path(args.load).resolve()) if args.load else None
+    return {"r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": LORA_TARGETS, "base": base}
 
 
 def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.device, load_weights: bool):
@@ -116,18 +91,53 @@ def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.dev
     model, _, _, scheduler = deepspeed.initialize(
         model=engine, model_parameters=parameter_groups, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier))
+    guard_deepspeed_loads(model)  # a resume reads DeepSpeed's files with the weights-only unpickler
     return model, scheduler
+
+
+def micro_batch_stream(dataset: Dataset, sampler: ResumableSampler, micro_batch: int, consumed: int,
+                       args) -> Iterator[dict]:
+    """Endless micro-batches of this rank, starting after the `consumed` ones."""
+    batches_per_epoch = len(sampler) // micro_batch
+    if batches_per_epoch == 0:
+        raise ConfigError(f"args.batch_size={micro_batch} exceeds the {len(sampler)} samples each rank gets")
+    epoch, start = divmod(consumed, batches_per_epoch)
+    while True:
+        sampler.set_position(epoch, start * micro_batch)
+        # A private generator: a loader iterator otherwise draws its worker seed from the global RNG,
+        # which would shift every later noise draw of a resumed run.
+        loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
+                            drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch))
+        yield from loader
+        epoch, start = epoch + 1, 0
 
 
 def train(config: DictConfig) -> None:
     args = args_namespace(config)
+    check_training_args(args)  # before anything loads
     device = distributed.init_device(args.device)
-    on_gpu = device.type == "cuda"
+    lock = RunLock(Path(args.save), args.lock_timeout) if args.save and distributed.is_main_process() else None
+    if lock is not None:
+        lock.acquire()
+        save_config(Path(args.save), config)
+    try:
+        run(config, args, device, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) -> None:
     rank, world_size = distributed.rank(), distributed.world_size()
-    dataset = build_dataset(config, args)  # first: a bad data path should not wait for the model to load
-    ds = deepspeed_config(config, args, on_gpu)
+    dataset = build_dataset(config, args.train_data, "args.train_data")  # a bad path should not wait for the model
+    validator = Validator(config, args, device) if args.eval_interval else None
+    ds = deepspeed_config(config, args, device.type == "cuda")
     resume_iteration = read_latest(args.save) if args.save else None
-    model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None)
+    # a resume restores every saved weight; LoRA checkpoints hold only the adapters, so their base loads first
+    has_lora = "lora_config" in config.model.network_config.params.modules
+    model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None or has_lora)
+    lora = lora_metadata(model.module.network, args)
+    ema = EMA(model.module.network, args.ema_decay) if args.ema_decay else None
     torch.manual_seed(args.seed + rank)  # ranks draw different noise and timesteps
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -135,71 +145,91 @@ def train(config: DictConfig) -> None:
 
     start_iteration = 0
     if resume_iteration is not None:
-        _, client_state = model.load_checkpoint(args.save, tag=str(resume_iteration))
-        start_iteration = client_state["iteration"]
-        rng_file = Path(args.save) / str(resume_iteration) / f"rng_rank{rank}.pt"
-        if rng_file.is_file() and not args.no_load_rng:
-            set_rng_state(torch.load(rng_file, weights_only=False), device)
-        logger.info("resumed from %s at iteration %d", args.save, start_iteration)
+        start_iteration = resume(model, args, resume_iteration, device, ema, adapters_only=lora is not None)
+    if lock is not None:
+        truncate_metrics(Path(args.save), start_iteration)  # lines logged after the checkpoint we resume from
 
     sampler = ResumableSampler(len(dataset), rank, world_size, args.seed)
-    batches_per_epoch = len(sampler) // micro_batch
-    if batches_per_epoch == 0:
-        raise ConfigError(f"args.batch_size={micro_batch} exceeds the {len(sampler)} samples each rank gets")
-
-    def micro_batches(consumed: int):
-        """Endless micro-batches, starting after the `consumed` ones of this rank."""
-        epoch, start = divmod(consumed, batches_per_epoch)
-        while True:
-            sampler.set_position(epoch, start * micro_batch)
-            # A private generator: a loader iterator otherwise draws its worker seed from the global RNG,
-            # which would shift every later noise draw of a resumed run.
-            loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
-                                drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch))
-            yield from loader
-            epoch, start = epoch + 1, 0
-
-    data = micro_batches(start_iteration * accumulation)
-    log = MetricsLog(args, config)
-    # summed over a log window: loss, clips padded with copies of their last frame, such copies
-    window, window_steps, window_start = torch.zeros(3, device=device), 0, time.perf_counter()
+    data = micro_batch_stream(dataset, sampler, micro_batch, start_iteration * accumulation, args)
+    log = MetricsLog(args, config, device)
+    guard = NonFiniteGuard(model, args.max_nonfinite_steps)
+    window = Window(device)
     for iteration in range(start_iteration + 1, args.train_iters + 1):
         for _ in range(accumulation):
             batch = to_device(next(data), device)
             padded = batch.pop("padded_frames", torch.zeros(1, dtype=torch.long, device=device))
             loss = model(batch)
-            model.backward(loss)
+            model.backward(loss)  # a non-finite loss gives non-finite gradients: ZeRO skips that step
             model.step()
-            window += torch.stack([loss.detach() / accumulation, (padded > 0).sum(), padded.sum()])  # no host sync
-        window_steps += 1
+            window.add_micro_batch(loss.detach(), padded)
+        skipped = guard.after_step(iteration)
+        window.add_iteration(skipped)
+        if ema is not None and not skipped:
+            ema.update()
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            torch.distributed.all_reduce(window)
-            loss_sum, padded_clips, padded_frames = window.tolist()
-            elapsed = time.perf_counter() - window_start
-            log.write({"iteration": iteration, "loss": loss_sum / window_steps / world_size,
-                       "lr": scheduler.get_last_lr()[0],
-                       "samples_per_s": window_steps * accumulation * micro_batch * world_size / elapsed,
-                       "padded_clips": int(padded_clips), "padded_frames": int(padded_frames)})
-            window, window_steps, window_start = torch.zeros(3, device=device), 0, time.perf_counter()
+            log.write(log.record(iteration, window, model, scheduler.get_last_lr()[0],
+                                 micro_batch * accumulation * world_size))
+            window.reset()
+            if lock is not None:
+                lock.heartbeat()
+
+        if args.eval_interval and iteration % args.eval_interval == 0:
+            record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)
+            log.write(record)
+            log.log_videos(iteration, videos)
 
         if args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
-            save_checkpoint(model, args.save, iteration, device)
+            if guard.in_row:  # weights unchanged by a skipped step: `latest` stays on the last good checkpoint
+                logger.warning("iteration %d: not saving, the last %d optimizer steps were skipped", iteration,
+                               guard.in_row)
+            else:
+                save_checkpoint(model, args, iteration, device, ema, lora)
+            if lock is not None:
+                lock.heartbeat()
 
 
-def save_checkpoint(model, save_dir: str, iteration: int, device: torch.device) -> None:
-    """Model and optimizer states, this rank's RNG, then (after all ranks finished) the `latest` pointer."""
-    model.save_checkpoint(save_dir, tag=str(iteration), client_state={"iteration": iteration}, save_latest=False)
-    iteration_dir = Path(save_dir) / str(iteration)
+def resume(model, args, iteration: int, device: torch.device, ema: EMA | None, adapters_only: bool) -> int:
+    """Weights, optimizer, schedule, RNG and EMA of `{save}/{iteration}`; the iteration to continue after."""
+    _, client_state = model.load_checkpoint(args.save, tag=str(iteration), load_module_strict=not adapters_only)
+    iteration_dir = Path(args.save) / str(iteration)
+    rng_file = iteration_dir / f"rng_rank{distributed.rank()}.pt"
+    if rng_file.is_file() and not args.no_load_rng:
+        set_rng_state(safe_load(rng_file), device)
+    if ema is not None:
+        ema.load_shard(iteration_dir)
+    logger.info("resumed from %s at iteration %d", args.save, client_state["iteration"])
+    return client_state["iteration"]
+
+
+def save_checkpoint(model, args, iteration: int, device: torch.device, ema: EMA | None = None,
+                    lora: dict | None = None) -> None:
+    """Model and optimizer states, this rank's RNG and EMA shard, then (after all ranks finished) `latest`.
+
+    Non-finite weights are never saved. LoRA runs save only the trainable tensors (the adapters) and their
+    metadata; with an EMA, `{iteration}-ema/` holds its weights in the SAT layout.
+    """
+    check_weights_finite(model, iteration)
+    client_state = {"iteration": iteration, **({"lora": lora} if lora else {})}
+    model.save_checkpoint(args.save, tag=str(iteration), client_state=client_state, save_latest=False,
+                          exclude_frozen_parameters=lora is not None)
+    iteration_dir = Path(args.save) / str(iteration)
     if model.zero_optimization_partition_weights():
         # ZeRO-3 wrote only weight partitions: gather them (every rank takes part) into the SAT-layout file,
         # which also carries rank 0's shapes and names so that DeepSpeed's zero_to_fp32 reads the folder.
         weights = model._zero3_consolidated_16bit_state_dict()  # what DeepSpeed's save_16bit_model uses
         if distributed.is_main_process():
-            write_zero3_model_states(iteration_dir, weights)
+            if lora is not None:
+                trainable = {"model." + name for name, p in model.module.model.named_parameters() if p.requires_grad}
+                weights = {key: value for key, value in weights.items() if key in trainable}
+            write_zero3_model_states(iteration_dir, weights)  # client_state comes with rank 0's metadata
     torch.save(rng_state(device), iteration_dir / f"rng_rank{distributed.rank()}.pt")
+    if ema is not None:
+        ema.save_shard(iteration_dir)
+        ema.export(iteration_dir)
     distributed.barrier()
     if distributed.is_main_process():
-        write_latest(save_dir, iteration)
-        logger.info("saved iteration %d to %s", iteration, save_dir)
+        write_latest(args.save, iteration)
+        prune_checkpoints(Path(args.save), args.keep_last, iteration)
+        logger.info("saved iteration %d to %s", iteration, args.save)
     distributed.barrier()

@@ -1,0 +1,69 @@
+"""What keeps a run from going on wrong: run options checked before anything loads, optimizer steps skipped on
+non-finite values (counted, and fatal after `args.max_nonfinite_steps` in a row), and weights checked before
+they are saved.
+
+Skipping is DeepSpeed's: under ZeRO (stage >= 1) its optimizer checks the gradient norm before every update and,
+when it is not finite (from a NaN or inf loss on any rank, or an fp16 overflow), skips the update on every rank
+alike, leaves the LR schedule where it is and counts the step in `engine.skipped_steps`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from satvideo import distributed
+from satvideo.config import ConfigError, TrainingError
+
+
+def check_training_args(args) -> None:
+    """Counts and intervals must be positive; a bad one is a ConfigError before any model or data loads."""
+    for key in ("train_iters", "log_interval", "save_interval", "max_nonfinite_steps", "eval_iters",
+                "eval_batch_size", "num_workers"):
+        value = getattr(args, key)
+        minimum = 0 if key == "num_workers" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(f"args.{key}={value!r}: expected a whole number >= {minimum}")
+    for key in ("keep_last", "eval_interval"):
+        value = getattr(args, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"args.{key}={value!r}: expected a whole number >= 1 (or null)")
+    if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
+        raise ConfigError(f"args.ema_decay={args.ema_decay!r}: expected a number between 0 and 1 (e.g. 0.9999)")
+    if args.eval_interval and not (args.valid_data or args.validation_prompts):
+        raise ConfigError("args.eval_interval is set but there is nothing to validate: give args.valid_data "
+                          "and/or args.validation_prompts")
+
+
+class NonFiniteGuard:
+    """Counts the optimizer steps DeepSpeed skipped and stops the run after `max_in_row` consecutive ones."""
+
+    def __init__(self, engine, max_in_row: int):
+        self.engine, self.max_in_row = engine, max_in_row
+        self.seen = engine.skipped_steps  # restored by a resume
+        self.in_row = 0
+
+    def after_step(self, iteration: int) -> bool:
+        """True when this iteration's update was skipped; TrainingError after too many in a row."""
+        skipped = self.engine.skipped_steps > self.seen
+        self.seen = self.engine.skipped_steps
+        self.in_row = self.in_row + 1 if skipped else 0
+        if self.in_row >= self.max_in_row:
+            raise TrainingError(f"iteration {iteration}: {self.in_row} optimizer steps in a row skipped for non-finite "
+                                f"loss or gradients (args.max_nonfinite_steps={self.max_in_row}); stopping. Check the "
+                                "learning rate, model.scale_factor and the data")
+        return skipped
+
+
+def check_weights_finite(engine, iteration: int) -> None:
+    """TrainingError, on every rank alike, if a trainable weight of this rank's share is NaN or inf."""
+    bad = torch.zeros((), device=engine.device)
+    for parameter in engine.module.parameters():
+        if parameter.requires_grad:
+            local = getattr(parameter, "ds_tensor", parameter)  # ZeRO-3: this rank's partition
+            bad += (~torch.isfinite(local)).any()
+    if distributed.world_size() > 1:
+        torch.distributed.all_reduce(bad)
+    if bad.item():
+        raise TrainingError(f"iteration {iteration}: the weights hold NaN or inf; not saving this checkpoint "
+                            "(latest still names the previous one)")
+

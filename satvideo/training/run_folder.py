@@ -1,0 +1,129 @@
+"""The run folder `args.save`: one live run at a time (a lock with host, pid and start time, kept fresh by a
+heartbeat), the merged config beside the checkpoints, metrics that stay one line per iteration across resumes,
+and at most `args.keep_last` checkpoints. Only rank 0 touches these files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from satvideo.config import TrainingError
+
+LOCK = "run.lock"
+CONFIG = "training_config.yaml"
+METRICS = "metrics.jsonl"
+
+logger = logging.getLogger(__name__)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """`{save}/run.lock`: refused while another live run holds it; taken over once that run is gone (same host:
+    its process has exited; another host: no heartbeat for `timeout` seconds; the same Slurm job id: a requeued
+    job replacing itself)."""
+
+    def __init__(self, folder: Path, timeout: float):
+        self.path = folder / LOCK
+        self.timeout = timeout
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is not None and self.is_live(holder):
+                    raise TrainingError(
+                        f"args.save={self.path.parent} is in use by a live run (host {holder.get('host')}, pid "
+                        f"{holder.get('pid')}, started {holder.get('start')}); stop it or choose another folder")
+                logger.warning("taking over the stale lock %s (%s)", self.path, holder)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(self.record, file)
+            return
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: stale
+
+    def is_live(self, holder: dict) -> bool:
+        if self.record["slurm_job"] and holder.get("slurm_job") == self.record["slurm_job"]:
+            return False  # this job, requeued: its earlier run is over
+        if holder.get("host") == self.record["host"]:
+            return process_alive(int(holder.get("pid", -1)))
+        try:
+            return time.time() - self.path.stat().st_mtime < self.timeout
+        except OSError:
+            return False
+
+    def heartbeat(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        if self.holder() == self.record:
+            self.path.unlink(missing_ok=True)
+
+
+def save_config(folder: Path, config: DictConfig) -> None:
+    """The merged config of the run, as the original writes it: `{save}/training_config.yaml`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder / CONFIG, OmegaConf.to_yaml(config, resolve=True))
+
+
+def truncate_metrics(folder: Path, iteration: int) -> None:
+    """Drop the metrics lines after `iteration` (logged after the checkpoint a resumed run starts from)."""
+    path = folder / METRICS
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the kill
+    write_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def prune_checkpoints(folder: Path, keep_last: int | None, latest: int) -> None:
+    """Remove all but the newest `keep_last` iteration folders (and their `-ema` folders); never `latest`."""
+    if not keep_last:
+        return
+    iterations = sorted(int(path.name) for path in folder.iterdir() if path.is_dir() and path.name.isdigit())
+    for iteration in iterations[:-keep_last]:
+        if iteration == latest:
+            continue
+        for name in (str(iteration), f"{iteration}-ema"):
+            shutil.rmtree(folder / name, ignore_errors=True)

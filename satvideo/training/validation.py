@@ -1,0 +1,89 @@
+"""Validation every `args.eval_interval` iterations: a loss comparable across evaluations, and videos.
+
+- Loss: the mean diffusion loss over `args.eval_iters` batches of `args.eval_batch_size` per rank from
+  `args.valid_data`, always the same samples, timesteps and noise (each batch draws them from a generator seeded
+  by its position), posterior means and no caption dropout.
+- Videos: each prompt of `args.validation_prompts` (a list, or a file with one per line; `prompt@@image.png` for
+  image-to-video) sampled with seed `args.seed + i` by the configured sampler, decoded `args.decode_chunk_frames`
+  latent frames at a time, written to `{save}/validation/{iteration}/` and sent to wandb when it is on. Prompts
+  are shared round-robin over the ranks, each rank sampling the same number (ZeRO-3 needs every rank in every
+  forward pass), one video at a time.
+
+Validation draws nothing from the global RNG, so a resumed run stays bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from torch.utils.data import default_collate
+
+from satvideo import distributed
+from satvideo.data.sources import build_dataset
+from satvideo.sampling import VideoPlan, read_prompts, save_video, slugify
+
+
+def validation_prompts(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return read_prompts(value)
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [str(prompt) for prompt in value]
+    raise TypeError(f"args.validation_prompts={value!r}: expected a list of prompts or a text file")
+
+
+class Validator:
+    def __init__(self, config: DictConfig, args, device: torch.device):
+        self.args, self.device = args, device
+        self.dataset = build_dataset(config, args.valid_data, "args.valid_data") if args.valid_data else None
+        self.prompts = validation_prompts(args.validation_prompts)
+        self.plan = VideoPlan(args, config.model.network_config.params) if self.prompts else None
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+
+    def __call__(self, engine, iteration: int, out_dir: Path | None) -> tuple[dict, list[Path]]:
+        """(a metrics record, the paths of all validation videos) — every rank calls it."""
+        engine.eval()
+        try:
+            record = {"iteration": iteration}
+            if self.dataset is not None:
+                record["valid_loss"] = self.loss(engine)
+            videos = self.videos(engine, iteration, out_dir) if self.prompts and out_dir is not None else []
+        finally:
+            engine.train()
+        return record, videos
+
+    @torch.no_grad()
+    def loss(self, engine) -> float:
+        size, total = self.args.eval_batch_size, torch.zeros(2, device=self.device)
+        for step in range(self.args.eval_iters):
+            batch_index = step * self.world_size + self.rank  # the same batches at every evaluation
+            items = [self.dataset[(batch_index * size + j) % len(self.dataset)] for j in range(size)]
+            batch = {key: value.to(self.device) if torch.is_tensor(value) else value
+                     for key, value in default_collate(items).items()}
+            generator = torch.Generator().manual_seed(self.args.seed + batch_index)
+            total += torch.stack([engine.validation_loss(batch, generator).float(), torch.ones((), device=self.device)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def videos(self, engine, iteration: int, out_dir: Path) -> list[Path]:
+        folder = out_dir / "validation" / f"{iteration:07d}"
+        paths = [folder / f"{index:02d}_{slugify(line.partition('@@')[0])}.mp4" for index, line in enumerate(self.prompts)]
+        per_rank = math.ceil(len(self.prompts) / self.world_size)
+        for slot in range(per_rank):
+            index = slot * self.world_size + self.rank
+            real = index < len(self.prompts)
+            line = self.prompts[index if real else 0]  # a rank without a prompt left samples one and drops it
+            prompt, shape, first_frames = self.plan.video(line, index, num_samples=1)
+            generator = torch.Generator().manual_seed(self.args.seed + index)
+            latents = engine.sample([prompt], shape, generator, first_frames=first_frames)
+            if real:
+                video = engine.decode_first_stage(latents, chunk_frames=self.args.decode_chunk_frames)
+                save_video(video[0].cpu(), str(paths[index]), fps=self.args.sampling_fps)
+        distributed.barrier()
+        return paths

@@ -1,0 +1,366 @@
+"""Training a researcher can watch and trust: safe loading, the non-finite guard, the run folder (lock, config,
+metrics across resumes, pruning), validation, EMA and LoRA-only checkpoints."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import LAUNCHER_VARIABLES, ROOT, TINY, metrics, run, train
+
+from satvideo import distributed
+from satvideo.checkpoint import (MODEL_STATES, load_network, lora_metadata, network_state_dict, read_latest,
+                                 safe_load)
+from satvideo.config import CheckpointError, ConfigError, TrainingError, args_namespace, load_config
+from satvideo.data.toy import make_toy_dataset
+from satvideo.data.video import read_mp4
+from satvideo.engine import VideoDiffusionEngine
+from satvideo.sampling import add_lora_from_checkpoint
+from satvideo.training.deepspeed_setup import deepspeed_config
+from satvideo.training.ema import EMA
+from satvideo.training.guards import check_training_args
+from satvideo.training.loop import build_deepspeed_engine, resume
+from satvideo.training.run_folder import RunLock, prune_checkpoints, truncate_metrics
+
+LORA = ["configs/lora.yaml", "model.network_config.params.modules.lora_config.params.r=4",
+        "model.network_config.params.modules.lora_config.params.lora_alpha=8"]
+QUICK = ("args.log_interval=1", "args.save_interval=2", "args.batch_size=2")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(folder, num=8, size=32, frames=9, fps=8, seed=0)
+    return str(folder)
+
+
+def failing(command: list[str], **extra_env: str) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra_env)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def train_command(save, data, *overrides) -> list[str]:
+    return [sys.executable, "train_video.py", "--base", *TINY, f"args.save={save}", f"args.train_data=[{data}]",
+            "args.num_workers=0", *overrides]
+
+
+# --- safe loading ------------------------------------------------------------------------------------------
+
+class Planted:
+    """Unpickling this creates the marker file: what a planted checkpoint would do with an unrestricted load."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, data):
+    save = tmp_path_factory.mktemp("clean") / "run"
+    train(save, data, "args.train_iters=2", *QUICK, "args.ema_decay=0.5")
+    return save
+
+
+def resume_in_process(save: Path, *overrides):
+    config = load_config(TINY, [f"args.save={save}", *overrides])
+    args = args_namespace(config)
+    device = distributed.init_device("cpu")
+    ds = deepspeed_config(config, args, on_gpu=False)
+    model, _ = build_deepspeed_engine(config, args, ds, device, load_weights=False)
+    ema = EMA(model.module.network, 0.5)
+    return resume(model, args, read_latest(save), device, ema, adapters_only=False)
+
+
+@pytest.mark.parametrize("name", [MODEL_STATES, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.pt",
+                                  "ema_rank0.pt"])
+def test_a_planted_pickle_in_any_resume_file_does_not_run(clean_run, tmp_path, name):
+    save = tmp_path / "run"
+    shutil.copytree(clean_run, save)
+    marker = tmp_path / "pwned"
+    torch.save({"state": Planted(str(marker))}, save / "2" / name)
+    with pytest.raises(CheckpointError, match=rf"{name}: refused to load: not a plain tensor file"):
+        resume_in_process(save)
+    assert not marker.exists()
+
+
+def test_the_clean_checkpoint_resumes_in_process(clean_run, tmp_path):
+    save = tmp_path / "run"
+    shutil.copytree(clean_run, save)
+    assert resume_in_process(save) == 2
+
+
+def test_a_planted_resume_stops_the_entrypoint_with_one_line(clean_run, tmp_path, data):
+    save = tmp_path / "run"
+    shutil.copytree(clean_run, save)
+    marker = tmp_path / "pwned"
+    torch.save({"state": Planted(str(marker))}, save / "2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    result = failing(train_command(save, data, "args.train_iters=3", *QUICK))
+    assert result.returncode == 2 and not marker.exists() and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "refused to load" in result.stderr
+
+
+def test_a_planted_lora_adapter_or_ema_file_is_refused_at_sampling(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "ckpt" / "1").mkdir(parents=True)
+    torch.save({"module": {"x": Planted(str(marker))}}, tmp_path / "ckpt" / "1" / MODEL_STATES)
+    (tmp_path / "ckpt" / "latest").write_text("1")
+    network = VideoDiffusionEngine.from_config(load_config(TINY).model).network
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_network(network, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        lora_metadata(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+# --- non-finite guard --------------------------------------------------------------------------------------
+
+def test_an_injected_nan_batch_is_skipped_counted_and_the_run_goes_on(tmp_path, data):
+    save = tmp_path / "run"
+    # tests/nan_dataset.py: the toy dataset with NaN pixels in sample 3 (batches of 2: one bad batch per epoch)
+    output = run(train_command(save, data, "args.train_iters=6", *QUICK, "data.target=nan_dataset.NaNAtSample",
+                               "args.save_interval=6"), PYTHONPATH=str(Path(ROOT) / "tests"))
+    lines = metrics(save)
+    assert sum(line["nonfinite_losses"] for line in lines) >= 1 and sum(line["skipped_steps"] for line in lines) >= 1
+    assert read_latest(save) == 6 and "iteration 6 | loss" in output
+    assert all(torch.isfinite(value).all() for value in network_state_dict(save).values())
+
+
+def test_a_run_that_is_nan_every_step_stops_and_latest_stays(tmp_path, data):
+    save = tmp_path / "run"
+    train(save, data, "args.train_iters=2", *QUICK)
+    result = failing(train_command(save, data, "args.train_iters=8", *QUICK, "args.save_interval=1",
+                                   "model.scale_factor=1e38", "args.max_nonfinite_steps=3"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "3 optimizer steps in a row skipped for non-finite loss" in result.stderr.strip().splitlines()[-1]
+    assert read_latest(save) == 2 and sorted(p.name for p in save.iterdir() if p.name.isdigit()) == ["2"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("args.train_iters=0", r"args.train_iters=0: expected a whole number >= 1"),
+    ("args.save_interval=0", r"args.save_interval=0: expected a whole number >= 1"),
+    ("args.log_interval=-1", r"args.log_interval=-1: expected a whole number >= 1"),
+    ("args.keep_last=0", r"args.keep_last=0: expected a whole number >= 1 \(or null\)"),
+    ("args.ema_decay=1.5", r"args.ema_decay=1.5: expected a number between 0 and 1"),
+    ("args.eval_interval=5", r"args.eval_interval is set but there is nothing to validate"),
+])
+def test_counts_and_intervals_are_checked_first(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_training_args(args_namespace(load_config(TINY, [override])))
+
+
+# --- run folder --------------------------------------------------------------------------------------------
+
+def test_config_is_saved_and_metrics_hold_each_iteration_once_after_a_resume(tmp_path, data):
+    save = tmp_path / "run"
+    train(save, data, "args.train_iters=4", *QUICK)
+    assert load_config([str(save / "training_config.yaml")]).args.train_iters == 4
+    # as if killed after logging iterations 3 and 4 but before the save of 4 became `latest`
+    (save / "latest").write_text("2")
+    shutil.rmtree(save / "4")
+    train(save, data, "args.train_iters=6", *QUICK)
+    assert [line["iteration"] for line in metrics(save)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_truncate_metrics_drops_lines_after_the_resumed_iteration_and_cut_lines(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\n{"iteration": 2}\n{"iteration": 3}\n{"itera')
+    truncate_metrics(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1}\n{"iteration": 2}\n'
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def write_lock(folder: Path, host: str, pid: int, age: float = 0.0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.lock").write_text(f'{{"host": "{host}", "pid": {pid}, "start": "then"}}')
+    then = time.time() - age
+    os.utime(folder / "run.lock", (then, then))
+
+
+def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    here = socket.gethostname()
+    write_lock(tmp_path, here, os.getpid())  # this very process: alive
+    with pytest.raises(TrainingError, match=rf"args.save={tmp_path} is in use by a live run \(host {here}, pid"):
+        RunLock(tmp_path, timeout=900).acquire()
+    write_lock(tmp_path, "elsewhere", 1, age=10)  # another host, fresh heartbeat
+    with pytest.raises(TrainingError, match="in use by a live run"):
+        RunLock(tmp_path, timeout=900).acquire()
+    for host, pid, age in ((here, dead_pid(), 0), ("elsewhere", 1, 1000)):  # process gone; heartbeat too old
+        write_lock(tmp_path, host, pid, age)
+        lock = RunLock(tmp_path, timeout=900)
+        lock.acquire()
+        assert lock.holder() == lock.record
+        lock.release()
+        assert not (tmp_path / "run.lock").exists()
+
+
+def test_the_same_slurm_job_takes_its_lock_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    (tmp_path / "run.lock").write_text('{"host": "node7", "pid": 1, "start": "then", "slurm_job": "4242"}')
+    RunLock(tmp_path, timeout=900).acquire()
+
+
+def test_the_entrypoint_refuses_a_locked_folder(tmp_path, data):
+    write_lock(tmp_path / "run", socket.gethostname(), os.getpid())
+    result = failing(train_command(tmp_path / "run", data, "args.train_iters=2"))
+    assert result.returncode == 2 and "is in use by a live run" in result.stderr.strip().splitlines()[-1]
+
+
+def test_keep_last_prunes_old_checkpoints_and_their_ema(tmp_path):
+    for name in ("2", "2-ema", "4", "4-ema", "6", "6-ema", "validation"):
+        (tmp_path / name).mkdir()
+    prune_checkpoints(tmp_path, keep_last=2, latest=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["4", "4-ema", "6", "6-ema", "validation"]
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_rank_validation_writes_loss_lines_and_videos_that_decode(tmp_path, data):
+    save = tmp_path / "run"
+    prompts = "[a red square moving left,a blue circle moving up,a green square moving down]"
+    train(save, data, "args.train_iters=4", "args.log_interval=2", "args.save_interval=4", "args.batch_size=2",
+          "args.eval_interval=2", f"args.valid_data=[{data}]", "args.eval_iters=2", "args.eval_batch_size=1",
+          f"args.validation_prompts={prompts}", "model.sampler_config.params.num_steps=2",
+          "model.sampler_config.params.guider_config.params.num_steps=2", nproc=2)
+    valid = [line for line in metrics(save) if "valid_loss" in line]
+    assert [line["iteration"] for line in valid] == [2, 4] and all(line["valid_loss"] > 0 for line in valid)
+    for iteration in (2, 4):
+        videos = sorted((save / "validation" / f"{iteration:07d}").glob("*.mp4"))
+        assert [video.name[:2] for video in videos] == ["00", "01", "02"]  # three prompts over two ranks
+        frames, fps = read_mp4(videos[0])
+        assert frames.shape == (9, 32, 32, 3) and round(fps) == 8
+
+
+def test_validation_loss_is_the_same_at_every_evaluation_of_the_same_weights(tmp_path, data):
+    from satvideo.training.validation import Validator
+
+    config = load_config(TINY, [f"args.valid_data=[{data}]", "args.eval_iters=2", "args.eval_interval=1"])
+    args = args_namespace(config)
+    engine = VideoDiffusionEngine.from_config(config.model)
+    validator = Validator(config, args, torch.device("cpu"))
+    first, _ = validator(engine, 1, None)
+    torch.rand(5)  # the global RNG moves on between evaluations
+    second, _ = validator(engine, 2, None)
+    assert first["valid_loss"] == second["valid_loss"]
+
+
+# --- EMA and LoRA: exact resume, adapter-only checkpoints, sampling -------------------------------------------
+
+def straight_and_resumed(tmp_path, data, *overrides, nproc: int = 1):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    overrides = ("args.lr_decay_iters=4", *overrides)  # the same schedule whatever train_iters says
+    train(straight, data, "args.train_iters=4", *QUICK, *overrides, nproc=nproc)
+    train(resumed, data, "args.train_iters=2", *QUICK, *overrides, nproc=nproc)
+    assert "resumed from" in train(resumed, data, "args.train_iters=4", *QUICK, *overrides, nproc=nproc)
+    return straight, resumed
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    first, second = network_state_dict(a), network_state_dict(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.slow
+def test_zero3_full_run_with_ema_resumes_bit_exactly(tmp_path, data):
+    straight, resumed = straight_and_resumed(tmp_path, data, "args.zero_stage=3", "args.ema_decay=0.9")
+    assert_same_weights(straight, resumed)
+    assert_same_weights(straight / "4-ema" / MODEL_STATES, resumed / "4-ema" / MODEL_STATES)
+    ema = network_state_dict(straight / "4-ema" / MODEL_STATES)
+    weights = network_state_dict(straight)
+    assert ema.keys() == weights.keys() and any(not torch.equal(ema[k], weights[k]) for k in ema)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory, data):
+    save = tmp_path_factory.mktemp("base") / "run"
+    train(save, data, "args.train_iters=2", *QUICK)
+    return save
+
+
+@pytest.mark.slow
+def test_lora_run_saves_only_adapters_and_resumes_bit_exactly_with_ema(tmp_path, data, base_checkpoint):
+    straight, resumed = straight_and_resumed(tmp_path, data, *LORA, f"args.load={base_checkpoint}",
+                                             "args.ema_decay=0.9")
+    adapters = network_state_dict(straight)
+    assert adapters and all("matrix_A" in key or "matrix_B" in key for key in adapters)
+    assert_same_weights(straight, resumed)
+    assert_same_weights(straight / "4-ema" / MODEL_STATES, resumed / "4-ema" / MODEL_STATES)
+    metadata = lora_metadata(straight)
+    assert (metadata["r"], metadata["lora_alpha"]) == (4, 8.0) and metadata["base"] == str(base_checkpoint.resolve())
+    adapter_size = (straight / "4" / MODEL_STATES).stat().st_size
+    full_size = (base_checkpoint / "2" / MODEL_STATES).stat().st_size
+    print(f"LoRA checkpoint: {adapter_size} bytes, full: {full_size} bytes ({adapter_size / full_size:.1%})")
+    assert adapter_size < 0.25 * full_size
+
+
+def sample_latents(engine: VideoDiffusionEngine) -> torch.Tensor:
+    engine.sampler.num_steps = engine.sampler.guider.num_steps = 3
+    return engine.sample(["a red square moving left"], (3, 16, 4, 4), torch.Generator().manual_seed(11))
+
+
+@pytest.mark.slow
+def test_adapter_over_base_samples_as_the_merged_model_and_exports_without_alpha(tmp_path, data, base_checkpoint):
+    lora_run = tmp_path / "lora"
+    train(lora_run, data, "args.train_iters=2", *QUICK, *LORA, f"args.load={base_checkpoint}",
+          "model.network_config.params.modules.lora_config.params.lora_alpha=3")
+    config = load_config(TINY)  # no LoRA overlay: the adapter checkpoint brings rank and alpha
+    add_lora_from_checkpoint(config, str(lora_run))
+    over_base = VideoDiffusionEngine.from_config(config.model)
+    load_network(over_base.network, lora_run)  # the base recorded in the checkpoint
+    expected = sample_latents(over_base)
+
+    over_base.network.mixins.lora.merge_lora()  # SAT folds B @ A * scale into the projections
+    merged_dir = tmp_path / "merged" / "1"
+    merged_dir.mkdir(parents=True)
+    torch.save({"module": over_base.state_dict()}, merged_dir / MODEL_STATES)
+    merged = VideoDiffusionEngine.from_config(load_config(TINY).model)
+    load_network(merged.network, merged_dir / MODEL_STATES)
+    got = sample_latents(merged)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    half = VideoDiffusionEngine.from_config(config.model)
+    load_network(half.network, lora_run, lora_scale=0.0)  # scale 0: the base model alone
+    base_only = VideoDiffusionEngine.from_config(load_config(TINY).model)
+    load_network(base_only.network, base_checkpoint)
+    assert torch.allclose(sample_latents(half), sample_latents(base_only), atol=1e-6)
+
+    run([sys.executable, "scripts/convert_weights.py", "lora-to-diffusers", "--checkpoint", str(lora_run),
+         "--out", str(tmp_path / "peft")])
+    from safetensors.torch import load_file
+
+    from satvideo.convert.lora import sat_lora_to_peft
+
+    exported = load_file(tmp_path / "peft" / "pytorch_lora_weights.safetensors")
+    explicit = sat_lora_to_peft(network_state_dict(lora_run), lora_alpha=3.0)
+    assert exported.keys() == explicit.keys() and all(torch.equal(exported[k], explicit[k]) for k in exported)
+
+
+def test_use_ema_without_ema_weights_is_a_clear_error(clean_run, tmp_path):
+    network = VideoDiffusionEngine.from_config(load_config(TINY).model).network
+    load_network(network, clean_run, use_ema=True)  # the clean run has them
+    plain = tmp_path / "plain"
+    shutil.copytree(clean_run, plain)
+    shutil.rmtree(plain / "2-ema")
+    with pytest.raises(CheckpointError, match=r"args.use_ema: .* has no EMA weights"):
+        load_network(network, plain, use_ema=True)
+
+
+def test_rng_state_file_is_plain_tensors(clean_run):
+    state = safe_load(clean_run / "2" / "rng_rank0.pt")
+    assert set(state) == {"python", "numpy", "torch"}
