@@ -157,6 +157,18 @@ def test_counts_and_intervals_are_checked_first(override, message):
         check_training_args(args_namespace(load_config(TINY, [override])))
 
 
+def test_a_worker_whose_launcher_is_gone_stops(monkeypatch):
+    from satvideo.training.guards import LauncherWatch
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(os, "getppid", lambda: 4321)
+    watch = LauncherWatch()
+    watch.check(1)
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # re-parented to init: torchrun was killed
+    with pytest.raises(TrainingError, match=r"iteration 2: the torchrun launcher \(pid 4321\) is gone"):
+        watch.check(2)
+
+
 # --- run folder --------------------------------------------------------------------------------------------
 
 def test_config_is_saved_and_metrics_hold_each_iteration_once_after_a_resume(tmp_path, data):

@@ -9,6 +9,8 @@ alike, leaves the LR schedule where it is and counts the step in `engine.skipped
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from satvideo import distributed
@@ -67,3 +69,15 @@ def check_weights_finite(engine, iteration: int) -> None:
         raise TrainingError(f"iteration {iteration}: the weights hold NaN or inf; not saving this checkpoint "
                             "(latest still names the previous one)")
 
+
+class LauncherWatch:
+    """Under torchrun, a worker whose launcher was killed is re-parented; it stops instead of training on alone
+    (and writing into a folder that a restarted run would use)."""
+
+    def __init__(self):
+        self.launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def check(self, iteration: int) -> None:
+        if self.launcher is not None and os.getppid() != self.launcher:
+            raise TrainingError(f"iteration {iteration}: the torchrun launcher (pid {self.launcher}) is gone; "
+                                "stopping this worker")

@@ -27,7 +27,7 @@ from satvideo.engine import VideoDiffusionEngine
 from satvideo.training.data_order import ResumableSampler
 from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, training_dtype
 from satvideo.training.ema import EMA
-from satvideo.training.guards import NonFiniteGuard, check_training_args, check_weights_finite
+from satvideo.training.guards import LauncherWatch, NonFiniteGuard, check_training_args, check_weights_finite
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
 from satvideo.training.metrics import MetricsLog, Window
 from satvideo.training.run_folder import RunLock, prune_checkpoints, save_config, truncate_metrics
@@ -152,9 +152,10 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     sampler = ResumableSampler(len(dataset), rank, world_size, args.seed)
     data = micro_batch_stream(dataset, sampler, micro_batch, start_iteration * accumulation, args)
     log = MetricsLog(args, config, device)
-    guard = NonFiniteGuard(model, args.max_nonfinite_steps)
+    guard, launcher = NonFiniteGuard(model, args.max_nonfinite_steps), LauncherWatch()
     window = Window(device)
     for iteration in range(start_iteration + 1, args.train_iters + 1):
+        launcher.check(iteration)
         for _ in range(accumulation):
             batch = to_device(next(data), device)
             padded = batch.pop("padded_frames", torch.zeros(1, dtype=torch.long, device=device))
