@@ -3,25 +3,69 @@
     python sample_video.py --base configs/tiny/model.yaml configs/tiny/sample.yaml args.load=checkpoints/tiny
     python sample_video.py --base configs/cogvideox_5b.yaml configs/inference.yaml args.input_file=prompts.txt
 
-Prompts come from `args.input_file` (one per line; `prompt@@image.png` for image-to-video) or, with
-`args.input_type=cli`, from the terminal. Each prompt gives an mp4 (or, with `args.only_save_latents`, a
-safetensors file of latents) in `args.output_dir` and a line in its `manifest.jsonl` (file, prompt, seed).
-`args.load` may be a LoRA adapter checkpoint (loaded over `args.lora_base` or the base it records, scaled by
-`args.lora_scale`); `args.use_ema` loads the checkpoint's EMA weights.
+Requests come from `args.input_file`: one prompt per line (`prompt@@image.png` for image-to-video), or a .jsonl
+file with `prompt` and optionally `negative_prompt`, `seed`, `image`, `video` + `strength` (video-to-video),
+`video` + `continue_frames` (continuation) and `num_frames`; or, with `args.input_type=cli`, from the terminal.
+Every request is checked before any weight loads. Each video gets an mp4 (or, with `args.only_save_latents`, a
+safetensors file of latents) in `args.output_dir`, never over an earlier file, a JSON sidecar describing how to
+make it again, and a line in `manifest.jsonl`. `args.load` may be a LoRA adapter checkpoint; `args.lora` merges
+further adapters; `args.use_ema` loads the checkpoint's EMA weights.
 """
 
-from pathlib import Path
+import hashlib
+import resource
+import time
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
-from safetensors.torch import save_file
+from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from satvideo import distributed
-from satvideo.checkpoint import load_network
+from satvideo.checkpoint import load_network, resolve_model_states
 from satvideo.cli import parse_config, run_entrypoint
 from satvideo.config import ConfigError, args_namespace
 from satvideo.engine import VideoDiffusionEngine
-from satvideo.sampling import (VideoPlan, add_lora_from_checkpoint, interactive_prompts, read_prompts, sampling_dtype,
-                               save_video, slugify, write_manifest_line)
+from satvideo.sampling import (OutputWriter, VideoPlan, adapter_list, add_lora_from_checkpoint, file_sha256,
+                               interactive_prompts, merge_adapters, read_requests, request_from_line, sampling_dtype,
+                               slugify)
+
+
+def satvideo_version() -> str:
+    try:
+        return version("satvideo")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def guidance_record(sampler) -> dict:
+    guider = sampler.guider
+    if guider is None:
+        return {"name": None}
+    record = {"name": type(guider).__name__, "scale": guider.scale}
+    if hasattr(guider, "exp"):
+        record.update(exp=guider.exp, schedule="1 + scale * (1 - cos(pi * ((steps - t) / steps) ** exp)) / 2")
+    return record
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def batches(requests: list, size: int) -> list[list]:
+    """Plain generations of the same shape share a batch of up to `size`; anything else goes alone."""
+    groups, pending = [], []
+    for request in requests:
+        if request.video or request.image or request.num_frames or size == 1:
+            groups.append([request])
+            continue
+        pending.append(request)
+        if len(pending) == size:
+            groups.append(pending)
+            pending = []
+    return groups + ([pending] if pending else [])
 
 
 def main() -> None:
@@ -29,45 +73,106 @@ def main() -> None:
     args = args_namespace(config)
     if not args.load:
         raise ConfigError("args.load: give the checkpoint to sample from (a run folder, iteration folder or file)")
+    checkpoint = resolve_model_states(args.load)
     plan = VideoPlan(args, config.model.network_config.params)
+    adapters = adapter_list(args.lora)
+    interactive = args.input_type == "cli"
+    requests = [] if interactive else read_requests(args)
+    for request in requests:  # everything is checked before any weight loads
+        if not request.negative_prompt:
+            request.negative_prompt = args.negative_prompt
+        plan.check(request)
+    writer = OutputWriter(args.output_dir, args.overwrite, args.contact_sheet)
 
     device = distributed.init_device(args.device)
     rank, world_size = distributed.rank(), distributed.world_size()
-    if args.input_type == "txt":
-        if not args.input_file:
-            raise ConfigError("args.input_file: give a text file with one prompt per line (or args.input_type=cli)")
-        prompts = list(enumerate(read_prompts(args.input_file)))[rank::world_size]  # ranks share the prompts
-    elif world_size > 1:
+    if interactive and world_size > 1:
         raise ConfigError("args.input_type=cli reads the terminal: run it in one process, not under torchrun")
-    else:
-        prompts = enumerate(interactive_prompts())
+    requests = requests[rank::world_size]  # ranks share the requests
 
     add_lora_from_checkpoint(config, args.load)
+    torch.manual_seed(args.seed)  # parts without weight files (tiny test models) are the same in every run
     engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=False)  # no backward pass
     load_network(engine.network, args.load, strict=args.strict_load, lora_base=args.lora_base,
                  lora_scale=args.lora_scale, use_ema=args.use_ema)
-    engine.to(device, sampling_dtype(args)).eval()
-    engine.place_frozen_parts(device, sampling_dtype(args))
+    merge_adapters(engine.network, adapters)
+    dtype = sampling_dtype(args)
+    engine.to(device, dtype).eval()
+    engine.place_frozen_parts(device, dtype)
+    run_record = {
+        "sampler": {"name": type(engine.sampler).__name__, "num_steps": engine.sampler.num_steps},
+        "guidance": guidance_record(engine.sampler), "fps": args.sampling_fps,
+        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint), "ema": args.use_ema},
+        "adapters": [{"path": path, "scale": scale} for path, scale in adapters],
+        "config_sha256": hashlib.sha256(OmegaConf.to_yaml(config, resolve=True).encode()).hexdigest(),
+        "satvideo_version": satvideo_version(), "dtype": str(dtype).removeprefix("torch."),
+    }
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for index, line in prompts:
-        prompt, latent_shape, first_frames = plan.video(line, index, args.num_samples)
-        seed = args.seed + index
-        generator = torch.Generator().manual_seed(seed)  # on the CPU: a seed gives the same video on any device
-        latents = engine.sample([prompt] * args.num_samples, latent_shape, generator, first_frames=first_frames)
-        for sample in range(len(latents)):
-            stem = f"{index:03d}_{sample}_{slugify(prompt)}"
-            if args.only_save_latents:  # unscaled VAE latents [C, T', h, w], as the original's latent.pt
-                name = f"{stem}.safetensors"
-                unscaled = (latents[sample] / engine.scale_factor).permute(1, 0, 2, 3).contiguous().float().cpu()
-                save_file({"latents": unscaled}, str(output_dir / name), metadata={"prompt": prompt, "seed": str(seed)})
-            else:
-                name = f"{stem}.mp4"
-                video = engine.decode_first_stage(latents[sample : sample + 1], chunk_frames=args.decode_chunk_frames)
-                save_video(video[0].cpu(), str(output_dir / name), fps=args.sampling_fps)
-            write_manifest_line(str(output_dir), {"file": name, "prompt": prompt, "seed": seed})
-            print(f"wrote {output_dir / name}", flush=True)
+    texts = {}
+    if not interactive:  # encode every prompt now, then T5 can leave the GPU
+        for request in requests:
+            texts[request.index] = engine.encode_prompts([request.prompt], [request.negative_prompt])
+        if args.offload_text_encoder:
+            engine.conditioner.to("cpu")
+    source = (request_from_line(line, i, args.seed + i) for i, line in enumerate(interactive_prompts())) \
+        if interactive else batches(requests, args.batch_size or 1)
+    start, written = time.perf_counter(), []
+    for group in tqdm(source, desc="videos", disable=interactive or not requests):
+        group = group if isinstance(group, list) else [group]
+        for request in group:
+            request.negative_prompt = request.negative_prompt or args.negative_prompt
+            if interactive:
+                plan.check(request)
+                texts[request.index] = engine.encode_prompts([request.prompt], [request.negative_prompt])
+        written += sample_group(engine, plan, group, texts, writer, args, run_record, device)
+    elapsed = time.perf_counter() - start
+    if written:
+        print(f"{len(written)} videos in {elapsed:.1f} s ({elapsed / len(written):.1f} s per video) in "
+              f"{args.output_dir}", flush=True)
+
+
+def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: OutputWriter, args, run_record: dict,
+                 device: torch.device) -> list:
+    """Sample one batch of requests (num_samples videos each) and write every video with its sidecar."""
+    start = time.perf_counter()
+    samples = args.num_samples
+    first = group[0]
+    shape, first_frames, clip = plan.inputs(first, samples)
+    if len(group) > 1:  # plain generations of one shape: stack their prompts and texts
+        text = tuple({key: torch.cat([texts[r.index][part][key] for r in group for _ in range(samples)])
+                      for key in texts[first.index][part]} for part in (0, 1))
+    else:
+        text = tuple({key: value.expand(samples, *value.shape[1:]) for key, value in part.items()}
+                     for part in texts[first.index])
+    generators = [torch.Generator().manual_seed(r.seed + s) for r in group for s in range(samples)]
+    init = prefix = None
+    if clip is not None:
+        latents = engine.encode_first_stage(clip[None].to(device, next(engine.parameters()).dtype), sample=False)
+        latents = latents.expand(samples, -1, -1, -1, -1)
+        init, prefix = (latents, None) if first.strength is not None else (None, latents[:, : first.continue_frames])
+    prompts = [r.prompt for r in group for _ in range(samples)]
+    latents = engine.sample(prompts, shape, generators, first_frames=first_frames, text=text, init_latents=init,
+                            strength=first.strength if first.strength is not None else 1.0, prefix_latents=prefix)
+    seconds = (time.perf_counter() - start) / len(prompts)
+    paths = []
+    for position, request in enumerate(r for r in group for _ in range(samples)):
+        sample = position % samples
+        stem = f"{request.index:03d}_{sample}_{slugify(request.prompt)}"
+        record = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed + sample,
+                  "mode": request.mode, "image": request.image, "video": request.video, "strength": request.strength,
+                  "continue_frames": request.continue_frames, "size": [shape[2] * 8, shape[3] * 8],
+                  "batch": [r.index for r in group], **run_record}
+        one = latents[position : position + 1]
+        if args.only_save_latents:  # unscaled VAE latents [C, T', h, w], as the original's latent.pt
+            unscaled = (one[0] / engine.scale_factor).permute(1, 0, 2, 3).contiguous().float().cpu()
+            record.update(frames=4 * (shape[0] - 1) + 1, seconds=seconds, peak_memory_gb=peak_memory_gb(device))
+            paths.append(writer.write(stem, record, latents={"latents": unscaled}))
+        else:
+            video = engine.decode_first_stage(one, chunk_frames=args.decode_chunk_frames)[0].cpu()
+            record.update(frames=video.shape[0], seconds=seconds, peak_memory_gb=peak_memory_gb(device))
+            paths.append(writer.write(stem, record, video=video, fps=args.sampling_fps))
+        print(f"wrote {paths[-1]}", flush=True)
+    return paths
 
 
 if __name__ == "__main__":

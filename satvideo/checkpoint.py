@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from satvideo.config import CheckpointError
+from satvideo.config import CheckpointError, CheckpointNotFound
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_RANK0_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -99,13 +99,13 @@ def resolve_model_states(path: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+        raise CheckpointNotFound(f"checkpoint path {path} does not exist")
     iteration = read_latest(path)
     if iteration is not None:
         path = path / str(iteration)
     candidate = path / MODEL_STATES
     if not candidate.is_file():
-        raise FileNotFoundError(f"no {MODEL_STATES} in {path} (and no 'latest' file naming an iteration folder)")
+        raise CheckpointNotFound(f"no {MODEL_STATES} in {path} (and no 'latest' file naming an iteration folder)")
     return candidate
 
 

@@ -76,6 +76,11 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "num_samples": 1,
     "decode_chunk_frames": 2,
     "only_save_latents": False,  # write the sampled latents (safetensors) instead of decoding them
+    "negative_prompt": "",  # for every prompt without its own (JSONL); empty: the all-zero unconditional input
+    "overwrite": False,  # replace files of an earlier run in output_dir instead of taking new names
+    "contact_sheet": False,  # a PNG of frames beside each mp4
+    "lora": None,  # sampling: adapters merged over `load`: paths (satvideo checkpoints or diffusers files) or {path, scale}
+    "offload_text_encoder": True,  # sampling: T5 goes to the CPU once every prompt is encoded
 }
 
 # Keys of the official CogVideoX SAT configs that change nothing in satvideo, by section or by the satvideo
@@ -153,6 +158,10 @@ class TrainingError(SatvideoError):
 
 class CheckpointError(SatvideoError):
     """A checkpoint file that cannot or must not be read (it would execute code, or it is damaged)."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A checkpoint path that does not exist or holds no model states."""
 
 
 def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:

@@ -18,6 +18,8 @@ from torch import nn
 
 from satvideo.checkpoint import NETWORK_PREFIX, is_lora_matrix
 from satvideo.config import ConfigError, check_parameters, drop_keys_without_effect, instantiate_from_config, to_plain
+from satvideo.diffusion.discretization import noise_std
+from satvideo.diffusion.samplers import Generators, randn
 
 logger = logging.getLogger(__name__)
 
@@ -219,34 +221,79 @@ class VideoDiffusionEngine(nn.Module):
     # --- sampling ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], latent_shape: tuple[int, int, int, int], generator: torch.Generator,
-               first_frames: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], negative_prompts: list[str] | None = None) -> tuple[dict, dict]:
+        """(cond, uncond) text features of prompts [B]. The unconditional input is all zeros, as the original
+        samples, except where a non-empty negative prompt replaces it with that prompt's features."""
+        dtype = next(self.parameters()).dtype
+        cond = {key: value.to(dtype) for key, value in self.conditioner({"txt": prompts}).items()}
+        uncond = self.conditioner.unconditional(cond)
+        negatives = [(i, text) for i, text in enumerate(negative_prompts or []) if text]
+        if negatives:
+            encoded = self.conditioner({"txt": [text for _, text in negatives]})
+            rows = torch.tensor([i for i, _ in negatives])
+            for key, value in encoded.items():
+                uncond[key][rows.to(value.device)] = value.to(dtype)
+        return cond, uncond
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], latent_shape: tuple[int, int, int, int], generator: Generators,
+               first_frames: torch.Tensor | None = None, negative_prompts: list[str] | None = None,
+               text: tuple[dict, dict] | None = None, init_latents: torch.Tensor | None = None, strength: float = 1.0,
+               prefix_latents: torch.Tensor | None = None) -> torch.Tensor:
         """Generate latents [B, T', C, h, w] for prompts; `latent_shape` = (T', C, h, w) before temporal padding.
 
-        With image-to-video models, `first_frames` [B, 3, H, W] conditions the video.
+        - `first_frames` [B, 3, H, W]: the conditioning frame of image-to-video models.
+        - `negative_prompts` (or `text`, precomputed `encode_prompts` output): the unconditional branch of CFG.
+        - `init_latents` [B, T', C, h, w] with `strength` in [0, 1]: video-to-video (SDEdit): the latents are noised
+          to the level of step round((1 - strength) * steps) and denoised from there; 0 returns them, 1 is
+          text-to-video from the same noise.
+        - `prefix_latents` [B, k, C, h, w]: continuation: the first k latent frames stay these throughout.
+        A list of generators, one per prompt, makes each video's noise depend on its own seed only.
         """
         device = next(self.parameters()).device
         dtype = next(self.parameters()).dtype
         frames, channels, height, width = latent_shape
-        padded_frames = frames + (-frames) % self.patch_t
-        cond = {key: value.to(dtype) for key, value in self.conditioner({"txt": prompts}).items()}
-        uncond = self.conditioner.unconditional(cond)
+        pad = (-frames) % self.patch_t  # 1.5 models: frames added in front (as training repeats the first)
+        cond, uncond = text if text is not None else self.encode_prompts(prompts, negative_prompts)
         model_inputs = {}
         if first_frames is not None and not self.noised_image_input:
             raise ValueError("this is a text-to-video model (model.noised_image_input is false): it takes no first frame")
         if self.noised_image_input:
             if first_frames is None:
                 raise ValueError("this is an image-to-video model: give a first frame for each prompt")
-            model_inputs["concat_images"] = self.image_condition(first_frames.to(device, dtype), padded_frames,
+            model_inputs["concat_images"] = self.image_condition(first_frames.to(device, dtype), frames + pad,
                                                                  noise_images=False)
-        noise = torch.randn((len(prompts), padded_frames, channels, height, width), generator=generator,
-                            device=generator.device).to(device, dtype)
+        x = randn((len(prompts), frames + pad, channels, height, width), generator, device, dtype)
+
+        start, fixed = 0, 0
+        if init_latents is not None:
+            start, x = self.noised_to_strength(init_latents.to(device, dtype), x, strength, pad)
+            if start is None:
+                return init_latents
+        if prefix_latents is not None:
+            prefix = prefix_latents.to(device, dtype)
+            x[:, :pad] = prefix[:, :1]
+            x[:, pad : pad + prefix.shape[1]] = prefix
+            fixed = pad + prefix.shape[1]
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor, c: dict, **kwargs) -> torch.Tensor:
             return self.denoiser(self.model, x, sigma, c, **model_inputs, **kwargs)
 
-        latents = self.sampler(denoise, noise, cond, uc=uncond, generator=generator)
-        return latents[:, padded_frames - frames:]  # drop the frames added for the temporal patch
+        latents = self.sampler(denoise, x, cond, uc=uncond, generator=generator, start=start, fixed_frames=fixed)
+        return latents[:, pad:]  # drop the frames added for the temporal patch
+
+    def noised_to_strength(self, latents: torch.Tensor, noise: torch.Tensor, strength: float,
+                           pad: int) -> tuple[int | None, torch.Tensor]:
+        """(first step, latents noised to its level) for video-to-video; (None, latents) when strength is 0."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        timesteps, alphas = self.sampler.schedule()
+        start = len(timesteps) - round(strength * len(timesteps))
+        if start == len(timesteps):
+            return None, latents
+        padded = torch.cat([latents[:, :1].expand(-1, pad, -1, -1, -1), latents], dim=1)
+        alpha = alphas[start].to(noise.dtype)
+        return start, alpha * padded + noise_std(alpha) * noise
 
 
 def freeze_network(network: nn.Module, not_trainable_prefixes: list[str]) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from satvideo.config import ConfigError
 from satvideo.data import SFTDataset
 from satvideo.data.sft import resampled_indices, resize_cover_center_crop, strided_indices
 from satvideo.data.toy import DIRECTIONS, PALETTE, dominant_palette_colour, make_toy_dataset, palette_colour_in
@@ -316,7 +317,7 @@ def test_read_prompts_skips_blanks_and_comments(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("# toy prompts\na red square moving left\n\n   \n  a blue circle moving up  \n#skip\n")
     assert read_prompts(str(path)) == ["a red square moving left", "a blue circle moving up"]
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.txt"))):
+    with pytest.raises(ConfigError, match=re.escape(f"args.input_file: {tmp_path / 'nope.txt'} does not exist")):
         read_prompts(str(tmp_path / "nope.txt"))
 
 

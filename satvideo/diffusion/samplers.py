@@ -25,6 +25,20 @@ from satvideo.diffusion.discretization import noise_std
 DenoiserFn = Callable[[Tensor, Tensor, dict], Tensor]
 
 
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Normal noise drawn where the generator lives (a seed gives the same noise on any device), then moved to
+    `device`. A list of generators draws each sample of the batch from its own one."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
+
+
 def log_snr(alpha: Tensor) -> Tensor:
     """lambda = log(alpha / sigma): -inf at zero SNR, +inf at alpha = 1."""
     return alpha.log() - 0.5 * torch.log1p(-(alpha**2))
@@ -96,19 +110,26 @@ class VideoDDIMSampler:
         cond: dict,
         uc: dict | None = None,
         generator: torch.Generator | None = None,
+        start: int = 0,
+        fixed_frames: int | None = None,
     ) -> Tensor:
+        """Denoise x, which is at the noise level of step `start` (0: pure noise; video-to-video starts later).
+
+        `fixed_frames` (default: the sampler's) first latent frames of x stay as given (continuation).
+        """
         timesteps, alphas = self.schedule()
         uc = cond if uc is None else uc
-        prefix = x[:, : self.fixed_frames].clone()
+        fixed = self.fixed_frames if fixed_frames is None else fixed_frames
+        prefix = x[:, :fixed].clone()
         x0_prev = None
-        steps = tqdm(range(len(timesteps)), desc=type(self).__name__, disable=not self.verbose)
+        steps = tqdm(range(start, len(timesteps)), desc=type(self).__name__, disable=not self.verbose)
         for i in steps:
-            x = torch.cat([prefix, x[:, self.fixed_frames :]], dim=1)
+            x = torch.cat([prefix, x[:, fixed:]], dim=1)
             x0 = self.denoise(denoiser, x, alphas[i], timesteps[i], cond, uc)
             # the last step reaches alpha = 1, where the state is the x0 estimate itself
             x = x0 if i == len(timesteps) - 1 else self.update(x, x0, x0_prev, alphas, i, generator)
             x0_prev = x0
-        return torch.cat([prefix, x[:, self.fixed_frames :]], dim=1)
+        return torch.cat([prefix, x[:, fixed:]], dim=1)
 
 
 class VPODEDPMPP2MSampler(VideoDDIMSampler):
@@ -135,9 +156,7 @@ class VPSDEDPMPP2MSampler(VideoDDIMSampler):
         alpha, alpha_next = alphas[i], alphas[i + 1]
         h, x0 = dpmpp_2m_terms(x0, x0_prev, alphas, i)
         sigma, sigma_next = noise_std(alpha), noise_std(alpha_next)
-        # drawn where the generator lives, so that a seed gives the same noise on any device
-        noise_device = generator.device if generator is not None else x.device
-        noise = torch.randn(x.shape, generator=generator, device=noise_device, dtype=x.dtype).to(x.device)
+        noise = randn(x.shape, generator, x.device, x.dtype)
         return (
             sigma_next / sigma * torch.exp(-h) * x
             - alpha_next * torch.expm1(-2 * h) * x0

@@ -23,14 +23,14 @@ from torch.utils.data import default_collate
 
 from satvideo import distributed
 from satvideo.data.sources import build_dataset
-from satvideo.sampling import VideoPlan, read_prompts, save_video, slugify
+from satvideo.sampling import VideoPlan, read_prompts, request_from_line, save_video, slugify
 
 
 def validation_prompts(value) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return read_prompts(value)
+        return read_prompts(value, "args.validation_prompts")
     if isinstance(value, (list, tuple, ListConfig)):
         return [str(prompt) for prompt in value]
     raise TypeError(f"args.validation_prompts={value!r}: expected a list of prompts or a text file")
@@ -79,9 +79,10 @@ class Validator:
             index = slot * self.world_size + self.rank
             real = index < len(self.prompts)
             line = self.prompts[index if real else 0]  # a rank without a prompt left samples one and drops it
-            prompt, shape, first_frames = self.plan.video(line, index, num_samples=1)
-            generator = torch.Generator().manual_seed(self.args.seed + index)
-            latents = engine.sample([prompt], shape, generator, first_frames=first_frames)
+            request = request_from_line(line, index, self.args.seed + index)
+            shape, first_frames, _ = self.plan.inputs(request, num_samples=1)
+            generator = torch.Generator().manual_seed(request.seed)
+            latents = engine.sample([request.prompt], shape, generator, first_frames=first_frames)
             if real:
                 video = engine.decode_first_stage(latents, chunk_frames=self.args.decode_chunk_frames)
                 save_video(video[0].cpu(), str(paths[index]), fps=self.args.sampling_fps)

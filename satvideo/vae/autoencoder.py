@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from satvideo.checkpoint import safe_load
-from satvideo.config import instantiate_from_config
+from satvideo.config import CheckpointNotFound, instantiate_from_config
 from satvideo.vae.causal_conv import stream_over_time
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 
@@ -13,7 +13,7 @@ from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 def load_vae_state_dict(ckpt_path: str, ignore_keys: list[str] = ()) -> dict[str, Tensor]:
     """Read a `3d-vae.pt` (`{"state_dict": ...}` or a plain state dict), dropping keys under `ignore_keys`."""
     if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"VAE checkpoint {ckpt_path} not found (config key `ckpt_path`)")
+        raise CheckpointNotFound(f"VAE checkpoint {ckpt_path} not found (config key `ckpt_path`)")
     checkpoint = safe_load(ckpt_path)
     state_dict = checkpoint.get("state_dict", checkpoint)
     return {key: value for key, value in state_dict.items() if not key.startswith(tuple(ignore_keys))}

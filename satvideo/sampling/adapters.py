@@ -1,0 +1,106 @@
+"""LoRA adapters at sampling time: satvideo/SAT adapter checkpoints and diffusers (PEFT) files, loaded over a
+base checkpoint with a scale each and merged into its weights.
+
+A SAT adapter adds, per projection and partition p, x @ A_p^T @ B_p^T * lora_alpha / r (partitions q, k, v of
+`query_key_value`, one for `dense`); merged, the weight grows by cat_p(B_p @ A_p) * lora_alpha / r * scale. A PEFT
+file written by `lora-to-diffusers` (or any file without alphas) has the scale folded into B: B @ A * scale.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig
+from safetensors.torch import load_file
+
+from satvideo.checkpoint import lora_metadata, network_weights, read_model_states
+from satvideo.config import ConfigError
+
+LORA_MIXIN = "sat.model.finetune.lora2.LoraMixin"
+PEFT_FILE = "pytorch_lora_weights.safetensors"
+SAT_LORA = re.compile(r"transformer\.layers\.(\d+)\.attention\.(query_key_value|dense)\.matrix_([AB])\.(\d+)$")
+PEFT_LORA = re.compile(r"(?:transformer\.)?transformer_blocks\.(\d+)\.attn1\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.weight$")
+PEFT_ROWS = {"to_q": ("query_key_value", 0), "to_k": ("query_key_value", 1), "to_v": ("query_key_value", 2),
+             "to_out.0": ("dense", 0)}
+
+
+def add_lora_from_checkpoint(config: DictConfig, checkpoint: str) -> None:
+    """An adapter-only checkpoint needs LoRA layers: add `lora_config` (rank, alpha) from its metadata when the
+    model config has none; a config whose rank differs is an error."""
+    metadata = lora_metadata(checkpoint)
+    if metadata is None:
+        return
+    modules = config.model.network_config.params.modules
+    if "lora_config" not in modules:
+        modules.lora_config = {"target": LORA_MIXIN, "params": {"r": metadata["r"], "lora_alpha": metadata["lora_alpha"]}}
+    elif modules.lora_config.params.get("r") != metadata["r"]:
+        raise ConfigError(f"model.network_config.params.modules.lora_config.params.r={modules.lora_config.params.get('r')}"
+                          f" differs from the rank {metadata['r']} of the adapters in {checkpoint}")
+
+
+def adapter_list(value) -> list[tuple[str, float]]:
+    """`args.lora`: paths, or {path, scale} mappings -> [(path, scale)]; each path must exist."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple, ListConfig)) else [value]
+    adapters = []
+    for item in items:
+        path, scale = (item, 1.0) if isinstance(item, str) else (item.get("path"), float(item.get("scale", 1.0)))
+        if not path or not Path(path).exists():
+            raise ConfigError(f"args.lora: adapter {path} does not exist")
+        adapters.append((str(path), scale))
+    return adapters
+
+
+def peft_file(path: str) -> Path | None:
+    path = Path(path)
+    if path.is_dir() and (path / PEFT_FILE).is_file():
+        return path / PEFT_FILE
+    return path if path.suffix == ".safetensors" else None
+
+
+def adapter_deltas(path: str) -> dict[str, torch.Tensor]:
+    """Network weight name -> the change one adapter makes to it at scale 1."""
+    pieces: dict[tuple[int, str], dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    peft = peft_file(path)
+    if peft is not None:
+        scale = 1.0
+        for key, value in load_file(peft).items():
+            match = PEFT_LORA.match(key)
+            if match:
+                layer, target, matrix = match.groups()
+                projection, partition = PEFT_ROWS[target]
+                pieces[int(layer), projection][partition][matrix] = value
+    else:
+        file, state = read_model_states(path)
+        metadata = state.get("lora") or {}
+        scale = metadata.get("lora_alpha", 1.0) / metadata["r"] if "r" in metadata else None
+        for key, value in network_weights(state, file).items():
+            match = SAT_LORA.match(key)
+            if match:
+                layer, projection, matrix, partition = match.groups()
+                pieces[int(layer), projection][int(partition)][matrix] = value
+                scale = scale if scale is not None else 1.0 / value.shape[0 if matrix == "A" else 1]  # alpha 1
+    if not pieces:
+        raise ConfigError(f"args.lora: {path} holds no LoRA matrices")
+    deltas = {}
+    for (layer, projection), partitions in pieces.items():
+        rows = [partitions[p]["B"].float() @ partitions[p]["A"].float() for p in sorted(partitions)]
+        deltas[f"transformer.layers.{layer}.attention.{projection}.weight"] = torch.cat(rows) * scale
+    return deltas
+
+
+@torch.no_grad()
+def merge_adapters(network: torch.nn.Module, adapters: list[tuple[str, float]]) -> None:
+    """Add each adapter's change, times its scale, to the network's weights (a network without LoRA layers)."""
+    if adapters and "lora" in network.mixins:
+        raise ConfigError("args.lora merges adapters into plain weights: leave configs/lora.yaml out of the config")
+    parameters = dict(network.named_parameters())
+    for path, scale in adapters:
+        for name, delta in adapter_deltas(path).items():
+            if name not in parameters or parameters[name].shape != delta.shape:
+                raise ConfigError(f"args.lora: {path} does not fit this model ({name})")
+            parameters[name].add_(delta.to(parameters[name]) * scale)

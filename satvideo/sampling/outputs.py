@@ -1,0 +1,121 @@
+"""Where sampled videos go: never over an existing file (unless asked), each mp4 with a JSON sidecar that
+describes how to make it again, one `manifest.jsonl` line per file, and optional contact sheets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from satvideo.config import ConfigError
+from satvideo.data.video import write_mp4
+
+MANIFEST_NAME = "manifest.jsonl"
+MANIFEST_KEYS = ("file", "prompt", "seed")
+SHEET_FRAMES = 8  # frames per row of a contact sheet
+
+
+def save_video(frames: torch.Tensor, path: str, fps: int) -> None:
+    """Write frames [T, 3, H, W] in [-1, 1] as an h264 mp4 (H and W must be even)."""
+    write_mp4(to_uint8(frames), path, fps)
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    pixels = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def slugify(prompt: str, max_length: int = 60) -> str:
+    """A file-name-safe form of the prompt: lower-case words joined by '-'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return slug[:max_length].rstrip("-") or "video"
+
+
+def write_manifest_line(output_dir: str, record: dict) -> None:
+    """Append one JSON record to output_dir/manifest.jsonl: file (relative to output_dir), prompt,
+    seed, and any further keys."""
+    missing = [key for key in MANIFEST_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"manifest record lacks {missing}: {record}")
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(output_dir) / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
+        manifest.write(json.dumps(record) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def contact_sheet(rows: list[tuple[np.ndarray, str]], path: str | Path) -> None:
+    """A PNG grid: per video ([T, H, W, 3] uint8) a row of up to SHEET_FRAMES evenly spaced frames, its caption
+    written under the row."""
+    height, width = rows[0][0].shape[1:3]
+    caption_height = 14
+    sheet = Image.new("RGB", (SHEET_FRAMES * width, len(rows) * (height + caption_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (frames, caption) in enumerate(rows):
+        picks = np.linspace(0, len(frames) - 1, min(SHEET_FRAMES, len(frames))).round().astype(int)
+        top = row * (height + caption_height)
+        for column, index in enumerate(picks):
+            sheet.paste(Image.fromarray(frames[index]).resize((width, height)), (column * width, top))
+        draw.text((2, top + height + 1), caption, fill="black")
+    sheet.save(path)
+
+
+class OutputWriter:
+    """Writes videos (or latents) into `folder`: a name already taken gets a numbered suffix unless `overwrite`;
+    every file gets a `.json` sidecar and a manifest line (replacing the old line when overwritten)."""
+
+    def __init__(self, folder: str | Path, overwrite: bool, contact_sheets: bool):
+        self.folder, self.overwrite, self.contact_sheets = Path(folder), overwrite, contact_sheets
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"args.output_dir={folder}: not writable ({error.strerror})") from error
+
+    def path_for(self, stem: str, suffix: str) -> Path:
+        path = self.folder / f"{stem}{suffix}"
+        if self.overwrite:
+            return path
+        number = 2
+        while path.exists() or path.with_suffix(".json").exists():
+            path, number = self.folder / f"{stem}-{number}{suffix}", number + 1
+        return path
+
+    def write(self, stem: str, record: dict, video: torch.Tensor | None = None, fps: int = 8,
+              latents: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save a video [T, 3, H, W] (or a dict of latent tensors) and its sidecar; returns the file's path."""
+        from safetensors.torch import save_file
+
+        path = self.path_for(stem, ".mp4" if latents is None else ".safetensors")
+        if latents is not None:
+            save_file(latents, str(path), metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
+        else:
+            frames = to_uint8(video)
+            write_mp4(frames, path, fps)
+            if self.contact_sheets:
+                contact_sheet([(frames, record["prompt"])], path.with_suffix(".png"))
+        path.with_suffix(".json").write_text(json.dumps({"file": path.name, **record}, indent=2))
+        self.add_to_manifest({"file": path.name, "prompt": record["prompt"], "seed": record["seed"]})
+        return path
+
+    def add_to_manifest(self, line: dict) -> None:
+        manifest = self.folder / MANIFEST_NAME
+        if self.overwrite and manifest.is_file():
+            kept = [text for text in manifest.read_text(encoding="utf-8").splitlines()
+                    if text.strip() and json.loads(text).get("file") != line["file"]]
+            manifest.write_text("".join(text + "\n" for text in kept), encoding="utf-8")
+        write_manifest_line(str(self.folder), line)

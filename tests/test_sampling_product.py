@@ -1,0 +1,235 @@
+"""sample_video.py as a product: nothing overwritten, a sidecar per video that reproduces it, inputs checked
+before weights load, negative prompts, video-to-video and continuation, adapters merged over a base."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_trust import failing
+from test_training import run
+
+from satvideo.checkpoint import MODEL_STATES, NETWORK_PREFIX, write_latest
+from satvideo.config import load_config
+from satvideo.data.toy import make_toy_dataset
+from satvideo.data.video import read_mp4, write_mp4
+from satvideo.engine import VideoDiffusionEngine
+from satvideo.sampling import merge_adapters
+
+TINY = ["configs/tiny/model.yaml", "configs/tiny/vae.yaml"]
+STEPS = ["model.sampler_config.params.num_steps=3", "model.sampler_config.params.guider_config.params.num_steps=3"]
+LORA = ["configs/lora.yaml", "model.network_config.params.modules.lora_config.params.r=4",
+        "model.network_config.params.modules.lora_config.params.lora_alpha=8"]
+
+
+def tiny_engine(*overrides) -> VideoDiffusionEngine:
+    files = [item for item in overrides if item.endswith(".yaml")]
+    settings = [item for item in overrides if not item.endswith(".yaml")]
+    engine = VideoDiffusionEngine.from_config(load_config([*TINY, *files], [*STEPS, *settings]).model)
+    return engine.eval()
+
+
+def save_sat(weights: dict, folder: Path, **extra) -> Path:
+    (folder / "1").mkdir(parents=True)
+    torch.save({"module": {NETWORK_PREFIX + key: value for key, value in weights.items()}, **extra},
+               folder / "1" / MODEL_STATES)
+    write_latest(folder, 1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A random tiny transformer in the SAT layout, and beside it the VAE every sampling run here uses."""
+    torch.manual_seed(0)
+    engine = tiny_engine()
+    with torch.no_grad():  # random everywhere (zero-initialised modulations would ignore the text)
+        for parameter in engine.network.parameters():
+            parameter.normal_(0, 0.05)
+    folder = save_sat(engine.network.state_dict(), tmp_path_factory.mktemp("base") / "ckpt")
+    torch.save({"state_dict": engine.first_stage_model.state_dict()}, folder / "vae.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory, base) -> Path:
+    """A satvideo adapter checkpoint over `base`: random LoRA matrices, rank 4, alpha 8."""
+    torch.manual_seed(1)
+    network = tiny_engine(*LORA).network
+    adapters = {key: torch.randn_like(value) * 0.2 for key, value in network.state_dict().items() if "matrix_" in key}
+    metadata = {"r": 4, "lora_alpha": 8.0, "target_modules": ["attention.query_key_value", "attention.dense"],
+                "base": str(base)}
+    return save_sat(adapters, tmp_path_factory.mktemp("adapter") / "ckpt", lora=metadata)
+
+
+def sample_command(load: Path, out: Path, *overrides) -> list[str]:
+    vae = Path(load).parent / "vae.pt" if (Path(load).parent / "vae.pt").is_file() else Path(load) / "vae.pt"
+    return [sys.executable, "sample_video.py", "--base", *TINY, "configs/tiny/sample.yaml", *STEPS,
+            f"args.load={load}", f"args.output_dir={out}", f"model.first_stage_config.params.ckpt_path={vae}", *overrides]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- outputs -------------------------------------------------------------------------------------------------
+
+def test_a_second_run_never_overwrites_and_a_sidecar_reproduces_its_video(tmp_path, base):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving left\na blue circle moving up\n")
+    out = tmp_path / "out"
+    run(sample_command(base, out, f"args.input_file={prompts}", "args.contact_sheet=true"))
+    first = {path.name: digest(path) for path in out.iterdir()}
+    run(sample_command(base, out, f"args.input_file={prompts}", "args.seed=7"))
+    assert all(digest(out / name) == value for name, value in first.items() if name != "manifest.jsonl")
+    videos = sorted(out.glob("*.mp4"))
+    assert len(videos) == 4 and {p.name for p in videos} >= {"000_0_a-red-square-moving-left-2.mp4"}
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(line["file"] for line in manifest) == [p.name for p in videos]  # one line per file
+    assert (out / "000_0_a-red-square-moving-left.png").is_file()  # contact sheet
+
+    sidecar = json.loads((out / "001_0_a-blue-circle-moving-up-2.json").read_text())
+    assert sidecar["seed"] == 8 and sidecar["sampler"] == {"name": "VPSDEDPMPP2MSampler", "num_steps": 3}
+    assert sidecar["guidance"]["name"] == "DynamicCFG" and sidecar["frames"] == 9 and sidecar["size"] == [32, 32]
+    assert len(sidecar["checkpoint"]["sha256"]) == 64 and sidecar["satvideo_version"] and sidecar["seconds"] > 0
+    request = tmp_path / "again.jsonl"
+    request.write_text(json.dumps({"prompt": sidecar["prompt"], "seed": sidecar["seed"]}) + "\n")
+    run(sample_command(base, tmp_path / "again", f"args.input_file={request}"))
+    again, _ = read_mp4(next((tmp_path / "again").glob("*.mp4")))
+    original, _ = read_mp4(out / sidecar["file"])
+    assert np.array_equal(again, original)
+
+
+def test_overwrite_replaces_files_and_their_manifest_lines(tmp_path, base):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving left\n")
+    out = tmp_path / "out"
+    run(sample_command(base, out, f"args.input_file={prompts}"))
+    run(sample_command(base, out, f"args.input_file={prompts}", "args.overwrite=true", "args.seed=9"))
+    assert [p.name for p in out.glob("*.mp4")] == ["000_0_a-red-square-moving-left.mp4"]
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(line["file"], line["seed"]) for line in manifest] == [("000_0_a-red-square-moving-left.mp4", 9)]
+
+
+# --- inputs checked before weights load --------------------------------------------------------------------
+
+def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    empty, latin1, bad_json, video = (tmp_path / "empty.txt", tmp_path / "latin1.txt", tmp_path / "bad.jsonl",
+                                      tmp_path / "clip.jsonl")
+    empty.write_text("# only a comment\n")
+    latin1.write_bytes("une vid\xe9o\n".encode("latin-1"))
+    bad_json.write_text('{"prompt": "a cat", "sed": 3}\n')
+    video.write_text(json.dumps({"prompt": "a cat", "video": str(tmp_path / "missing.mp4"), "strength": 0.5}) + "\n")
+    (tmp_path / "file").write_text("")
+    return [
+        ([f"args.input_file={empty}"], "holds no prompt"),
+        ([f"args.input_file={latin1}"], "is not UTF-8 text"),
+        ([f"args.input_file={bad_json}"], "unknown key 'sed'; did you mean 'seed'?"),
+        ([f"args.input_file={video}"], "missing.mp4 cannot be decoded"),
+        (["args.sampling_num_frames=4"], "13 output frames (4 latent); this family needs 8N+1 frames"),
+        (["args.sampling_num_frames=0"], "args.sampling_num_frames=0: give a positive number"),
+        (["args.sampling_image_size=[40,40]"], "both must be multiples of 16"),
+        (["args.image2video=true"], "args.image2video needs an image"),
+        ([f"args.output_dir={tmp_path / 'file' / 'out'}"], "not writable"),
+        ([f"args.load={tmp_path / 'nowhere'}"], "does not exist"),
+    ]
+
+
+def test_each_bad_input_fails_before_weights_load_with_one_line(tmp_path, base):
+    for overrides, message in bad_inputs(tmp_path):
+        result = failing(sample_command(base, tmp_path / "out", "args.input_file=configs/tiny/prompts.txt",
+                                        *overrides))
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and message in last and last.startswith("error: "), (overrides, last)
+        assert "Traceback" not in result.stderr and "network parameters" not in result.stderr, overrides
+
+
+# --- negative prompts, video-to-video, continuation -----------------------------------------------------------
+
+def loaded(base: Path, *overrides) -> VideoDiffusionEngine:
+    from satvideo.checkpoint import load_network
+
+    engine = tiny_engine(f"model.first_stage_config.params.ckpt_path={base / 'vae.pt'}", *overrides)
+    load_network(engine.network, base)
+    return engine
+
+
+def test_a_negative_prompt_is_the_unconditional_text(base):
+    engine = loaded(base)
+    shape, prompt = (3, 16, 4, 4), ["a red square moving left"]
+    plain = engine.sample(prompt, shape, torch.Generator().manual_seed(3))
+    negative = engine.sample(prompt, shape, torch.Generator().manual_seed(3), negative_prompts=["a blue circle"])
+    cond = engine.conditioner({"txt": prompt})
+    by_hand = engine.sample(prompt, shape, torch.Generator().manual_seed(3),
+                            text=(cond, engine.conditioner({"txt": ["a blue circle"]})))
+    assert not torch.allclose(plain, negative) and torch.equal(negative, by_hand)
+
+
+def test_video_to_video_ends_and_continuation(base):
+    engine = loaded(base)
+    shape, prompt = (3, 16, 4, 4), ["a red square moving left"]
+    clip = torch.rand(1, 9, 3, 32, 32) * 2 - 1
+    init = engine.encode_first_stage(clip, sample=False)
+    assert torch.equal(engine.sample(prompt, shape, torch.Generator().manual_seed(5), init_latents=init,
+                                     strength=0.0), init)  # strength 0: the input's latents (its reconstruction)
+    t2v = engine.sample(prompt, shape, torch.Generator().manual_seed(5))
+    v2v = engine.sample(prompt, shape, torch.Generator().manual_seed(5), init_latents=init, strength=1.0)
+    assert torch.equal(t2v, v2v)  # strength 1: pure noise at zero terminal SNR, the text-to-video run
+    halfway = engine.sample(prompt, shape, torch.Generator().manual_seed(5), init_latents=init, strength=0.5)
+    assert (halfway - init).abs().mean() < (t2v - init).abs().mean()
+    continued = engine.sample(prompt, shape, torch.Generator().manual_seed(5), prefix_latents=init[:, :2])
+    assert torch.equal(continued[:, :2], init[:, :2]) and not torch.equal(continued[:, 2:], init[:, 2:])
+
+
+def test_video_to_video_and_continuation_from_jsonl(tmp_path, base):
+    make_toy_dataset(tmp_path / "toy", num=1, size=32, frames=17, fps=8)
+    clip = next((tmp_path / "toy" / "videos").glob("*.mp4"))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"prompt": "a red square", "video": str(clip), "strength": 0.6}) + "\n" +
+                        json.dumps({"prompt": "a red square", "video": str(clip), "continue_frames": 1,
+                                    "negative_prompt": "blurry"}) + "\n")
+    run(sample_command(base, tmp_path / "out", f"args.input_file={requests}"))
+    sidecars = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
+    assert [(s["mode"], s["negative_prompt"]) for s in sidecars] == [("video-to-video", ""), ("continuation", "blurry")]
+    assert all(read_mp4(tmp_path / "out" / s["file"])[0].shape == (9, 32, 32, 3) for s in sidecars)
+
+
+# --- adapters ------------------------------------------------------------------------------------------------
+
+def test_merged_adapters_equal_the_adapter_over_base_and_a_peft_export_loads_back(tmp_path, base, adapter):
+    from satvideo.checkpoint import load_network
+    from satvideo.convert.checkpoints import sat_lora_to_diffusers_checkpoint
+
+    shape, prompt = (3, 16, 4, 4), ["a red square moving left"]
+    over_base = tiny_engine(f"model.first_stage_config.params.ckpt_path={base / 'vae.pt'}", *LORA)
+    load_network(over_base.network, adapter)
+    expected = over_base.sample(prompt, shape, torch.Generator().manual_seed(2))
+
+    merged = loaded(base)
+    merge_adapters(merged.network, [(str(adapter), 1.0)])
+    got = merged.sample(prompt, shape, torch.Generator().manual_seed(2))
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    sat_lora_to_diffusers_checkpoint(adapter, tmp_path / "peft")  # alpha from the checkpoint
+    from_peft = loaded(base)
+    merge_adapters(from_peft.network, [(str(tmp_path / "peft"), 1.0)])
+    assert (from_peft.sample(prompt, shape, torch.Generator().manual_seed(2)) - expected).abs().max() \
+        <= 1e-5 * expected.abs().max()
+
+    half = loaded(base)
+    merge_adapters(half.network, [(str(adapter), 0.5), (str(tmp_path / "peft"), 0.5)])  # two adapters, scales
+    assert (half.sample(prompt, shape, torch.Generator().manual_seed(2)) - expected).abs().max() \
+        <= 1e-5 * expected.abs().max()
+
+
+def test_args_lora_merges_at_sampling(tmp_path, base, adapter):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving left\n")
+    run(sample_command(base, tmp_path / "out", f"args.input_file={prompts}", f"args.lora=[{adapter}]"))
+    sidecar = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert sidecar["adapters"] == [{"path": str(adapter), "scale": 1.0}]
+    result = failing(sample_command(base, tmp_path / "out", f"args.input_file={prompts}",
+                                    f"args.lora=[{tmp_path / 'missing'}]"))
+    assert result.returncode == 2 and "args.lora: adapter" in result.stderr.strip().splitlines()[-1]
