@@ -25,4 +25,4 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 clean:
-	rm -rf data/toy checkpoints/demo outputs
+	rm -rf data/toy data/toy_cache checkpoints/demo outputs

@@ -168,7 +168,8 @@ def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: Outp
             record.update(frames=4 * (shape[0] - 1) + 1, seconds=seconds, peak_memory_gb=peak_memory_gb(device))
             paths.append(writer.write(stem, record, latents={"latents": unscaled}))
         else:
-            video = engine.decode_first_stage(one, chunk_frames=args.decode_chunk_frames)[0].cpu()
+            video = engine.decode_first_stage(one, chunk_frames=args.decode_chunk_frames, tile=args.vae_tiling,
+                                              overlap=args.vae_tile_overlap)[0].cpu()
             record.update(frames=video.shape[0], seconds=seconds, peak_memory_gb=peak_memory_gb(device))
             paths.append(writer.write(stem, record, video=video, fps=args.sampling_fps))
         print(f"wrote {paths[-1]}", flush=True)

@@ -62,6 +62,9 @@ class TinyT5Embedder(T5TextEncoder):
         super().__init__(tokenizer, encoder, max_length)
 
 
+CACHED_FEATURES = "text_features"  # batch key of precomputed features [B, L, D]
+
+
 class GeneralConditioner(nn.Module):
     """Runs each embedder on its batch key and concatenates the features into `{"crossattn": [B, L, D]}`.
 
@@ -87,14 +90,19 @@ class GeneralConditioner(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, batch: dict, drop_for_guidance: bool = False) -> dict[str, torch.Tensor]:
-        features = []
-        for embedder, key, ucg_rate in zip(self.embedders, self.input_keys, self.ucg_rates):
-            emb = embedder(batch[key])
-            if drop_for_guidance and ucg_rate > 0:
-                keep = torch.bernoulli(torch.full((emb.shape[0],), 1.0 - ucg_rate, device=emb.device))
-                emb = emb * keep[:, None, None].to(emb.dtype)
-            features.append(emb)
-        return {"crossattn": torch.cat(features, dim=-1)}
+        """Features of a batch, from its texts or from `text_features` cached by satvideo.data.cache."""
+        if CACHED_FEATURES in batch:
+            widths = [embedder.encoder.config.d_model for embedder in self.embedders]
+            parts = list(batch[CACHED_FEATURES].split(widths, dim=-1))
+        else:
+            parts = [embedder(batch[key]) for embedder, key in zip(self.embedders, self.input_keys)]
+        if drop_for_guidance:
+            for index, ucg_rate in enumerate(self.ucg_rates):
+                if ucg_rate > 0:
+                    emb = parts[index]
+                    keep = torch.bernoulli(torch.full((emb.shape[0],), 1.0 - ucg_rate, device=emb.device))
+                    parts[index] = emb * keep[:, None, None].to(emb.dtype)
+        return {"crossattn": torch.cat(parts, dim=-1)}
 
     @staticmethod
     def unconditional(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

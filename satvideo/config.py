@@ -75,6 +75,8 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "image2video": False,
     "num_samples": 1,
     "decode_chunk_frames": 2,
+    "vae_tiling": None,  # decode tiles of this many latent pixels square (e.g. 32: 256 px) to bound memory
+    "vae_tile_overlap": 8,  # latent pixels shared by neighbouring tiles, blended
     "only_save_latents": False,  # write the sampled latents (safetensors) instead of decoding them
     "negative_prompt": "",  # for every prompt without its own (JSONL); empty: the all-zero unconditional input
     "overwrite": False,  # replace files of an earlier run in output_dir instead of taking new names

@@ -23,6 +23,8 @@ from satvideo.diffusion.samplers import Generators, randn
 
 logger = logging.getLogger(__name__)
 
+CACHED_MOMENTS = "moments"  # batch key of VAE posterior moments cached by satvideo.data.cache
+
 # The engine's frozen parts (the network's names inside the engine start with NETWORK_PREFIX).
 FROZEN_PARTS = ("conditioner", "first_stage_model")
 
@@ -157,11 +159,16 @@ class VideoDiffusionEngine(nn.Module):
         return (latents * self.scale_factor).permute(0, 2, 1, 3, 4).contiguous()
 
     @torch.no_grad()
-    def decode_first_stage(self, latents: torch.Tensor, chunk_frames: int = 2) -> torch.Tensor:
-        """[B, T', C, h, w] scaled latents -> [B, T, 3, H, W] pixels, `chunk_frames` latent frames at a time."""
+    def decode_first_stage(self, latents: torch.Tensor, chunk_frames: int = 2, tile: int | None = None,
+                           overlap: int = 8) -> torch.Tensor:
+        """[B, T', C, h, w] scaled latents -> [B, T, 3, H, W] pixels, `chunk_frames` latent frames at a time and,
+        with `tile`, `tile` x `tile` latent pixels at a time (see VideoAutoencoder.decode_tiled)."""
         vae_dtype = next(self.first_stage_model.parameters()).dtype
         z = (latents / self.scale_factor).permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, C, T', h, w]
-        video = self.first_stage_model.decode(z, chunk_frames=chunk_frames)
+        if tile:
+            video = self.first_stage_model.decode_tiled(z, chunk_frames, tile, overlap)
+        else:
+            video = self.first_stage_model.decode(z, chunk_frames=chunk_frames)
         return video.permute(0, 2, 1, 3, 4).float()
 
     def pad_to_temporal_patch(self, latents: torch.Tensor) -> torch.Tensor:
@@ -187,9 +194,15 @@ class VideoDiffusionEngine(nn.Module):
         Training draws latents from the VAE posterior, drops captions for guidance and noises and drops the
         conditioning frame as configured; otherwise (validation) everything is deterministic.
         """
-        video = batch[self.input_key]
-        # precomputed latents are unscaled VAE outputs, scaled here as the original does
-        if self.latent_input:
+        video = batch.get(self.input_key)
+        if CACHED_MOMENTS in batch:  # VAE posterior moments [B, 2C, T', h, w] cached by satvideo.data.cache
+            if self.noised_image_input:
+                raise ConfigError("cached latents carry no first frame: image-to-video models train from videos")
+            vae_dtype = next(self.first_stage_model.parameters()).dtype
+            z = self.first_stage_model.regularization(batch[CACHED_MOMENTS].to(vae_dtype),
+                                                      sample=None if training else False)
+            latents = (z * self.scale_factor).permute(0, 2, 1, 3, 4).contiguous()
+        elif self.latent_input:  # precomputed latents are unscaled VAE outputs, scaled here as the original does
             latents = video * self.scale_factor
         else:
             latents = self.encode_first_stage(video, sample=None if training else False)

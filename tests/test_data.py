@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from satvideo.config import ConfigError
 from satvideo.data import SFTDataset
 from satvideo.data.sft import resampled_indices, resize_cover_center_crop, strided_indices
-from satvideo.data.toy import DIRECTIONS, PALETTE, dominant_palette_colour, make_toy_dataset, palette_colour_in
+from satvideo.data.toy import (DIRECTIONS, PALETTE, check_toy_video, dominant_palette_colour, make_toy_dataset,
+                               palette_colour_in, render_toy_video)
 from satvideo.data.video import read_mp4, write_mp4
 from satvideo.sampling import interactive_prompts, read_prompts, save_video, slugify, write_manifest_line
 
@@ -283,6 +284,17 @@ def test_corrupt_video_is_skipped_with_warning(toy, tmp_path, caplog):
     assert any("a_corrupt.mp4" in r.getMessage() for r in caplog.records)
 
 
+def test_a_label_that_is_not_utf8_skips_the_clip_instead_of_crashing(toy, tmp_path, caplog):
+    _, written = toy
+    write_labelled(tmp_path, "a_latin1", read_mp4(written[0][1 - 1])[0])
+    (tmp_path / "labels" / "a_latin1.txt").write_bytes("une vid\xe9o".encode("latin-1"))
+    write_labelled(tmp_path, "b_good", read_mp4(written[1][0])[0], caption="good clip")
+    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
+    with caplog.at_level(logging.WARNING, logger="satvideo.data.sft"):
+        assert dataset[0]["txt"] == "good clip"
+    assert any("a_latin1.mp4" in r.getMessage() and "utf-8" in r.getMessage() for r in caplog.records)
+
+
 def test_all_corrupt_videos_give_a_clear_error(tmp_path):
     for name in ("a", "b", "c"):
         write_labelled(tmp_path, name)
@@ -357,21 +369,70 @@ def test_palette_colour_in():
     assert palette_colour_in("a reddish square") is None
 
 
-def test_check_colors_script(toy, tmp_path):
+def test_toy_checks_score_every_real_clip(tmp_path):
+    for size, frames in ((32, 9), (64, 17)):
+        pairs = make_toy_dataset(tmp_path / str(size), num=24, size=size, frames=frames, seed=5)
+        for path, caption in pairs:
+            result = check_toy_video(read_mp4(path)[0], caption)
+            assert result["colour_ok"] and result["one_shape_ok"] and result["direction_ok"], (caption, result)
+            assert result["shapes"] == [1] * frames
+
+
+def test_toy_checks_catch_wrong_videos():
+    rng = np.random.default_rng(0)
+    video = render_toy_video("blue", "square", "right", 32, 9, rng)
+    assert check_toy_video(video, "a blue square moving right")["direction_ok"]
+    wrong_colour = check_toy_video(video, "a red square moving right")
+    assert wrong_colour["colour"] == "blue" and not wrong_colour["colour_ok"]
+    reversed_motion = check_toy_video(video[::-1], "a blue square moving right")
+    assert reversed_motion["direction"] == "left" and not reversed_motion["direction_ok"]
+    two = np.maximum(video, render_toy_video("blue", "circle", "left", 32, 9, np.random.default_rng(7)))
+    assert not check_toy_video(two, "a blue square moving right")["one_shape_ok"]
+    still = np.repeat(video[:1], 9, axis=0)
+    assert check_toy_video(still, "a blue square moving right")["direction"] is None
+
+
+def test_check_script_prints_a_table_totals_and_a_contact_sheet(toy, tmp_path):
     _, written = toy
-    for (path, _), prompt, seed in zip(written[:3], ["a red circle", "a red square", "a cat"], range(3)):
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    _, colour, shape, _, direction = written[1][1].split()
+    wrong = f"a {'blue' if colour == 'red' else 'red'} {shape} moving {opposite[direction]}"
+    prompts = [written[0][1], wrong]
+    for (path, _), prompt, seed in zip(written[:2], prompts, range(2)):
         shutil.copy(path, tmp_path / path.name)
         write_manifest_line(str(tmp_path), {"file": path.name, "prompt": prompt, "seed": seed})
 
     def check(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(REPO / "scripts" / "check_colors.py"), str(tmp_path), *args]
+        command = [sys.executable, str(REPO / "scripts" / "check_toy_videos.py"), str(tmp_path), *args]
         return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
-    report = check()
+    report = check("--contact-sheet", str(tmp_path / "sheet.png"))
     assert report.returncode == 0, report.stderr
     lines = report.stdout.splitlines()
-    assert "expected red, found red -> match" in lines[0]
-    assert "expected red, found green -> MISMATCH" in lines[1]
-    assert "skipped" in lines[2]
-    assert lines[-1] == "colour match: 1/2"
+    assert lines[-2] == "colour right: 1/2 | one shape per frame: 2/2 | direction right: 1/2"
+    assert (tmp_path / "sheet.png").is_file() and lines[-1].startswith("contact sheet:")
     assert check("--min-fraction", "0.9").returncode == 1
+
+
+def test_cached_batches_train_exactly_as_the_videos_they_came_from(toy, tmp_path):
+    from satvideo.config import load_config
+    from satvideo.data import CachedDataset
+    from satvideo.data.cache import write_cache
+    from satvideo.engine import VideoDiffusionEngine
+
+    out, _ = toy
+    params = dict(video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
+    videos = SFTDataset(str(out), **params)
+    torch.manual_seed(0)
+    engine = VideoDiffusionEngine.from_config(load_config(["configs/tiny/model.yaml", "configs/tiny/vae.yaml"]).model)
+    write_cache(engine.first_stage_model, engine.conditioner, videos, tmp_path / "cache", params, made_with={})
+    cached = CachedDataset(str(tmp_path / "cache"), **params)
+    assert len(cached) == len(videos) and cached[3]["txt"] == videos[3]["txt"]
+    live = {"mp4": torch.stack([videos[i]["mp4"] for i in (0, 1)]), "txt": [videos[i]["txt"] for i in (0, 1)]}
+    from_cache = {key: torch.stack([cached[i][key] for i in (0, 1)]) for key in ("moments", "text_features")}
+    torch.manual_seed(5)
+    expected = engine(live)  # posterior draw, caption dropout and noise from the same RNG stream
+    torch.manual_seed(5)
+    torch.testing.assert_close(engine(from_cache), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"data.params.fps=16 but the cache .* was made with 8: make the cache again"):
+        CachedDataset(str(tmp_path / "cache"), **{**params, "fps": 16})

@@ -190,7 +190,8 @@ def test_video_to_video_and_continuation_from_jsonl(tmp_path, base):
     requests.write_text(json.dumps({"prompt": "a red square", "video": str(clip), "strength": 0.6}) + "\n" +
                         json.dumps({"prompt": "a red square", "video": str(clip), "continue_frames": 1,
                                     "negative_prompt": "blurry"}) + "\n")
-    run(sample_command(base, tmp_path / "out", f"args.input_file={requests}"))
+    run(sample_command(base, tmp_path / "out", f"args.input_file={requests}", "args.vae_tiling=2",
+                       "args.vae_tile_overlap=1"))  # decoded in 2x2-latent tiles
     sidecars = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
     assert [(s["mode"], s["negative_prompt"]) for s in sidecars] == [("video-to-video", ""), ("continuation", "blurry")]
     assert all(read_mp4(tmp_path / "out" / s["file"])[0].shape == (9, 32, 32, 3) for s in sidecars)

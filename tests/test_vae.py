@@ -294,3 +294,25 @@ def test_train_command_saves_official_layout_and_overlay(tmp_path, monkeypatch):
     assert Path(ckpt_path) == out.resolve()
     loaded = instantiate_from_config(TINY_VAE, ckpt_path=ckpt_path)
     assert all(torch.equal(value, saved[key]) for key, value in loaded.state_dict().items())
+
+
+def test_the_streaming_cache_keeps_only_its_frames_alive():
+    conv = CausalConv3d(2, 2)
+    with streaming(conv):
+        conv(torch.randn(1, 2, 6, 8, 8))
+        # a copy of the last 2 frames, not a view pinning the whole padded input (8 frames)
+        assert conv.cache.shape == (1, 2, 2, 8, 8)
+        assert conv.cache.untyped_storage().nbytes() == conv.cache.numel() * conv.cache.element_size()
+
+
+@torch.no_grad()
+def test_tiled_decode_matches_within_the_stated_tolerance(vae):
+    z = torch.randn(1, 16, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    full = vae.decode(z)
+    tiled = vae.decode_tiled(z, tile=16, overlap=8)  # 4 tiles of 16x16 latent pixels
+    assert tiled.shape == full.shape
+    # per-tile GroupNorm statistics: measured 3.8% relative L2 error for this random VAE (README states 5%)
+    assert (tiled - full).norm() / full.norm() < 0.05
+    assert torch.equal(vae.decode_tiled(z[..., :16, :16], tile=16), vae.decode(z[..., :16, :16]))  # one tile
+    with pytest.raises(ValueError, match="overlap"):
+        vae.decode_tiled(z, tile=8, overlap=8)

@@ -137,15 +137,17 @@ class SFTDataset(Dataset):
         tries = min(MAX_CONSECUTIVE_FAILURES, len(self))
         for attempt in range(tries):
             video, label = self.pairs[(index + attempt) % len(self)]
-            # decord raises RuntimeError or DECORDError; the index functions raise ValueError on too few frames
+            # decord raises RuntimeError or DECORDError; the index functions raise ValueError on too few frames, and
+            # a label that is not UTF-8 UnicodeDecodeError (a ValueError): the clip is skipped, the worker lives on
             try:
                 frames, num_real = self.load_frames(video)
-            except (RuntimeError, decord.DECORDError, ValueError) as error:
-                logger.warning("skipping unreadable video %s: %s", video, error)
+                caption = self.read_caption(label)
+            except (RuntimeError, decord.DECORDError, ValueError, OSError) as error:
+                logger.warning("skipping unreadable clip %s: %s", video, error)
                 continue
             return {
                 "mp4": frames,
-                "txt": self.read_caption(label),
+                "txt": caption,
                 "num_frames": num_real,
                 "padded_frames": self.max_num_frames - num_real,
                 "fps": self.fps,

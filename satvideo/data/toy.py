@@ -1,5 +1,6 @@
-"""A synthetic captioned dataset (a coloured shape moving over a dark background) and the colour
-classifier that checks whether generated videos show the colour their prompt asked for."""
+"""A synthetic captioned dataset (a coloured shape moving over a dark background) and the measures that check
+whether a generated video shows what its prompt asked for: the shape's colour, one shape per frame, and the
+direction it moves in."""
 
 import re
 from pathlib import Path
@@ -73,6 +74,13 @@ def make_toy_dataset(
     return written
 
 
+def caption_parts(prompt: str) -> dict[str, str | None]:
+    """The colour and direction a toy prompt names (None for what it does not name)."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return {"colour": next((w for w in words if w in PALETTE), None),
+            "direction": next((w for w in words if w in DIRECTIONS), None)}
+
+
 def palette_colour_in(prompt: str) -> str | None:
     """The first palette colour named in the prompt, as a whole word."""
     for word in re.findall(r"[a-z]+", prompt.lower()):
@@ -98,3 +106,70 @@ def dominant_palette_colour(frames: np.ndarray, min_value: int = 80, min_saturat
     distances = np.stack([((pixels - colour) ** 2).sum(axis=1) for colour in palette], axis=1)  # [N, colours]
     votes = np.bincount(distances.argmin(axis=1), minlength=len(names))
     return names[votes.argmax()]
+
+
+def bright_mask(frames: np.ndarray, min_value: int = 80, min_saturation: float = 0.4) -> np.ndarray:
+    """Bool [..., H, W]: the bright, saturated pixels of uint8 frames [..., H, W, 3] (the shape, not the background)."""
+    pixels = frames.astype(np.float32)
+    value = pixels.max(axis=-1)
+    saturation = (value - pixels.min(axis=-1)) / np.maximum(value, 1.0)
+    return (value >= min_value) & (saturation >= min_saturation)
+
+
+def region_sizes(mask: np.ndarray) -> list[int]:
+    """Pixel counts of the 4-connected regions of a bool [H, W] mask."""
+    seen, sizes = np.zeros_like(mask), []
+    height, width = mask.shape
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        stack, size = [(y, x)], 0
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            size += 1
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        sizes.append(size)
+    return sizes
+
+
+def shapes_per_frame(frames: np.ndarray, min_area_fraction: float = 0.005) -> list[int]:
+    """Connected bright regions in each frame of [T, H, W, 3], ignoring specks below a fraction of the frame."""
+    masks = bright_mask(frames)
+    min_area = max(2, int(min_area_fraction * masks[0].size))
+    return [sum(size >= min_area for size in region_sizes(mask)) for mask in masks]
+
+
+def motion_direction(frames: np.ndarray, min_travel: float = 0.15) -> str | None:
+    """The direction of the bright shape's centroid track over [T, H, W, 3]: a line fitted to the centroids over
+    time, its dominant axis and sign; None when it travels less than `min_travel` of the frame."""
+    masks = bright_mask(frames)
+    times, centroids = [], []
+    for t, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        if len(ys):
+            times.append(t)
+            centroids.append((ys.mean(), xs.mean()))
+    if len(times) < max(2, len(frames) // 2):
+        return None
+    track = np.array(centroids)
+    slope_y, slope_x = (np.polyfit(times, track[:, axis], 1)[0] for axis in (0, 1))
+    height, width = masks.shape[1:]
+    travel_y, travel_x = slope_y * (len(frames) - 1) / height, slope_x * (len(frames) - 1) / width
+    if max(abs(travel_y), abs(travel_x)) < min_travel:
+        return None
+    step = (int(np.sign(travel_y)), 0) if abs(travel_y) > abs(travel_x) else (0, int(np.sign(travel_x)))
+    return next(name for name, unit in DIRECTIONS.items() if unit == step)
+
+
+def check_toy_video(frames: np.ndarray, prompt: str) -> dict:
+    """Measures of one video against its prompt: colour, shapes per frame, direction, and whether each is right
+    (one shape per frame allowing one frame to miss)."""
+    expected = caption_parts(prompt)
+    colour, shapes, direction = dominant_palette_colour(frames), shapes_per_frame(frames), motion_direction(frames)
+    return {"colour": colour, "colour_ok": colour == expected["colour"],
+            "shapes": shapes, "one_shape_ok": sum(count != 1 for count in shapes) <= 1,
+            "direction": direction, "direction_ok": direction == expected["direction"]}

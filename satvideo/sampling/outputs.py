@@ -56,10 +56,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def contact_sheet(rows: list[tuple[np.ndarray, str]], path: str | Path) -> None:
-    """A PNG grid: per video ([T, H, W, 3] uint8) a row of up to SHEET_FRAMES evenly spaced frames, its caption
-    written under the row."""
-    height, width = rows[0][0].shape[1:3]
+def contact_sheet(rows: list[tuple[np.ndarray, str]], path: str | Path, scale: int = 1) -> None:
+    """A PNG grid: per video ([T, H, W, 3] uint8) a row of up to SHEET_FRAMES evenly spaced frames (enlarged
+    `scale` times), its caption written under the row."""
+    height, width = (size * scale for size in rows[0][0].shape[1:3])
     caption_height = 14
     sheet = Image.new("RGB", (SHEET_FRAMES * width, len(rows) * (height + caption_height)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -67,7 +67,7 @@ def contact_sheet(rows: list[tuple[np.ndarray, str]], path: str | Path) -> None:
         picks = np.linspace(0, len(frames) - 1, min(SHEET_FRAMES, len(frames))).round().astype(int)
         top = row * (height + caption_height)
         for column, index in enumerate(picks):
-            sheet.paste(Image.fromarray(frames[index]).resize((width, height)), (column * width, top))
+            sheet.paste(Image.fromarray(frames[index]).resize((width, height), Image.NEAREST), (column * width, top))
         draw.text((2, top + height + 1), caption, fill="black")
     sheet.save(path)
 

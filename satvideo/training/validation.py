@@ -84,7 +84,8 @@ class Validator:
             generator = torch.Generator().manual_seed(request.seed)
             latents = engine.sample([request.prompt], shape, generator, first_frames=first_frames)
             if real:
-                video = engine.decode_first_stage(latents, chunk_frames=self.args.decode_chunk_frames)
+                video = engine.decode_first_stage(latents, chunk_frames=self.args.decode_chunk_frames,
+                                                  tile=self.args.vae_tiling, overlap=self.args.vae_tile_overlap)
                 save_video(video[0].cpu(), str(paths[index]), fps=self.args.sampling_fps)
         distributed.barrier()
         return paths

@@ -64,11 +64,55 @@ class VideoAutoencoder(nn.Module):
         check_chunk_frames(chunk_frames, 2)
         return stream_over_time(self.decoder, z, chunk_frames)
 
+    def decode_tiled(self, z: Tensor, chunk_frames: int | None = 2, tile: int = 32, overlap: int = 8) -> Tensor:
+        """`decode` one spatial tile of `tile` x `tile` latent pixels at a time, tiles overlapping by `overlap`
+        and blended with linear ramps across the overlap: peak memory that of one tile. Each tile normalises
+        with its own GroupNorm statistics, so the result differs slightly from `decode` (tests state how much)."""
+        if overlap >= tile:
+            raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile})")
+        height, width = z.shape[-2:]
+        if height <= tile and width <= tile:
+            return self.decode(z, chunk_frames)
+        out = weight = None
+        for top in tile_starts(height, tile, overlap):
+            for left in tile_starts(width, tile, overlap):
+                piece = self.decode(z[..., top : top + tile, left : left + tile], chunk_frames)  # [B, 3, T, th, tw]
+                scale = piece.shape[-1] // min(tile, width - left)  # the VAE's spatial upsampling
+                if out is None:
+                    out = piece.new_zeros(*piece.shape[:3], height * scale, width * scale)
+                    weight = piece.new_zeros(height * scale, width * scale)
+                ramp = blend_ramp(piece.shape[-2], overlap * scale, top > 0, top + tile < height, piece)[:, None] * \
+                    blend_ramp(piece.shape[-1], overlap * scale, left > 0, left + tile < width, piece)[None, :]
+                rows = slice(top * scale, top * scale + piece.shape[-2])
+                columns = slice(left * scale, left * scale + piece.shape[-1])
+                out[..., rows, columns] += piece * ramp
+                weight[rows, columns] += ramp
+        return out / weight
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Training pass: (reconstruction, sampled latent, {"kl": KL to N(0, I)})."""
         moments = self.encoder(x)
         z = self.regularization(moments, sample=True)
         return self.decoder(z), z, {"kl": self.regularization.kl(moments)}
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles covering [0, size); the last tile ends at `size`."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, tile - overlap))
+    return starts + [size - tile]
+
+
+def blend_ramp(length: int, overlap: int, ramp_in: bool, ramp_out: bool, like: Tensor) -> Tensor:
+    """[length] weights: rising over the first `overlap` pixels (if ramp_in), falling over the last (if ramp_out)."""
+    ramp = torch.ones(length, dtype=like.dtype, device=like.device)
+    steps = (torch.arange(overlap, dtype=like.dtype, device=like.device) + 0.5) / overlap
+    if ramp_in:
+        ramp[:overlap] = steps
+    if ramp_out:
+        ramp[length - overlap :] = steps.flip(0)
+    return ramp
 
 
 def check_chunk_frames(chunk_frames: int, multiple: int) -> None:

@@ -26,8 +26,8 @@ class CausalConv3d(nn.Module):
         if self.time_pad > 0:
             past = self.cache if self.cache is not None else x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
             x = torch.cat([past, x], dim=2)  # [B, C, time_pad + T, H, W]
-            if self.streaming:
-                self.cache = x[:, :, -self.time_pad :]
+            if self.streaming:  # a copy: a view would keep this call's whole padded input alive until the next
+                self.cache = x[:, :, -self.time_pad :].clone()
         return self.conv(x)
 
 
