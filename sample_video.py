@@ -13,7 +13,6 @@ further adapters; `args.use_ema` loads the checkpoint's EMA weights.
 """
 
 import hashlib
-import resource
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -46,12 +45,6 @@ def guidance_record(sampler) -> dict:
     if hasattr(guider, "exp"):
         record.update(exp=guider.exp, schedule="1 + scale * (1 - cos(pi * ((steps - t) / steps) ** exp)) / 2")
     return record
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def batches(requests: list, size: int) -> list[list]:
@@ -165,12 +158,12 @@ def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: Outp
         one = latents[position : position + 1]
         if args.only_save_latents:  # unscaled VAE latents [C, T', h, w], as the original's latent.pt
             unscaled = (one[0] / engine.scale_factor).permute(1, 0, 2, 3).contiguous().float().cpu()
-            record.update(frames=4 * (shape[0] - 1) + 1, seconds=seconds, peak_memory_gb=peak_memory_gb(device))
+            record.update(frames=4 * (shape[0] - 1) + 1, seconds=seconds, peak_memory_gb=distributed.peak_memory_gb(device))
             paths.append(writer.write(stem, record, latents={"latents": unscaled}))
         else:
             video = engine.decode_first_stage(one, chunk_frames=args.decode_chunk_frames, tile=args.vae_tiling,
                                               overlap=args.vae_tile_overlap)[0].cpu()
-            record.update(frames=video.shape[0], seconds=seconds, peak_memory_gb=peak_memory_gb(device))
+            record.update(frames=video.shape[0], seconds=seconds, peak_memory_gb=distributed.peak_memory_gb(device))
             paths.append(writer.write(stem, record, video=video, fps=args.sampling_fps))
         print(f"wrote {paths[-1]}", flush=True)
     return paths

@@ -49,12 +49,13 @@ def deepspeed_safe_globals() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable[type] = ()) -> Any:
+def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable[type] = (), mmap: bool = False) -> Any:
     """torch.load with the weights-only unpickler (tensors, containers, numbers, strings and `allowed` classes);
-    a file holding anything else, which could execute code, is a CheckpointError naming it."""
+    a file holding anything else, which could execute code, is a CheckpointError naming it. `mmap` maps the
+    tensors instead of reading them (for a look at a large file's metadata)."""
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as error:
         reason = str(error).strip().splitlines()
         detail = next((line.strip() for line in reason if "Unsupported" in line or "GLOBAL" in line), reason[0] if reason else "")
@@ -67,12 +68,16 @@ def guard_deepspeed_loads(engine) -> None:
     engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location or "cpu", allowed)
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: readers see the old text or the new, never half."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def write_latest(save_dir: str | Path, iteration: int) -> None:
     """Point `latest` at `iteration` with an atomic rename."""
-    save_dir = Path(save_dir)
-    temporary = save_dir / "latest.tmp"
-    temporary.write_text(str(iteration))
-    os.replace(temporary, save_dir / "latest")
+    write_text_atomically(Path(save_dir) / "latest", str(iteration))
 
 
 def write_zero3_model_states(iteration_dir: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -146,7 +151,8 @@ def is_lora_matrix(name: str) -> bool:
 
 def lora_metadata(checkpoint_path: str | Path) -> dict | None:
     """Rank, alpha, target modules and base checkpoint of an adapter-only LoRA checkpoint; None for full ones."""
-    return read_model_states(checkpoint_path)[1].get(LORA_METADATA)
+    file = resolve_model_states(checkpoint_path)
+    return safe_load(file, allowed=deepspeed_safe_globals(), mmap=True).get(LORA_METADATA)
 
 
 def ema_model_states(model_states_file: Path) -> Path:

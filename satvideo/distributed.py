@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 
 import torch
 import torch.distributed as dist
@@ -95,3 +96,14 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def peak_memory_gb(device: torch.device, reset: bool = False) -> float:
+    """Peak memory of this process: CUDA's peak allocation on `device` (restarted with `reset`), else the peak
+    resident set (which never restarts)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

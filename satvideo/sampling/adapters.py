@@ -18,13 +18,12 @@ from safetensors.torch import load_file
 
 from satvideo.checkpoint import lora_metadata, network_weights, read_model_states
 from satvideo.config import ConfigError
+from satvideo.convert.lora import PEFT_TARGETS, SAT_LORA
 
 LORA_MIXIN = "sat.model.finetune.lora2.LoraMixin"
 PEFT_FILE = "pytorch_lora_weights.safetensors"
-SAT_LORA = re.compile(r"transformer\.layers\.(\d+)\.attention\.(query_key_value|dense)\.matrix_([AB])\.(\d+)$")
 PEFT_LORA = re.compile(r"(?:transformer\.)?transformer_blocks\.(\d+)\.attn1\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.weight$")
-PEFT_ROWS = {"to_q": ("query_key_value", 0), "to_k": ("query_key_value", 1), "to_v": ("query_key_value", 2),
-             "to_out.0": ("dense", 0)}
+PEFT_ROWS = {target: (projection, int(partition)) for (projection, partition), target in PEFT_TARGETS.items()}
 
 
 def add_lora_from_checkpoint(config: DictConfig, checkpoint: str) -> None:
@@ -67,7 +66,7 @@ def adapter_deltas(path: str) -> dict[str, torch.Tensor]:
     pieces: dict[tuple[int, str], dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
     peft = peft_file(path)
     if peft is not None:
-        scale = 1.0
+        metadata = {"lora_alpha": 1.0, "r": 1}  # the scale is folded into B
         for key, value in load_file(peft).items():
             match = PEFT_LORA.match(key)
             if match:
@@ -77,15 +76,15 @@ def adapter_deltas(path: str) -> dict[str, torch.Tensor]:
     else:
         file, state = read_model_states(path)
         metadata = state.get("lora") or {}
-        scale = metadata.get("lora_alpha", 1.0) / metadata["r"] if "r" in metadata else None
         for key, value in network_weights(state, file).items():
             match = SAT_LORA.match(key)
             if match:
                 layer, projection, matrix, partition = match.groups()
                 pieces[int(layer), projection][int(partition)][matrix] = value
-                scale = scale if scale is not None else 1.0 / value.shape[0 if matrix == "A" else 1]  # alpha 1
     if not pieces:
         raise ConfigError(f"args.lora: {path} holds no LoRA matrices")
+    rank = next(iter(next(iter(pieces.values())).values()))["A"].shape[0]
+    scale = metadata.get("lora_alpha", 1.0) / metadata.get("r", rank)  # SAT's default alpha is 1
     deltas = {}
     for (layer, projection), partitions in pieces.items():
         rows = [partitions[p]["B"].float() @ partitions[p]["A"].float() for p in sorted(partitions)]

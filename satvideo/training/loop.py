@@ -67,7 +67,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def lora_metadata(network: torch.nn.Module, args) -> dict | None:
+def adapter_record(network: torch.nn.Module, args) -> dict | None:
     """What an adapter-only checkpoint records about its adapters (None when the network has no LoRA)."""
     if "lora" not in network.mixins:
         return None
@@ -136,7 +136,7 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     # a resume restores every saved weight; LoRA checkpoints hold only the adapters, so their base loads first
     has_lora = "lora_config" in config.model.network_config.params.modules
     model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None or has_lora)
-    lora = lora_metadata(model.module.network, args)
+    lora = adapter_record(model.module.network, args)
     ema = EMA(model.module.network, args.ema_decay) if args.ema_decay else None
     torch.manual_seed(args.seed + rank)  # ranks draw different noise and timesteps
     random.seed(args.seed + rank)

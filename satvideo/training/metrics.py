@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import netrc
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -38,14 +37,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for fragment, flops in PEAK_FLOPS.items() if fragment in name), None)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def wandb_mode() -> str:
@@ -118,7 +109,7 @@ class MetricsLog:
             "skipped_steps": window.skipped,
             "samples_per_s": window.iterations * samples_per_iteration / elapsed,
             "step_time": elapsed / max(window.iterations, 1),
-            "peak_memory_gb": peak_memory_gb(self.device),
+            "peak_memory_gb": distributed.peak_memory_gb(self.device, reset=True),
             "padded_clips": int(totals["padded_clips"]),
             "padded_frames": int(totals["padded_frames"]),
         }

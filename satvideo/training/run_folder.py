@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from satvideo.checkpoint import write_text_atomically
 from satvideo.config import TrainingError
 
 LOCK = "run.lock"
@@ -22,12 +23,6 @@ CONFIG = "training_config.yaml"
 METRICS = "metrics.jsonl"
 
 logger = logging.getLogger(__name__)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def process_alive(pid: int) -> bool:
@@ -99,7 +94,7 @@ class RunLock:
 def save_config(folder: Path, config: DictConfig) -> None:
     """The merged config of the run, as the original writes it: `{save}/training_config.yaml`."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / CONFIG, OmegaConf.to_yaml(config, resolve=True))
+    write_text_atomically(folder / CONFIG, OmegaConf.to_yaml(config, resolve=True))
 
 
 def truncate_metrics(folder: Path, iteration: int) -> None:
@@ -114,7 +109,7 @@ def truncate_metrics(folder: Path, iteration: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut by the kill
-    write_atomically(path, "".join(line + "\n" for line in kept))
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def prune_checkpoints(folder: Path, keep_last: int | None, latest: int) -> None:
