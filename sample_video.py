@@ -109,8 +109,9 @@ def main() -> None:
             engine.conditioner.to("cpu")
     source = (request_from_line(line, i, args.seed + i) for i, line in enumerate(interactive_prompts())) \
         if interactive else batches(requests, args.batch_size or 1)
-    start, written = time.perf_counter(), []
-    for group in tqdm(source, desc="videos", disable=interactive or not requests):
+    start, written, run_peak = time.perf_counter(), [], 0.0
+    bar = tqdm(total=len(requests), desc="prompts", disable=interactive or not requests)
+    for group in source:
         group = group if isinstance(group, list) else [group]
         for request in group:
             request.negative_prompt = request.negative_prompt or args.negative_prompt
@@ -118,16 +119,20 @@ def main() -> None:
                 plan.check(request)
                 texts[request.index] = engine.encode_prompts([request.prompt], [request.negative_prompt])
         written += sample_group(engine, plan, group, texts, writer, args, run_record, device)
+        run_peak = max(run_peak, distributed.peak_memory_gb(device))
+        bar.update(len(group))
+    bar.close()
     elapsed = time.perf_counter() - start
     if written:
-        print(f"{len(written)} videos in {elapsed:.1f} s ({elapsed / len(written):.1f} s per video) in "
-              f"{args.output_dir}", flush=True)
+        print(f"{len(written)} videos in {elapsed:.1f} s ({elapsed / len(written):.1f} s per video, peak memory "
+              f"{run_peak:.2f} GB) in {args.output_dir}", flush=True)
 
 
 def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: OutputWriter, args, run_record: dict,
                  device: torch.device) -> list:
     """Sample one batch of requests (num_samples videos each) and write every video with its sidecar."""
     start = time.perf_counter()
+    distributed.peak_memory_gb(device, reset=True)  # on a GPU each batch reports its own peak
     samples = args.num_samples
     first = group[0]
     shape, first_frames, clip = plan.inputs(first, samples)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from satvideo.config import ConfigError, instantiate_from_config
+from satvideo.config import ConfigError, instantiate_from_config, unknown_key_error
 
 
 class T5TextEncoder(nn.Module):
@@ -63,6 +63,7 @@ class TinyT5Embedder(T5TextEncoder):
 
 
 CACHED_FEATURES = "text_features"  # batch key of precomputed features [B, L, D]
+EMBEDDER_KEYS = ("target", "params", "is_trainable", "input_key", "ucg_rate")  # an `emb_models` entry
 
 
 class GeneralConditioner(nn.Module):
@@ -78,11 +79,15 @@ class GeneralConditioner(nn.Module):
         self.input_keys: list[str] = []
         self.ucg_rates: list[float] = []
         for index, config in enumerate(emb_models):
+            for key in config:
+                if key not in EMBEDDER_KEYS:
+                    raise unknown_key_error(key, f"model.conditioner_config.params.emb_models[{index}]", EMBEDDER_KEYS)
             if config.get("is_trainable", False):
                 raise ConfigError(f"conditioner_config.params.emb_models[{index}].is_trainable: trainable text "
                                   "encoders are not supported; the conditioner is frozen")
             try:
-                self.embedders.append(instantiate_from_config(config))
+                self.embedders.append(instantiate_from_config({"target": config["target"],
+                                                               "params": config.get("params")}))
             except ConfigError as error:
                 raise ConfigError(f"model.conditioner_config.params.emb_models[{index}]: {error}") from error
             self.input_keys.append(config.get("input_key", "txt"))

@@ -144,6 +144,7 @@ def unknown_key_error(key: str, where: str, valid: Iterable[str]) -> "ConfigErro
 
 
 SECTIONS = ("args", "model", "data", "deepspeed")
+PART_KEYS = ("target", "params")  # the keys of a `{target, params}` part
 
 
 class SatvideoError(Exception):
@@ -311,6 +312,9 @@ def instantiate_from_config(config: dict | DictConfig, **extra_kwargs: Any) -> A
     config = to_plain(config)
     if not isinstance(config, dict) or "target" not in config:
         raise ConfigError(f"expected a mapping with a 'target' key, got {config!r}")
+    for key in config:
+        if key not in PART_KEYS:  # e.g. `parmas`: never built silently with the defaults
+            raise unknown_key_error(key, f"{config['target']} config", PART_KEYS)
     target = resolve_target(config["target"])
     params = drop_keys_without_effect(target, dict(config.get("params") or {}), label=f"{target} params")
     params.update(extra_kwargs)

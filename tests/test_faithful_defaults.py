@@ -22,6 +22,7 @@ from satvideo.data.video import read_mp4
 from satvideo.engine import VideoDiffusionEngine, trainable_filter
 from satvideo.sampling import latent_frame_count, size_from_image
 from satvideo.checkpoint import MODEL_STATES, write_latest
+from satvideo.training.deepspeed_setup import deepspeed_config
 from satvideo.training.loop import schedule_from_args
 from satvideo.training.lr_schedule import weight_decay_groups
 
@@ -143,6 +144,30 @@ def test_misspelt_data_key_names_the_closest(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key data_video.SFTDataset params.max_num_frame; "
                                           r"did you mean data_video.SFTDataset params.max_num_frames\?"):
         instantiate_from_config(config.data, data_dir=str(tmp_path))
+
+
+def test_a_misspelt_params_key_of_any_part_is_an_error():
+    config = load_config(official("sft.yaml"))
+    data = to_plain(config.data)
+    data["parmas"] = data.pop("params")
+    with pytest.raises(ConfigError, match=r"unknown key data_video.SFTDataset config.parmas; did you mean .*params\?"):
+        instantiate_from_config(data, data_dir="unused")
+    model = to_plain(load_config(TINY).model)
+    model["conditioner_config"]["params"]["emb_models"][0]["ucg_rat"] = 0.1
+    with pytest.raises(ConfigError, match=r"emb_models\[0\].ucg_rat; did you mean .*ucg_rate\?"):
+        VideoDiffusionEngine.from_config(model)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("deepspeed.optimizer.type=AdamX", r"deepspeed.optimizer.type='AdamX' is neither .*; did you mean adam\?"),
+    ("deepspeed.optimizer.params.weight_decai=0.1",
+     r"unknown key deepspeed.optimizer.params.weight_decai; did you mean deepspeed.optimizer.params.weight_decay\?"),
+    ("deepspeed.optimizer.type=torch.optim.SGD", r"unknown key deepspeed.optimizer.params.betas"),
+])
+def test_optimizer_type_and_params_are_checked(override, message):
+    config = load_config([*TINY, "configs/sft.yaml"], [override])
+    with pytest.raises(ConfigError, match=message):
+        deepspeed_config(config, args_namespace(config), on_gpu=False)
 
 
 @pytest.mark.parametrize("path, key, message", [

@@ -16,6 +16,7 @@ from satvideo.checkpoint import MODEL_STATES, NETWORK_PREFIX, write_latest
 from satvideo.config import load_config
 from satvideo.data.toy import make_toy_dataset
 from satvideo.data.video import read_mp4, write_mp4
+from satvideo.diffusion.guiders import VanillaCFG
 from satvideo.engine import VideoDiffusionEngine
 from satvideo.sampling import merge_adapters
 
@@ -123,7 +124,13 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     bad_json.write_text('{"prompt": "a cat", "sed": 3}\n')
     video.write_text(json.dumps({"prompt": "a cat", "video": str(tmp_path / "missing.mp4"), "strength": 0.5}) + "\n")
     (tmp_path / "file").write_text("")
+    frames = tmp_path / "frames.jsonl"
+    frames.write_text('{"prompt": "a cat", "num_frames": 12}\n')
+    no_t5 = ("model.conditioner_config.params.emb_models=[{target: sgm.modules.encoders.modules.FrozenT5Embedder, "
+             f"params: {{model_dir: {tmp_path / 'no_t5'}}}}}]")
     return [
+        ([f"args.input_file={frames}"], "num_frames"),
+        ([no_t5], "no_t5' is not a directory"),
         ([f"args.input_file={empty}"], "holds no prompt"),
         ([f"args.input_file={latin1}"], "is not UTF-8 text"),
         ([f"args.input_file={bad_json}"], "unknown key 'sed'; did you mean 'seed'?"),
@@ -143,7 +150,9 @@ def test_each_bad_input_fails_before_weights_load_with_one_line(tmp_path, base):
                                         *overrides))
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and message in last and last.startswith("error: "), (overrides, last)
-        assert "Traceback" not in result.stderr and "network parameters" not in result.stderr, overrides
+        assert "Traceback" not in result.stderr, overrides
+        if "no_t5" not in message:  # T5 is found missing while the model is built, still before any weight loads
+            assert "network parameters" not in result.stderr, overrides
 
 
 # --- negative prompts, video-to-video, continuation -----------------------------------------------------------
@@ -156,8 +165,11 @@ def loaded(base: Path, *overrides) -> VideoDiffusionEngine:
     return engine
 
 
-def test_a_negative_prompt_is_the_unconditional_text(base):
+@pytest.mark.parametrize("guider", ["dynamic", "vanilla"])
+def test_a_negative_prompt_is_the_unconditional_text(base, guider):
     engine = loaded(base)
+    if guider == "vanilla":
+        engine.sampler.guider = VanillaCFG(scale=6.0)
     shape, prompt = (3, 16, 4, 4), ["a red square moving left"]
     plain = engine.sample(prompt, shape, torch.Generator().manual_seed(3))
     negative = engine.sample(prompt, shape, torch.Generator().manual_seed(3), negative_prompts=["a blue circle"])

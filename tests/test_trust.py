@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -24,7 +25,7 @@ from satvideo.engine import VideoDiffusionEngine
 from satvideo.sampling import add_lora_from_checkpoint
 from satvideo.training.deepspeed_setup import deepspeed_config
 from satvideo.training.ema import EMA
-from satvideo.training.guards import check_training_args
+from satvideo.training.guards import NonFiniteGuard, check_training_args
 from satvideo.training.loop import build_deepspeed_engine, resume
 from satvideo.training.run_folder import RunLock, prune_checkpoints, truncate_metrics
 
@@ -134,6 +135,41 @@ def test_an_injected_nan_batch_is_skipped_counted_and_the_run_goes_on(tmp_path, 
     assert all(torch.isfinite(value).all() for value in network_state_dict(save).values())
 
 
+class SkippingEngine:
+    """Stands in for a DeepSpeed engine whose every step is skipped."""
+
+    def __init__(self, fp16: bool):
+        self.skipped_steps, self.fp16 = 0, fp16
+
+    def fp16_enabled(self) -> bool:
+        return self.fp16
+
+
+def test_fp16_loss_scale_overflows_are_counted_but_not_fatal():
+    engine = SkippingEngine(fp16=True)
+    guard = NonFiniteGuard(engine, max_in_row=3)
+    for iteration in range(1, 21):  # the loss scale settling: finite losses, overflowing fp16 gradients
+        engine.skipped_steps += 1
+        assert guard.after_step(iteration, torch.tensor([0.5, 0.7]))
+    assert guard.in_row == 0
+    for iteration in range(21, 23):
+        engine.skipped_steps += 1
+        guard.after_step(iteration, torch.tensor([float("nan"), 0.7]))
+    engine.skipped_steps += 1
+    with pytest.raises(TrainingError, match="iteration 23: 3 optimizer steps in a row skipped"):
+        guard.after_step(23, torch.tensor([float("inf")]))
+
+
+def test_without_fp16_a_skip_with_a_finite_loss_counts():
+    engine = SkippingEngine(fp16=False)
+    guard = NonFiniteGuard(engine, max_in_row=2)
+    engine.skipped_steps += 1
+    guard.after_step(1, torch.tensor([0.5]))
+    engine.skipped_steps += 1
+    with pytest.raises(TrainingError, match="2 optimizer steps in a row"):
+        guard.after_step(2, torch.tensor([0.5]))
+
+
 def test_a_run_that_is_nan_every_step_stops_and_latest_stays(tmp_path, data):
     save = tmp_path / "run"
     train(save, data, "args.train_iters=2", *QUICK)
@@ -217,6 +253,38 @@ def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tmp_path, monkeypatch
         assert lock.holder() == lock.record
         lock.release()
         assert not (tmp_path / "run.lock").exists()
+
+
+def test_racing_starters_on_a_stale_lock_leave_exactly_one_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    write_lock(tmp_path, socket.gethostname(), dead_pid())
+    outcomes, start = [], threading.Barrier(6)
+
+    def starter():
+        start.wait()
+        try:
+            RunLock(tmp_path, timeout=900).acquire()
+            outcomes.append("acquired")
+        except TrainingError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=starter) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["acquired"] + ["refused"] * 5
+
+
+def test_the_lock_heartbeat_runs_between_log_lines(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    lock = RunLock(tmp_path, timeout=2)  # a beat every second
+    lock.acquire()
+    then = time.time() - 100
+    os.utime(tmp_path / "run.lock", (then, then))
+    time.sleep(1.6)
+    assert time.time() - (tmp_path / "run.lock").stat().st_mtime < 1.5
+    lock.release()
 
 
 def test_the_same_slurm_job_takes_its_lock_over(tmp_path, monkeypatch):
@@ -321,6 +389,15 @@ def test_lora_run_saves_only_adapters_and_resumes_bit_exactly_with_ema(tmp_path,
     assert adapter_size < 0.25 * full_size
 
 
+@pytest.mark.slow
+def test_lora_run_under_zero3_saves_only_adapters_and_resumes_bit_exactly(tmp_path, data, base_checkpoint):
+    straight, resumed = straight_and_resumed(tmp_path, data, *LORA, f"args.load={base_checkpoint}",
+                                             "args.zero_stage=3")
+    adapters = network_state_dict(straight)
+    assert adapters and all("matrix_A" in key or "matrix_B" in key for key in adapters)
+    assert_same_weights(straight, resumed)
+
+
 def sample_latents(engine: VideoDiffusionEngine) -> torch.Tensor:
     engine.sampler.num_steps = engine.sampler.guider.num_steps = 3
     return engine.sample(["a red square moving left"], (3, 16, 4, 4), torch.Generator().manual_seed(11))
@@ -332,6 +409,9 @@ def test_adapter_over_base_samples_as_the_merged_model_and_exports_without_alpha
     train(lora_run, data, "args.train_iters=2", *QUICK, *LORA, f"args.load={base_checkpoint}",
           "model.network_config.params.modules.lora_config.params.lora_alpha=3")
     config = load_config(TINY)  # no LoRA overlay: the adapter checkpoint brings rank and alpha
+    overlaid = load_config([*TINY, "configs/lora.yaml"], ["model.network_config.params.modules.lora_config.params.r=4"])
+    add_lora_from_checkpoint(overlaid, str(lora_run))  # an overlay's default alpha gives way to the recorded one
+    assert overlaid.model.network_config.params.modules.lora_config.params.lora_alpha == 3
     add_lora_from_checkpoint(config, str(lora_run))
     over_base = VideoDiffusionEngine.from_config(config.model)
     load_network(over_base.network, lora_run)  # the base recorded in the checkpoint
@@ -376,3 +456,14 @@ def test_use_ema_without_ema_weights_is_a_clear_error(clean_run, tmp_path):
 def test_rng_state_file_is_plain_tensors(clean_run):
     state = safe_load(clean_run / "2" / "rng_rank0.pt")
     assert set(state) == {"python", "numpy", "torch"}
+
+
+def test_the_log_window_counts_padded_clips_and_frames():
+    from satvideo.training.metrics import Window
+
+    window = Window(torch.device("cpu"))
+    window.add_micro_batch(torch.tensor(0.5), torch.tensor([0, 3]))
+    window.add_micro_batch(torch.tensor(float("nan")), torch.tensor([2, 0]))
+    totals = window.totals()
+    assert (totals["padded_clips"], totals["padded_frames"]) == (2, 5)
+    assert (totals["finite_losses"], totals["nonfinite_losses"], totals["loss_sum"]) == (1, 1, 0.5)

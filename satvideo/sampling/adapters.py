@@ -27,17 +27,20 @@ PEFT_ROWS = {target: (projection, int(partition)) for (projection, partition), t
 
 
 def add_lora_from_checkpoint(config: DictConfig, checkpoint: str) -> None:
-    """An adapter-only checkpoint needs LoRA layers: add `lora_config` (rank, alpha) from its metadata when the
-    model config has none; a config whose rank differs is an error."""
+    """An adapter-only checkpoint needs LoRA layers: add `lora_config` from its metadata when the model config has
+    none, and take the recorded alpha when it has one (a config rank that differs is an error)."""
     metadata = lora_metadata(checkpoint)
     if metadata is None:
         return
     modules = config.model.network_config.params.modules
     if "lora_config" not in modules:
         modules.lora_config = {"target": LORA_MIXIN, "params": {"r": metadata["r"], "lora_alpha": metadata["lora_alpha"]}}
-    elif modules.lora_config.params.get("r") != metadata["r"]:
-        raise ConfigError(f"model.network_config.params.modules.lora_config.params.r={modules.lora_config.params.get('r')}"
+        return
+    params = modules.lora_config.setdefault("params", {})
+    if params.get("r") != metadata["r"]:
+        raise ConfigError(f"model.network_config.params.modules.lora_config.params.r={params.get('r')}"
                           f" differs from the rank {metadata['r']} of the adapters in {checkpoint}")
+    params.lora_alpha = metadata["lora_alpha"]  # the adapters were trained with it: another alpha rescales them
 
 
 def adapter_list(value) -> list[tuple[str, float]]:

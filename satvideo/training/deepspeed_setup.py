@@ -9,6 +9,7 @@ DeepSpeed's FusedAdam is prebuilt or `torch_adam: false` asks for it explicitly.
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import os
 import shutil
@@ -16,12 +17,14 @@ import shutil
 import torch
 from omegaconf import DictConfig
 
-from satvideo.config import ConfigError, get_obj_from_str, to_plain
+from satvideo.config import ConfigError, check_parameters, get_obj_from_str, to_plain
 
 # DeepSpeed's own optimizer names; any other `deepspeed.optimizer.type` is imported as a class path.
 DEEPSPEED_OPTIMIZERS = {"adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion", "muon"}
 # Class-path optimizers that compile a CUDA extension the first time they are built.
 COMPILED_AT_FIRST_USE = {"sat.ops.FusedEmaAdam"}
+# Keys DeepSpeed reads from an Adam optimizer's params before handing the rest to torch's AdamW.
+ADAM_EXTRA_KEYS = {"torch_adam", "adam_w_mode"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
@@ -46,11 +49,34 @@ def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
     if not on_gpu and ds["fp16"]["enabled"]:
         raise ConfigError("args.fp16 / deepspeed.fp16.enabled: fp16 training needs a GPU; use fp32 or bf16 on the CPU")
     optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": 1e-4}})
+    check_optimizer(optimizer)
     if optimizer["type"].lower() in ("adam", "adamw"):
         choose_adam(optimizer.setdefault("params", {}), on_gpu)
     elif optimizer["type"].lower() not in DEEPSPEED_OPTIMIZERS and zero_stage(ds) > 0:
         ds["zero_allow_untested_optimizer"] = True  # DeepSpeed asserts on any optimizer it did not build
     return ds
+
+
+def check_optimizer(optimizer: dict) -> None:
+    """`deepspeed.optimizer`: a type DeepSpeed knows by name or an importable class path, and, for a class path or
+    torch's AdamW, parameters its constructor takes (a misspelt one is an error naming it, not a TypeError)."""
+    name = optimizer.get("type")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("deepspeed.optimizer.type is missing: e.g. AdamW")
+    if name.lower() in DEEPSPEED_OPTIMIZERS:
+        factory = torch.optim.AdamW if name.lower() in ("adam", "adamw") else None
+    elif name in COMPILED_AT_FIRST_USE:
+        factory = None  # importing it is fine, but whether it can be built is build_optimizer's question
+    elif "." in name:
+        factory = get_obj_from_str(name)
+    else:
+        close = difflib.get_close_matches(name.lower(), sorted(DEEPSPEED_OPTIMIZERS), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"deepspeed.optimizer.type={name!r} is neither an optimizer DeepSpeed knows by name nor a "
+                          f"class path (module.Name){hint}")
+    if factory is not None:
+        params = {key: value for key, value in (optimizer.get("params") or {}).items() if key not in ADAM_EXTRA_KEYS}
+        check_parameters(factory, params, "deepspeed.optimizer.params")
 
 
 def set_precision(ds: dict, args) -> None:

@@ -29,6 +29,8 @@ def check_training_args(args) -> None:
         value = getattr(args, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConfigError(f"args.{key}={value!r}: expected a whole number >= 1 (or null)")
+    if not isinstance(args.lock_timeout, (int, float)) or isinstance(args.lock_timeout, bool) or args.lock_timeout <= 0:
+        raise ConfigError(f"args.lock_timeout={args.lock_timeout!r}: expected a number of seconds > 0")
     if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
         raise ConfigError(f"args.ema_decay={args.ema_decay!r}: expected a number between 0 and 1 (e.g. 0.9999)")
     if args.eval_interval and not (args.valid_data or args.validation_prompts):
@@ -37,18 +39,28 @@ def check_training_args(args) -> None:
 
 
 class NonFiniteGuard:
-    """Counts the optimizer steps DeepSpeed skipped and stops the run after `max_in_row` consecutive ones."""
+    """Counts the optimizer steps DeepSpeed skipped and stops the run after `max_in_row` consecutive ones.
+
+    Under fp16, a skipped step whose losses were all finite is a loss-scale overflow: DeepSpeed halves the
+    scale and goes on (the first steps of a run do this several times while the scale settles, and DeepSpeed
+    itself stops at its minimum scale). Such steps are counted as skipped but do not make a fatal run.
+    """
 
     def __init__(self, engine, max_in_row: int):
         self.engine, self.max_in_row = engine, max_in_row
         self.seen = engine.skipped_steps  # restored by a resume
         self.in_row = 0
+        self.fp16 = engine.fp16_enabled()
 
-    def after_step(self, iteration: int) -> bool:
-        """True when this iteration's update was skipped; TrainingError after too many in a row."""
+    def after_step(self, iteration: int, losses: torch.Tensor) -> bool:
+        """True when this iteration's update was skipped (`losses`: its micro-batch losses); TrainingError after
+        too many non-finite steps in a row."""
         skipped = self.engine.skipped_steps > self.seen
         self.seen = self.engine.skipped_steps
-        self.in_row = self.in_row + 1 if skipped else 0
+        if not skipped:
+            self.in_row = 0
+        elif not (self.fp16 and bool(torch.isfinite(losses).all())):
+            self.in_row += 1
         if self.in_row >= self.max_in_row:
             raise TrainingError(f"iteration {iteration}: {self.in_row} optimizer steps in a row skipped for non-finite "
                                 f"loss or gradients (args.max_nonfinite_steps={self.max_in_row}); stopping. Check the "

@@ -156,14 +156,16 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     window = Window(device)
     for iteration in range(start_iteration + 1, args.train_iters + 1):
         launcher.check(iteration)
+        losses = []
         for _ in range(accumulation):
             batch = to_device(next(data), device)
             padded = batch.pop("padded_frames", torch.zeros(1, dtype=torch.long, device=device))
             loss = model(batch)
             model.backward(loss)  # a non-finite loss gives non-finite gradients: ZeRO skips that step
             model.step()
-            window.add_micro_batch(loss.detach(), padded)
-        skipped = guard.after_step(iteration)
+            losses.append(loss.detach())
+            window.add_micro_batch(losses[-1], padded)
+        skipped = guard.after_step(iteration, torch.stack(losses))
         window.add_iteration(skipped)
         if ema is not None and not skipped:
             ema.update()
@@ -172,8 +174,6 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
             log.write(log.record(iteration, window, model, scheduler.get_last_lr()[0],
                                  micro_batch * accumulation * world_size))
             window.reset()
-            if lock is not None:
-                lock.heartbeat()
 
         if args.eval_interval and iteration % args.eval_interval == 0:
             record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)
@@ -186,8 +186,6 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
                                guard.in_row)
             else:
                 save_checkpoint(model, args, iteration, device, ema, lora)
-            if lock is not None:
-                lock.heartbeat()
 
 
 def resume(model, args, iteration: int, device: torch.device, ema: EMA | None, adapters_only: bool) -> int:

@@ -1,17 +1,21 @@
 """The run folder `args.save`: one live run at a time (a lock with host, pid and start time, kept fresh by a
-heartbeat), the merged config beside the checkpoints, metrics that stay one line per iteration across resumes,
+heartbeat thread), the merged config beside the checkpoints, metrics that stay one line per iteration across resumes,
 and at most `args.keep_last` checkpoints. Only rank 0 touches these files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +23,7 @@ from satvideo.checkpoint import write_text_atomically
 from satvideo.config import TrainingError
 
 LOCK = "run.lock"
+LOCK_GUARD = ".run.lock.guard"
 CONFIG = "training_config.yaml"
 METRICS = "metrics.jsonl"
 
@@ -45,10 +50,12 @@ class RunLock:
         self.timeout = timeout
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "slurm_job": os.environ.get("SLURM_JOB_ID")}
+        self._stop = threading.Event()
 
     def acquire(self) -> None:
+        """Take the lock, or TrainingError naming the live run that holds it; then keep it fresh in the background."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
+        with self.takeover_guard():  # two starters must not both judge the same lock stale and both run
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
@@ -59,10 +66,25 @@ class RunLock:
                         f"{holder.get('pid')}, started {holder.get('start')}); stop it or choose another folder")
                 logger.warning("taking over the stale lock %s (%s)", self.path, holder)
                 self.path.unlink(missing_ok=True)
-                continue
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             with os.fdopen(descriptor, "w") as file:
                 json.dump(self.record, file)
-            return
+        threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True).start()
+
+    @contextmanager
+    def takeover_guard(self) -> Iterator[None]:
+        """An exclusive advisory lock on a guard file beside the run lock for the check-and-replace."""
+        with open(self.path.parent / LOCK_GUARD, "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+
+    def _beat(self) -> None:
+        # A thread, not the training loop: a long validation or log interval must not look like a dead run.
+        while not self._stop.wait(max(1.0, self.timeout / 4)):
+            self.heartbeat()
 
     def holder(self) -> dict | None:
         try:
@@ -87,6 +109,7 @@ class RunLock:
             pass
 
     def release(self) -> None:
+        self._stop.set()
         if self.holder() == self.record:
             self.path.unlink(missing_ok=True)
 

@@ -5,7 +5,7 @@
   by its position), posterior means and no caption dropout.
 - Videos: each prompt of `args.validation_prompts` (a list, or a file with one per line; `prompt@@image.png` for
   image-to-video) sampled with seed `args.seed + i` by the configured sampler, decoded `args.decode_chunk_frames`
-  latent frames at a time, written to `{save}/validation/{iteration}/` and sent to wandb when it is on. Prompts
+  latent frames at a time, written to `{save}/validation/{iteration:07d}/` and sent to wandb when it is on. Prompts
   are shared round-robin over the ranks, each rank sampling the same number (ZeRO-3 needs every rank in every
   forward pass), one video at a time.
 
