@@ -92,6 +92,8 @@ def main() -> None:
     dtype = sampling_dtype(args)
     engine.to(device, dtype).eval()
     engine.place_frozen_parts(device, dtype)
+    if args.compile:
+        engine.network.compile_layers()
     run_record = {
         "sampler": {"name": type(engine.sampler).__name__, "num_steps": engine.sampler.num_steps},
         "guidance": guidance_record(engine.sampler), "fps": args.sampling_fps,

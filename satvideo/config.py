@@ -54,6 +54,7 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "lr_decay_iters": None,  # None: train_iters
     "lr_decay_ratio": 0.1,  # cosine decays to lr * lr_decay_ratio
     "checkpoint_activations": None,  # None: model.network_config.params.transformer_args decides
+    "compile": False,  # regional torch.compile of the transformer layers' element-wise parts (training and sampling)
     "zero_stage": None,  # overrides deepspeed.zero_optimization.stage
     "fp16": False,
     "bf16": False,

@@ -86,6 +86,7 @@ class VideoDiffusionEngine(nn.Module):
         noised_image_dropout: float = 0.0,
         input_key: str = "mp4",
         latent_input: bool = False,
+        encode_chunk_frames: int | None = None,
         checkpoint_activations: bool | None = None,
     ):
         super().__init__()
@@ -108,6 +109,7 @@ class VideoDiffusionEngine(nn.Module):
         self.noised_image_dropout = noised_image_dropout
         self.input_key = input_key
         self.latent_input = latent_input
+        self.encode_chunk_frames = encode_chunk_frames  # None: one pass, as the original
         self.patch_t = network.patch_t
         # Frozen parts: stored outside nn.Module's registries (see the module docstring).
         self.__dict__["conditioner"] = instantiate_from_config(conditioner_config).eval().requires_grad_(False)
@@ -152,10 +154,11 @@ class VideoDiffusionEngine(nn.Module):
 
         `sample`: a posterior draw or its mean; None follows the VAE's regularizer (`sample: true` by default,
         as the original trains; `first_stage_config.params.regularizer_config.params.sample: false` for the mean).
+        With `model.encode_chunk_frames` the VAE encodes that many frames at a time (memory flat in the length).
         """
         vae_dtype = next(self.first_stage_model.parameters()).dtype
         video = video.permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, 3, T, H, W]
-        latents = self.first_stage_model.encode(video, sample=sample)  # [B, C, T', h, w]
+        latents = self.first_stage_model.encode(video, sample=sample, chunk_frames=self.encode_chunk_frames)
         return (latents * self.scale_factor).permute(0, 2, 1, 3, 4).contiguous()
 
     @torch.no_grad()

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # First run on a GPU host (run it once after installing, and after changing CUDA, torch or DeepSpeed):
 # on all visible GPUs, in under 10 minutes,
-#   1. the tiny model: bf16 ZeRO-2, fp16 ZeRO-3, a resume, sampling from the result;
+#   1. the tiny model: bf16 and fp16, each under ZeRO-2 and ZeRO-3, a resume, zero_to_fp32, sampling;
 #   2. a mid-size model (CogVideoX-5B layout with 4 layers, random weights, a random 4096-wide T5 and the
-#      official VAE widths) on 49x480x720 clips in bf16 under ZeRO-2 and ZeRO-3;
+#      official VAE widths) on 49x480x720 clips: bf16 under ZeRO-2 and ZeRO-3, fp16 under ZeRO-2;
 #   3. peak GPU memory of each part (T5, VAE encode, transformer forward+backward, VAE decode) at that size.
 # Nothing is downloaded; everything is written under $OUT (default /tmp/satvideo_gpu_smoke).
 #   scripts/gpu_smoke.sh            # then copy the summary at the end into benchmarks/RESULTS.md
@@ -26,26 +26,29 @@ step "toy data: 16 clips of 9 frames at 32 px (tiny model) and 8 clips of 49 fra
 python scripts/make_toy_dataset.py --out "$OUT/toy" --num 16 --size 32 --frames 9 --fps 8
 python scripts/make_toy_dataset.py --out "$OUT/toy49" --num 8 --size 64 --frames 49 --fps 8
 
-step "tiny model, bf16, ZeRO-2, $GPUS GPU(s)"
-"${LAUNCH[@]}" train_video.py --base "${TINY[@]}" args.device=cuda args.bf16=true args.zero_stage=2 \
-  args.save="$OUT/tiny_bf16" args.train_data="[$OUT/toy]" args.train_iters=20 args.save_interval=10 args.batch_size=2
-step "tiny model, fp16, ZeRO-3"
-"${LAUNCH[@]}" train_video.py --base "${TINY[@]}" args.device=cuda args.fp16=true args.zero_stage=3 \
-  args.save="$OUT/tiny_fp16" args.train_data="[$OUT/toy]" args.train_iters=20 args.save_interval=10 args.batch_size=2
+for precision in bf16 fp16; do
+  for stage in 2 3; do
+    step "tiny model, $precision, ZeRO-$stage, $GPUS GPU(s)"
+    "${LAUNCH[@]}" train_video.py --base "${TINY[@]}" args.device=cuda args.$precision=true args.zero_stage=$stage \
+      args.save="$OUT/tiny_${precision}_zero$stage" args.train_data="[$OUT/toy]" args.train_iters=20 \
+      args.save_interval=10 args.batch_size=2
+  done
+done
 step "resume: the bf16 run continues from iteration 20 to 30"
 "${LAUNCH[@]}" train_video.py --base "${TINY[@]}" args.device=cuda args.bf16=true args.zero_stage=2 \
-  args.save="$OUT/tiny_bf16" args.train_data="[$OUT/toy]" args.train_iters=30 args.save_interval=10 args.batch_size=2
+  args.save="$OUT/tiny_bf16_zero2" args.train_data="[$OUT/toy]" args.train_iters=30 args.save_interval=10 args.batch_size=2
 step "DeepSpeed's zero_to_fp32 on the ZeRO-3 checkpoint"
 python -c "from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as g; \
-print(len(g('$OUT/tiny_fp16', tag='20')), 'tensors')"
+print(len(g('$OUT/tiny_fp16_zero3', tag='20')), 'tensors')"
 step "sampling from the resumed run (bf16)"
 "${LAUNCH[@]}" sample_video.py --base configs/tiny/model.yaml configs/tiny/vae.yaml configs/tiny/sample.yaml \
-  args.device=cuda args.bf16=true args.load="$OUT/tiny_bf16" args.output_dir="$OUT/videos"
+  args.device=cuda args.bf16=true args.load="$OUT/tiny_bf16_zero2" args.output_dir="$OUT/videos"
 
-for stage in 2 3; do
-  step "mid-size model (5B layout, 4 layers), 49x480x720, bf16, ZeRO-$stage"
-  "${LAUNCH[@]}" train_video.py --base "${MID[@]}" args.zero_stage=$stage args.save="$OUT/mid_zero$stage" \
-    args.train_data="[$OUT/toy49]"
+for run in bf16:2 bf16:3 fp16:2; do
+  precision=${run%:*} stage=${run#*:}
+  step "mid-size model (5B layout, 4 layers), 49x480x720, $precision, ZeRO-$stage"
+  "${LAUNCH[@]}" train_video.py --base "${MID[@]}" args.$precision=true args.zero_stage=$stage \
+    args.save="$OUT/mid_${precision}_zero$stage" args.train_data="[$OUT/toy49]"
 done
 
 step "peak GPU memory per part at 49x480x720, bf16 (one GPU)"

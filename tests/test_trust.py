@@ -373,13 +373,18 @@ def base_checkpoint(tmp_path_factory, data):
     return save
 
 
-@pytest.mark.slow
-def test_lora_run_saves_only_adapters_and_resumes_bit_exactly_with_ema(tmp_path, data, base_checkpoint):
-    straight, resumed = straight_and_resumed(tmp_path, data, *LORA, f"args.load={base_checkpoint}",
-                                             "args.ema_decay=0.9")
+def lora_resumes_with_adapters_only(tmp_path, data, base_checkpoint, *overrides) -> tuple[Path, Path]:
+    """A LoRA run straight and resumed; both hold only adapter tensors and end bit-identical."""
+    straight, resumed = straight_and_resumed(tmp_path, data, *LORA, f"args.load={base_checkpoint}", *overrides)
     adapters = network_state_dict(straight)
     assert adapters and all("matrix_A" in key or "matrix_B" in key for key in adapters)
     assert_same_weights(straight, resumed)
+    return straight, resumed
+
+
+@pytest.mark.slow
+def test_lora_run_saves_only_adapters_and_resumes_bit_exactly_with_ema(tmp_path, data, base_checkpoint):
+    straight, resumed = lora_resumes_with_adapters_only(tmp_path, data, base_checkpoint, "args.ema_decay=0.9")
     assert_same_weights(straight / "4-ema" / MODEL_STATES, resumed / "4-ema" / MODEL_STATES)
     metadata = lora_metadata(straight)
     assert (metadata["r"], metadata["lora_alpha"]) == (4, 8.0) and metadata["base"] == str(base_checkpoint.resolve())
@@ -391,11 +396,7 @@ def test_lora_run_saves_only_adapters_and_resumes_bit_exactly_with_ema(tmp_path,
 
 @pytest.mark.slow
 def test_lora_run_under_zero3_saves_only_adapters_and_resumes_bit_exactly(tmp_path, data, base_checkpoint):
-    straight, resumed = straight_and_resumed(tmp_path, data, *LORA, f"args.load={base_checkpoint}",
-                                             "args.zero_stage=3")
-    adapters = network_state_dict(straight)
-    assert adapters and all("matrix_A" in key or "matrix_B" in key for key in adapters)
-    assert_same_weights(straight, resumed)
+    lora_resumes_with_adapters_only(tmp_path, data, base_checkpoint, "args.zero_stage=3")
 
 
 def sample_latents(engine: VideoDiffusionEngine) -> torch.Tensor:

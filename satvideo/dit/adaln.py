@@ -3,8 +3,6 @@ shift/scale/gate modulation from the timestep embedding; optional LayerNorm of q
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from sat.model.base_model import BaseMixin, non_conflict
 from sat.ops.layernorm import LayerNorm
@@ -15,15 +13,26 @@ from satvideo.dit.embeddings import modulate
 Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # shift, scale, gate; each [B, D]
 
 
-def expert_residual(norm: nn.Module, sublayer: Callable[[torch.Tensor], torch.Tensor], text: torch.Tensor,
-                    video: torch.Tensor, text_mod: Modulation, video_mod: Modulation) -> tuple[torch.Tensor, torch.Tensor]:
-    """x + gate * sublayer(modulate(norm(x))), with one modulation for text tokens and another for video tokens."""
-    (text_shift, text_scale, text_gate), (video_shift, video_scale, video_gate) = text_mod, video_mod
-    inputs = torch.cat([modulate(norm(text), text_shift, text_scale), modulate(norm(video), video_shift, video_scale)], 1)
-    outputs = sublayer(inputs)
-    text_length = text.shape[1]
-    return (text + text_gate.unsqueeze(1) * outputs[:, :text_length],
-            video + video_gate.unsqueeze(1) * outputs[:, text_length:])
+def modulated_inputs(text: torch.Tensor, video: torch.Tensor, text_mod: Modulation,
+                     video_mod: Modulation) -> torch.Tensor:
+    """Normalised text [B, L, D] and video [B, N, D] tokens, each modulated by its own shift and scale -> [B, L + N, D]."""
+    return torch.cat([modulate(text, text_mod[0], text_mod[1]), modulate(video, video_mod[0], video_mod[1])], 1)
+
+
+def gated_residual(hidden: torch.Tensor, outputs: torch.Tensor, text_gate: torch.Tensor, video_gate: torch.Tensor,
+                   text_length: int) -> torch.Tensor:
+    """hidden + gate * outputs over [B, L + N, D], the first L (text) tokens gated by text_gate [B, D], the rest by
+    video_gate. The gates scale the sublayer's fresh output in place, so no text/video concatenation is needed."""
+    outputs[:, :text_length].mul_(text_gate.unsqueeze(1))
+    outputs[:, text_length:].mul_(video_gate.unsqueeze(1))
+    return hidden + outputs
+
+
+def gated_residual_out_of_place(hidden: torch.Tensor, outputs: torch.Tensor, text_gate: torch.Tensor,
+                                video_gate: torch.Tensor, text_length: int) -> torch.Tensor:
+    """gated_residual without touching `outputs`: what is compiled (a compiled graph must not mutate an input
+    that autograd saved; inside the graph the copy fuses away)."""
+    return gated_residual(hidden, outputs.clone(), text_gate, video_gate, text_length)
 
 
 class AdaLNMixin(BaseMixin):
@@ -33,6 +42,7 @@ class AdaLNMixin(BaseMixin):
     def __init__(self, hidden_size: int, num_layers: int, time_embed_dim: int, qk_ln: bool = True,
                  hidden_size_head: int | None = None, elementwise_affine: bool = True):
         super().__init__()
+        self.modulated_inputs, self.gated_residual = modulated_inputs, gated_residual  # compile_regions fuses them
         self.adaLN_modulations = nn.ModuleList(
             [nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, 12 * hidden_size)) for _ in range(num_layers)])
         self.qk_ln = qk_ln
@@ -48,13 +58,21 @@ class AdaLNMixin(BaseMixin):
         layer = self.transformer.layers[layer_id]
         chunks = self.adaLN_modulations[layer_id](kwargs["emb"]).chunk(12, dim=1)
         video_attn, video_mlp, text_attn, text_mlp = chunks[0:3], chunks[3:6], chunks[6:9], chunks[9:12]
-        text, video = hidden_states[:, :text_length], hidden_states[:, text_length:]
+        # hidden_states [B, L + N, D]: text tokens, then video tokens. LayerNorm is per token: one call for both.
+        normed = layer.input_layernorm(hidden_states)
+        inputs = self.modulated_inputs(normed[:, :text_length], normed[:, text_length:], text_attn, video_attn)
+        hidden = self.gated_residual(hidden_states, layer.attention(inputs, mask, **kwargs), text_attn[2],
+                                     video_attn[2], text_length)
 
-        text, video = expert_residual(layer.input_layernorm, lambda x: layer.attention(x, mask, **kwargs),
-                                      text, video, text_attn, video_attn)
-        text, video = expert_residual(layer.post_attention_layernorm, lambda x: layer.mlp(x, **kwargs),
-                                      text, video, text_mlp, video_mlp)
-        return torch.cat([text, video], dim=1)
+        normed = layer.post_attention_layernorm(hidden)
+        inputs = self.modulated_inputs(normed[:, :text_length], normed[:, text_length:], text_mlp, video_mlp)
+        return self.gated_residual(hidden, layer.mlp(inputs, **kwargs), text_mlp[2], video_mlp[2], text_length)
+
+    def compile_regions(self) -> None:
+        """`args.compile`: the element-wise work around attention and MLP (modulation, gates, residuals) as fused
+        kernels; the same compiled code serves every layer (static shapes: one graph per token grid)."""
+        self.modulated_inputs = torch.compile(modulated_inputs, dynamic=False)
+        self.gated_residual = torch.compile(gated_residual_out_of_place, dynamic=False)
 
     @non_conflict
     def attention_fn(self, query_layer, key_layer, value_layer, attention_mask, attention_dropout=None,

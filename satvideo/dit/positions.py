@@ -107,6 +107,11 @@ class Rotary3DPositionMixin(BaseMixin):
         else:
             self.pos_embedding = None
         self._angles: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.apply_rotary = apply_rotary  # compile_regions fuses it
+
+    def compile_regions(self) -> None:
+        """`args.compile`: the rotation of queries and keys as one fused kernel (static shapes)."""
+        self.apply_rotary = torch.compile(apply_rotary, dynamic=False)
 
     def cos_sin(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, device)
@@ -130,12 +135,12 @@ class Rotary3DPositionMixin(BaseMixin):
         text_length = kwargs["text_length"]
         cos, sin = self.cos_sin(kwargs["grid_size"], query_layer.device)
 
-        def rotate_video(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x[:, :, :text_length], apply_rotary(x[:, :, text_length:], cos, sin)], dim=2)
+        def rotate_video_(x: torch.Tensor) -> None:
+            # in place, no concatenation: the rotation's backward needs only cos and sin, not x
+            x[:, :, text_length:] = self.apply_rotary(x[:, :, text_length:], cos, sin)
 
-        query_layer, key_layer = rotate_video(query_layer), rotate_video(key_layer)
-        if self.rot_v:
-            value_layer = rotate_video(value_layer)
+        for x in (query_layer, key_layer, value_layer) if self.rot_v else (query_layer, key_layer):
+            rotate_video_(x)
         return old_impl(query_layer, key_layer, value_layer, attention_mask, attention_dropout=attention_dropout,
                         log_attention_weights=log_attention_weights, scaling_attention_score=scaling_attention_score,
                         **kwargs)

@@ -57,6 +57,16 @@ def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
     return ds
 
 
+def fit_buckets_to_model(ds: dict, trainable_parameters: int) -> None:
+    """ZeRO allocates `reduce_bucket_size` elements for its gradient buffer at every micro-step (twice with
+    `overlap_comm`; 500M by default: 2 GB in fp32). A bucket larger than all trainable parameters together
+    (a small model, a LoRA) holds nothing more: cap it there, which leaves the reduction itself unchanged."""
+    zero = ds.setdefault("zero_optimization", {})
+    default = 500_000_000  # DeepSpeed's
+    if int(zero.get("reduce_bucket_size", default)) > trainable_parameters:
+        zero["reduce_bucket_size"] = max(1, trainable_parameters)
+
+
 def check_optimizer(optimizer: dict) -> None:
     """`deepspeed.optimizer`: a type DeepSpeed knows by name or an importable class path, and, for a class path or
     torch's AdamW, parameters its constructor takes (a misspelt one is an error naming it, not a TypeError)."""

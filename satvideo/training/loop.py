@@ -25,7 +25,7 @@ from satvideo.config import ConfigError, args_namespace
 from satvideo.data.sources import build_dataset
 from satvideo.engine import VideoDiffusionEngine
 from satvideo.training.data_order import ResumableSampler
-from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, training_dtype
+from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, fit_buckets_to_model, training_dtype
 from satvideo.training.ema import EMA
 from satvideo.training.guards import LauncherWatch, NonFiniteGuard, check_training_args, check_weights_finite
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
@@ -85,7 +85,10 @@ def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.dev
         load_network(engine.network, args.load, strict=args.strict_load)
     engine.to(device)
     engine.place_frozen_parts(device, training_dtype(ds))
+    if args.compile:
+        engine.network.compile_layers()
     parameter_groups = weight_decay_groups(engine)  # SAT's: no weight decay on norms and biases
+    fit_buckets_to_model(ds, sum(p.numel() for group in parameter_groups for p in group["params"]))
     optimizer = build_optimizer(ds, parameter_groups, device.type == "cuda")
     multiplier = schedule_from_args(args)
     model, _, _, scheduler = deepspeed.initialize(

@@ -1,0 +1,126 @@
+"""Performance work that must not change results: the compiled transformer equals eager, the benchmark harness
+runs every case (speed itself is measured by scripts/benchmark.py, never in a test), and the transformer makes
+no more concatenations than diffusers' implementation of the same model."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_inputs, tiny_network_config
+from test_training import ROOT, metrics, train
+
+from satvideo.config import instantiate_from_config
+from satvideo.convert.transformer import diffusers_transformer_config
+from satvideo.data.toy import make_toy_dataset
+from satvideo.profiling import count_ops
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from benchmark import diffusers_forward  # noqa: E402
+
+
+def randomized_network(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    network = instantiate_from_config(tiny_network_config(family))
+    with torch.no_grad():
+        for parameter in network.parameters():  # non-zero modulations, so that every layer does something
+            parameter.normal_(0, 0.05)
+    return network
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("family", ["2b", "5b"])  # sin-cos positions, rotary positions
+def test_compiled_layers_equal_eager_forward_and_gradients(family):
+    eager = randomized_network(family)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_layers()
+    inputs = tiny_inputs(family)
+    expected, got = eager(**inputs), compiled(**inputs)
+    assert relative(got, expected) <= 1e-5
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    for (name, ours), theirs in zip(compiled.named_parameters(), eager.parameters()):
+        assert relative(ours.grad, theirs.grad) <= 1e-5, name
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+def test_training_with_compile_logs_the_eager_losses(tmp_path):
+    data_dir = tmp_path / "toy"
+    make_toy_dataset(data_dir, num=8, size=32, frames=9, fps=8, seed=0)
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    common = ("args.train_iters=3", "args.log_interval=1", "args.save_interval=3", "args.batch_size=2")
+    train(eager, data_dir, *common)
+    train(compiled, data_dir, *common, "args.compile=true")
+    for ours, theirs in zip(metrics(compiled), metrics(eager), strict=True):
+        assert ours["iteration"] == theirs["iteration"]
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["2b", "5b"])
+def test_no_more_concatenations_than_diffusers(family):
+    from diffusers import CogVideoXTransformer3DModel
+
+    config = tiny_network_config(family)
+    ours = instantiate_from_config(config)
+    theirs = CogVideoXTransformer3DModel(**diffusers_transformer_config(config["params"]))
+    inputs = tiny_inputs(family)
+    with torch.no_grad():
+        ours(**inputs)  # position tables are computed once per grid, then cached
+        assert count_ops(lambda: ours(**inputs), "cat") <= count_ops(lambda: diffusers_forward(theirs, inputs), "cat")
+
+
+def test_benchmark_harness_runs_every_case_and_compares_outputs_first():
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--tiny", "--compile", "--no-record"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    header, rows = [cell.strip() for cell in rows[0]], [[cell.strip() for cell in row] for row in rows[1:]]
+    by_case = {}
+    for row in rows:
+        record = dict(zip(header, row))
+        by_case.setdefault(record["case"], []).append(record)
+    assert set(by_case) == {"forward", "forward_backward", "train_step", "sampling", "vae_decode", "vae_encode"}
+    for case, records in by_case.items():
+        names = [record["implementation"] for record in records]
+        assert "diffusers" in names and names[0].startswith("satvideo"), case
+        assert float(records[0]["outputs differ by"]) <= 1e-3, case  # compared before timing
+        assert all(float(record["median s"]) > 0 for record in records), case
+    assert "satvideo compiled" in [record["implementation"] for record in by_case["forward"]]
+
+
+def test_chunked_training_encode_is_the_streamed_encode_with_memory_flat_in_frames():
+    from test_engine import tiny_engine
+
+    from satvideo.profiling import peak_memory_bytes
+
+    engine = tiny_engine(encode_chunk_frames=4)
+    vae = engine.first_stage_model
+    generator = torch.Generator().manual_seed(0)
+    peaks = []
+    with torch.no_grad():
+        for frames in (17, 33):
+            video = torch.rand(1, frames, 3, 32, 32, generator=generator) * 2 - 1  # [B, T, 3, H, W]
+            latents = engine.encode_first_stage(video, sample=False)
+            streamed = vae.encode(video.permute(0, 2, 1, 3, 4), sample=False, chunk_frames=4)
+            assert torch.equal(latents, (streamed * engine.scale_factor).permute(0, 2, 1, 3, 4))
+            peaks.append(peak_memory_bytes(lambda: engine.encode_first_stage(video, sample=False), torch.device("cpu")))
+        one_pass = peak_memory_bytes(lambda: vae.encode(video.permute(0, 2, 1, 3, 4), sample=False),
+                                     torch.device("cpu"))
+    assert peaks[1] < 1.2 * peaks[0]  # twice the frames, about the same peak: only the chunk and the output grow
+    assert peaks[1] < 0.5 * one_pass
+
+
+def test_zero_buckets_are_never_larger_than_the_trainable_parameters():
+    from satvideo.training.deepspeed_setup import fit_buckets_to_model
+
+    small = {"zero_optimization": {"stage": 2}}
+    fit_buckets_to_model(small, 132_120_576)  # a 5B LoRA: DeepSpeed would allocate 500M elements per buffer
+    assert small["zero_optimization"]["reduce_bucket_size"] == 132_120_576
+    large = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1_000_000_000}}
+    fit_buckets_to_model(large, 5_570_283_072)  # full 5B: the configured bucket stays
+    assert large["zero_optimization"]["reduce_bucket_size"] == 1_000_000_000
