@@ -40,9 +40,9 @@ from satvideo.convert.vae import diffusers_vae_config, sat_vae_to_diffusers  # n
 from satvideo.distributed import init_device  # noqa: E402
 from satvideo.dit.positions import rotary_frequencies  # noqa: E402
 from satvideo.profiling import peak_memory_bytes, time_alternating  # noqa: E402
+from satvideo.training.metrics import peak_flops  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 @dataclass
@@ -452,8 +452,9 @@ def matmul_ceiling_tflops(device: torch.device) -> float:
 
 
 def peak_tflops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+    """The device's dense bf16 peak from the table the training log's MFU uses."""
+    flops = peak_flops(device)
+    return flops / 1e12 if flops else None
 
 
 def format_table(rows: list[Row], device: torch.device) -> str:

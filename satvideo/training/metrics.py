@@ -22,7 +22,8 @@ from satvideo import distributed
 from satvideo.config import to_plain
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12,
+              "A10": 125e12}  # after A100: the first matching fragment wins
 
 
 def training_flops_per_sample(network: torch.nn.Module, tokens: int) -> float:
