@@ -62,6 +62,24 @@ class TinyT5Embedder(T5TextEncoder):
         super().__init__(tokenizer, encoder, max_length)
 
 
+def caption_tokenizer(conditioner_config: dict) -> tuple[object, int] | None:
+    """(tokenizer, max_length) of the first T5 embedder of a conditioner config, loading no encoder weights;
+    None when it has none."""
+    for config in conditioner_config.get("params", {}).get("emb_models", []):
+        target, params = config.get("target", ""), dict(config.get("params") or {})
+        if target.endswith("TinyT5Embedder"):
+            from transformers import ByT5Tokenizer
+
+            return ByT5Tokenizer(), params.get("max_length", 32)
+        if target.endswith("FrozenT5Embedder"):
+            from transformers import AutoTokenizer
+
+            if not Path(params.get("model_dir", "")).is_dir():
+                raise ConfigError(f"{target} params.model_dir={params.get('model_dir')!r} is not a directory")
+            return AutoTokenizer.from_pretrained(params["model_dir"], local_files_only=True), params.get("max_length", 226)
+    return None
+
+
 CACHED_FEATURES = "text_features"  # batch key of precomputed features [B, L, D]
 EMBEDDER_KEYS = ("target", "params", "is_trainable", "input_key", "ucg_rate")  # an `emb_models` entry
 

@@ -60,7 +60,10 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "bf16": False,
     # data
     "train_data": None,
+    "train_data_weights": None,  # one per train_data path: source i takes int(len_i * w_i) slots (SAT's semantics)
     "num_workers": 2,
+    "pin_memory": True,  # page-locked batches (CUDA only), copied to the GPU without blocking
+    "prefetch_factor": 2,  # batches each data worker prepares ahead
     "batch_size": None,  # micro-batch per GPU; None: deepspeed.train_micro_batch_size_per_gpu, else 1
     # logging backends
     "wandb": False,

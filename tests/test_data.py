@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from satvideo.config import ConfigError
 from satvideo.data import SFTDataset
-from satvideo.data.sft import resampled_indices, resize_cover_center_crop, strided_indices
+from satvideo.data.frames import resampled_indices, resize_cover_center_crop, strided_indices
 from satvideo.data.toy import (DIRECTIONS, PALETTE, check_toy_video, dominant_palette_colour, make_toy_dataset,
                                palette_colour_in, render_toy_video)
 from satvideo.data.video import read_mp4, write_mp4
@@ -254,53 +254,9 @@ def test_empty_videos_folder_is_named(tmp_path):
         SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
 
 
-def test_missing_label_names_the_video(toy, tmp_path):
-    out, written = toy
-    nested = tmp_path / "videos" / "part1" / "clip.mp4"
-    nested.parent.mkdir(parents=True)
-    shutil.copy(written[0][0], nested)
-    with pytest.raises(FileNotFoundError, match=r"part1/clip\.mp4 has no label"):
-        SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
-
-    label = tmp_path / "labels" / "part1" / "clip.txt"
-    label.parent.mkdir(parents=True)
-    label.write_text("nested clip\n")
-    assert SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)[0]["txt"] == "nested clip"
-
-
 def test_frame_count_must_be_4k_plus_1(toy):
     with pytest.raises(ValueError, match="4k\\+1"):
         SFTDataset(str(toy[0]), video_size=[32, 32], fps=8, max_num_frames=8, skip_frms_num=0)
-
-
-def test_corrupt_video_is_skipped_with_warning(toy, tmp_path, caplog):
-    _, written = toy
-    write_labelled(tmp_path, "a_corrupt")
-    write_labelled(tmp_path, "b_good", read_mp4(written[1][0])[0], caption="good clip")
-    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
-    with caplog.at_level(logging.WARNING, logger="satvideo.data.sft"):
-        item = dataset[0]
-    assert item["txt"] == "good clip"
-    assert any("a_corrupt.mp4" in r.getMessage() for r in caplog.records)
-
-
-def test_a_label_that_is_not_utf8_skips_the_clip_instead_of_crashing(toy, tmp_path, caplog):
-    _, written = toy
-    write_labelled(tmp_path, "a_latin1", read_mp4(written[0][1 - 1])[0])
-    (tmp_path / "labels" / "a_latin1.txt").write_bytes("une vid\xe9o".encode("latin-1"))
-    write_labelled(tmp_path, "b_good", read_mp4(written[1][0])[0], caption="good clip")
-    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
-    with caplog.at_level(logging.WARNING, logger="satvideo.data.sft"):
-        assert dataset[0]["txt"] == "good clip"
-    assert any("a_latin1.mp4" in r.getMessage() and "utf-8" in r.getMessage() for r in caplog.records)
-
-
-def test_all_corrupt_videos_give_a_clear_error(tmp_path):
-    for name in ("a", "b", "c"):
-        write_labelled(tmp_path, name)
-    dataset = SFTDataset(str(tmp_path), video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
-    with pytest.raises(RuntimeError, match=r"3 videos in a row failed to decode, starting at .*b\.mp4"):
-        dataset[1]
 
 
 # ---- sampling helpers ----

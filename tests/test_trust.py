@@ -460,11 +460,12 @@ def test_rng_state_file_is_plain_tensors(clean_run):
 
 
 def test_the_log_window_counts_padded_clips_and_frames():
+    from satvideo.data.health import REASONS
     from satvideo.training.metrics import Window
 
     window = Window(torch.device("cpu"))
-    window.add_micro_batch(torch.tensor(0.5), torch.tensor([0, 3]))
-    window.add_micro_batch(torch.tensor(float("nan")), torch.tensor([2, 0]))
+    window.add_micro_batch(torch.tensor(0.5), torch.tensor([0, 3]), torch.zeros(2, len(REASONS)))
+    window.add_micro_batch(torch.tensor(float("nan")), torch.tensor([2, 0]), torch.zeros(2, len(REASONS)))
     totals = window.totals()
     assert (totals["padded_clips"], totals["padded_frames"]) == (2, 5)
     assert (totals["finite_losses"], totals["nonfinite_losses"], totals["loss_sum"]) == (1, 1, 0.5)

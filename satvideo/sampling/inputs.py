@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from satvideo.config import ConfigError
-from satvideo.data.sft import resize_cover_center_crop
+from satvideo.data.frames import resize_cover_center_crop
 
 VAE_SPATIAL = 8  # the CogVideoX VAE's spatial compression
 VAE_TEMPORAL = 4

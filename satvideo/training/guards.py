@@ -1,6 +1,6 @@
 """What keeps a run from going on wrong: run options checked before anything loads, optimizer steps skipped on
-non-finite values (counted, and fatal after `args.max_nonfinite_steps` in a row), and weights checked before
-they are saved.
+non-finite values (counted, and fatal after `args.max_nonfinite_steps` in a row), too many unusable samples
+(`data.max_bad_share`), and weights checked before they are saved.
 
 Skipping is DeepSpeed's: under ZeRO (stage >= 1) its optimizer checks the gradient norm before every update and,
 when it is not finite (from a NaN or inf loss on any rank, or an fp16 overflow), skips the update on every rank
@@ -15,6 +15,11 @@ import torch
 
 from satvideo import distributed
 from satvideo.config import ConfigError, TrainingError
+from satvideo.data.health import REASONS
+
+# The share of bad samples is judged against at least this many draws, so that a few bad files among the first
+# batches do not stop a run.
+MIN_DRAWS_JUDGED = 100
 
 
 def check_training_args(args) -> None:
@@ -66,6 +71,29 @@ class NonFiniteGuard:
                                 f"loss or gradients (args.max_nonfinite_steps={self.max_in_row}); stopping. Check the "
                                 "learning rate, model.scale_factor and the data")
         return skipped
+
+
+class BadDataGuard:
+    """Stops the run when more than `max_bad_share` of the samples drawn so far (all ranks) could not be used."""
+
+    def __init__(self, max_bad_share: float):
+        if not isinstance(max_bad_share, (int, float)) or isinstance(max_bad_share, bool) or not 0 <= max_bad_share <= 1:
+            raise ConfigError(f"data.max_bad_share={max_bad_share!r}: expected a share between 0 and 1")
+        self.max_bad_share = float(max_bad_share)
+        self.good, self.bad = 0, dict.fromkeys(REASONS, 0)
+
+    def after_window(self, iteration: int, good: int, bad: dict[str, int]) -> None:
+        """Adds a log window's counts (the same on every rank); TrainingError above the share."""
+        self.good += good
+        for reason, count in bad.items():
+            self.bad[reason] += count
+        total_bad = sum(self.bad.values())
+        drawn = self.good + total_bad
+        if total_bad > self.max_bad_share * max(drawn, MIN_DRAWS_JUDGED):
+            reasons = ", ".join(f"{reason} {count}" for reason, count in self.bad.items() if count)
+            raise TrainingError(f"iteration {iteration}: {total_bad} of {drawn} samples drawn could not be used "
+                                f"({total_bad / drawn:.1%}, above data.max_bad_share={self.max_bad_share:g}): "
+                                f"{reasons}; scripts/check_dataset.py lists the files")
 
 
 def check_weights_finite(engine, iteration: int) -> None:

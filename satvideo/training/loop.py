@@ -22,12 +22,14 @@ from satvideo import distributed
 from satvideo.checkpoint import (guard_deepspeed_loads, load_network, read_latest, safe_load, write_latest,
                                  write_zero3_model_states)
 from satvideo.config import ConfigError, args_namespace
+from satvideo.data.health import REASONS, SKIPPED
 from satvideo.data.sources import build_dataset
 from satvideo.engine import VideoDiffusionEngine
 from satvideo.training.data_order import ResumableSampler
 from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, fit_buckets_to_model, training_dtype
 from satvideo.training.ema import EMA
-from satvideo.training.guards import LauncherWatch, NonFiniteGuard, check_training_args, check_weights_finite
+from satvideo.training.guards import (BadDataGuard, LauncherWatch, NonFiniteGuard, check_training_args,
+                                      check_weights_finite)
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
 from satvideo.training.metrics import MetricsLog, Window
 from satvideo.training.run_folder import RunLock, prune_checkpoints, save_config, truncate_metrics
@@ -132,7 +134,9 @@ def train(config: DictConfig) -> None:
 
 def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) -> None:
     rank, world_size = distributed.rank(), distributed.world_size()
-    dataset = build_dataset(config, args.train_data, "args.train_data")  # a bad path should not wait for the model
+    # a bad path should not wait for the model
+    dataset = build_dataset(config, args.train_data, "args.train_data", args.train_data_weights)
+    bad_data = BadDataGuard(config.data.get("max_bad_share", 0.05))
     validator = Validator(config, args, device) if args.eval_interval else None
     ds = deepspeed_config(config, args, device.type == "cuda")
     resume_iteration = read_latest(args.save) if args.save else None
@@ -163,20 +167,23 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
         for _ in range(accumulation):
             batch = to_device(next(data), device)
             padded = batch.pop("padded_frames", torch.zeros(1, dtype=torch.long, device=device))
+            passed_over = batch.pop(SKIPPED, torch.zeros(len(batch["txt"]), len(REASONS), dtype=torch.long, device=device))
             loss = model(batch)
             model.backward(loss)  # a non-finite loss gives non-finite gradients: ZeRO skips that step
             model.step()
             losses.append(loss.detach())
-            window.add_micro_batch(losses[-1], padded)
+            window.add_micro_batch(losses[-1], padded, passed_over)
         skipped = guard.after_step(iteration, torch.stack(losses))
         window.add_iteration(skipped)
         if ema is not None and not skipped:
             ema.update()
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            log.write(log.record(iteration, window, model, scheduler.get_last_lr()[0],
-                                 micro_batch * accumulation * world_size))
+            record = log.record(iteration, window, model, scheduler.get_last_lr()[0],
+                                micro_batch * accumulation * world_size)
+            log.write(record)
             window.reset()
+            bad_data.after_window(iteration, record["samples"], record["bad_samples"])
 
         if args.eval_interval and iteration % args.eval_interval == 0:
             record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)

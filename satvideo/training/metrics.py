@@ -4,7 +4,8 @@
 Fields: iteration; loss (mean over the window's finite micro-batch losses, all ranks); lr; grad_norm (of the
 last update); nonfinite_losses and skipped_steps (in the window); samples_per_s (all ranks); step_time (s per
 iteration); peak_memory_gb (CUDA: peak allocated on rank 0 in the window; CPU: peak resident set of rank 0);
-mfu (GPU only: model FLOPs per second over the GPU's dense bf16/fp16 peak); padded_clips and padded_frames.
+mfu (GPU only: model FLOPs per second over the GPU's dense bf16/fp16 peak); padded_clips and padded_frames;
+samples (drawn, all ranks) and bad_samples (those passed over, by reason, in the window; see data/health.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 from satvideo import distributed
 from satvideo.config import to_plain
+from satvideo.data.health import REASONS, tally_dict
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, for the MFU estimate.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12,
@@ -53,7 +55,8 @@ def wandb_mode() -> str:
 class Window:
     """Sums over one log window, kept on the device (no host sync until the log line)."""
 
-    FIELDS = ("loss_sum", "finite_losses", "nonfinite_losses", "padded_clips", "padded_frames")
+    FIELDS = ("loss_sum", "finite_losses", "nonfinite_losses", "padded_clips", "padded_frames", "samples",
+              *(f"bad:{reason}" for reason in REASONS))
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -63,10 +66,13 @@ class Window:
         self.sums = torch.zeros(len(self.FIELDS), device=self.device)
         self.iterations, self.skipped, self.start = 0, 0, time.perf_counter()
 
-    def add_micro_batch(self, loss: torch.Tensor, padded: torch.Tensor) -> None:
+    def add_micro_batch(self, loss: torch.Tensor, padded: torch.Tensor, skipped: torch.Tensor) -> None:
+        """`padded`: [B] frames padded per clip; `skipped`: [B, len(REASONS)] samples passed over before each."""
         finite = torch.isfinite(loss)
-        self.sums += torch.stack([torch.where(finite, loss, 0.0), finite.float(), (~finite).float(),
-                                  (padded > 0).sum().float(), padded.sum().float()])
+        self.sums += torch.cat([torch.stack([torch.where(finite, loss, 0.0), finite.float(), (~finite).float(),
+                                             (padded > 0).sum().float(), padded.sum().float(),
+                                             loss.new_tensor(float(skipped.shape[0]))]),
+                                skipped.sum(dim=0).float()])
 
     def add_iteration(self, skipped: bool) -> None:
         self.iterations += 1
@@ -113,6 +119,8 @@ class MetricsLog:
             "peak_memory_gb": distributed.peak_memory_gb(self.device, reset=True),
             "padded_clips": int(totals["padded_clips"]),
             "padded_frames": int(totals["padded_frames"]),
+            "samples": int(totals["samples"]),
+            "bad_samples": tally_dict([totals[f"bad:{reason}"] for reason in REASONS]),
         }
         tokens = getattr(engine.module, "tokens_per_sample", None)
         if self.peak_flops and tokens:

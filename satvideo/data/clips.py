@@ -1,0 +1,233 @@
+"""What every video-caption source shares: frame choice, resize, captions, and passing over bad samples.
+
+A source (SFT folder, JSONL manifest, tar shards) lists its samples and says how to read each one's video bytes,
+caption and optional first-frame image; `ClipDataset` turns a sample into an item. A sample that cannot be used
+raises `BadSample` inside `load`; `__getitem__` then takes the next sample of the same group (the same bucket,
+when buckets are configured) and the item carries the tally of what it passed over (`health.SKIPPED`), so that no
+data worker ever dies of a bad file and the training loop can count them.
+
+Items: {"mp4": [T, 3, H, W] in [-1, 1], "txt", "num_frames" (real frames), "padded_frames" (copies of the last
+frame appended), "fps", "skipped": [len(REASONS)]} and, when the sample has its own first-frame image,
+"image": [3, H, W] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import decord
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from satvideo.data.frames import FRAME_SAMPLING, resampled_indices, resize_cover_center_crop, strided_indices, \
+    whole_number
+from satvideo.data.health import SKIPPED, BadSample, FirstOfEachReason, classify_decode_error, tally_of
+
+logger = logging.getLogger(__name__)
+
+CAPTIONS = ("first_line", "whole_file")
+SHORT_CLIPS = ("pad", "skip")
+# A clip with fewer real frames than this holds no motion in latent space (one latent frame beyond the first):
+# it is never padded up to a video.
+MIN_REAL_FRAMES = 5
+# A data worker gives up only when this many samples in a row cannot be used.
+MAX_CONSECUTIVE_BAD = 64
+
+
+@dataclass
+class VideoInfo:
+    """What a container says about its video stream, read without decoding frames."""
+
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+
+def open_video(data: bytes | Path, name: str) -> decord.VideoReader:
+    """A reader of a video file or of its bytes; every failure is a BadSample naming why."""
+    if isinstance(data, Path):
+        if not data.is_file():
+            raise BadSample("missing_video", name)
+        with open(data, "rb") as file:
+            head = file.read(16)
+        source = str(data)
+    else:
+        head, source = data[:16], io.BytesIO(data)
+    if not head:
+        raise BadSample("empty_file", name)
+    try:
+        reader = decord.VideoReader(source)
+        if len(reader) == 0:
+            raise RuntimeError("no frames")
+    except Exception as error:  # decord raises RuntimeError or DECORDError, ffmpeg's message inside
+        raise classify_decode_error(name, head, error) from None
+    return reader
+
+
+def video_info(reader: decord.VideoReader) -> VideoInfo:
+    height, width = reader[0].shape[:2]
+    return VideoInfo(len(reader), float(reader.get_avg_fps()), int(height), int(width))
+
+
+def frames_to_unit_range(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8-valued [T, 3, h, w] -> [T, 3, H, W] in [-1, 1]: resized to cover `size`, centre-cropped, quantised to
+    uint8 levels as torchvision does."""
+    frames = resize_cover_center_crop(frames.float(), size).round().clamp(0, 255)
+    return frames / 127.5 - 1.0
+
+
+class ClipDataset(Dataset):
+    """Video-caption samples of one source. Subclasses fill `self.names` (one per sample, used in messages) and
+    implement `video_bytes`, `caption` and, where samples may carry one, `image_bytes`."""
+
+    def __init__(self, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 3,
+                 frame_sampling: str = "stride", caption: str = "first_line", short_clips: str = "pad"):
+        max_num_frames = whole_number("max_num_frames", max_num_frames)
+        if max_num_frames % 4 != 1:
+            raise ValueError(f"data.params.max_num_frames must be 4k+1 for the causal VAE, got {max_num_frames}")
+        for key, value, choices in (("frame_sampling", frame_sampling, FRAME_SAMPLING),
+                                    ("caption", caption, CAPTIONS), ("short_clips", short_clips, SHORT_CLIPS)):
+            if value not in choices:
+                raise ValueError(f"data.params.{key}={value!r}: expected one of {choices}")
+        self.video_size = (int(video_size[0]), int(video_size[1]))
+        self.fps = fps
+        self.max_num_frames = max_num_frames
+        self.skip_frms_num = whole_number("skip_frms_num", skip_frms_num)
+        self.frame_sampling = frame_sampling
+        self.whole_caption = caption == "whole_file"
+        self.short_clips = short_clips
+        self.names: list[str] = []
+        # Per sample: its (frames, height, width) and the samples that may stand in for it (buckets set these).
+        self.shapes: list[tuple[int, int, int]] | None = None
+        self.groups: list[list[int]] | None = None
+        self._group_position: dict[int, tuple[int, int]] = {}
+        self._report = FirstOfEachReason()
+        self._warned_short_clip = False
+
+    # --- what a source provides -------------------------------------------------------------------------
+
+    def video_bytes(self, index: int) -> bytes | Path:
+        """The sample's video: a file path or its bytes."""
+        raise NotImplementedError
+
+    def caption(self, index: int) -> str:
+        """The sample's caption; BadSample when it is missing, empty or not UTF-8."""
+        raise NotImplementedError
+
+    def image_bytes(self, index: int) -> bytes | Path | None:
+        """The sample's own first-frame image, when it has one."""
+        return None
+
+    def source_fps(self, index: int) -> float | None:
+        """A frame rate that overrides the container's (manifests may give one)."""
+        return None
+
+    # --- items --------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, index: int) -> tuple[int, int, int]:
+        """(frames, height, width) of the item at `index`."""
+        return self.shapes[index] if self.shapes is not None else (self.max_num_frames, *self.video_size)
+
+    def set_groups(self, shapes: list[tuple[int, int, int]], groups: list[list[int]]) -> None:
+        """Per-sample shapes and the groups (buckets) within which a bad sample is replaced."""
+        self.shapes, self.groups = shapes, groups
+        self._group_position = {index: (g, p) for g, members in enumerate(groups) for p, index in enumerate(members)}
+
+    def stand_in(self, index: int, attempt: int) -> int:
+        """The sample tried at `attempt` for `index`: the next ones of its group, in order."""
+        if self.groups is None:
+            return (index + attempt) % len(self)
+        group, position = self._group_position[index]
+        members = self.groups[group]
+        return members[(position + attempt) % len(members)]
+
+    def __getitem__(self, index: int) -> dict:
+        passed_over: list[BadSample] = []
+        for attempt in range(min(MAX_CONSECUTIVE_BAD, len(self))):
+            try:
+                item = self.load(self.stand_in(index, attempt))
+            except BadSample as error:
+                self._report(error)
+                passed_over.append(error)
+                continue
+            item[SKIPPED] = tally_of(passed_over)
+            return item
+        reasons = ", ".join(sorted({error.reason for error in passed_over}))
+        raise RuntimeError(f"{len(passed_over)} samples in a row cannot be used ({reasons}), the first "
+                           f"{passed_over[0].path}: check the data with scripts/check_dataset.py")
+
+    def load(self, index: int) -> dict:
+        """The item of sample `index`, or BadSample."""
+        frames_wanted, height, width = self.shape(index)
+        name = self.names[index]
+        caption = self.caption(index)
+        reader = open_video(self.video_bytes(index), name)
+        indices = self.frame_indices(len(reader), self.source_fps(index) or reader.get_avg_fps(), frames_wanted, name)
+        num_real = len(indices)
+        indices = self.pad_indices(indices, frames_wanted, name)
+        try:
+            frames = torch.from_numpy(reader.get_batch(indices.tolist()).asnumpy())  # [T, h, w, 3] uint8
+        except Exception as error:  # a container that opens but whose frames do not decode
+            raise BadSample("corrupt_video", name, str(error).splitlines()[0][:200]) from None
+        item = {
+            "mp4": frames_to_unit_range(frames.permute(0, 3, 1, 2), (height, width)),
+            "txt": caption,
+            "num_frames": num_real,
+            "padded_frames": frames_wanted - num_real,
+            "fps": self.fps,
+        }
+        image = self.image_bytes(index)
+        if image is not None:
+            item["image"] = self.load_image(image, name, (height, width))
+        return item
+
+    def inspect(self, index: int) -> tuple[VideoInfo, str]:
+        """What scripts/check_dataset.py reports about a sample: its container's facts and its caption, after a
+        full load, so that whatever training would pass over raises BadSample here too."""
+        caption = self.load(index)["txt"]
+        return video_info(open_video(self.video_bytes(index), self.names[index])), caption
+
+    def frame_indices(self, num_source: int, source_fps: float, num_frames: int, name: str) -> np.ndarray:
+        choose = strided_indices if self.frame_sampling == "stride" else resampled_indices
+        try:
+            indices = choose(num_source, source_fps, self.fps, self.skip_frms_num, num_frames)
+        except ValueError as error:
+            raise BadSample("too_few_frames", name, str(error)) from None
+        too_short = len(indices) < (num_frames if self.short_clips == "skip" else MIN_REAL_FRAMES)
+        if too_short:
+            raise BadSample("too_few_frames", name, f"{len(indices)} usable of {num_source} frames, {num_frames} "
+                                                    f"wanted at {self.fps} fps")
+        return indices
+
+    def pad_indices(self, indices: np.ndarray, num_frames: int, name: str) -> np.ndarray:
+        """Repeat the last index of a short clip; warn once per dataset copy (one per data worker)."""
+        missing = num_frames - len(indices)
+        if missing == 0:
+            return indices
+        if not self._warned_short_clip:
+            logger.warning(
+                "%s gives %d frames, fewer than the %d wanted; padding short clips with their last frame "
+                "(warned once per data worker; the log line counts padded clips; data.params.short_clips=skip "
+                "skips them instead)", name, len(indices), num_frames)
+            self._warned_short_clip = True
+        return np.concatenate([indices, np.full(missing, indices[-1])])
+
+    @staticmethod
+    def load_image(data: bytes | Path, name: str, size: tuple[int, int]) -> torch.Tensor:
+        """A first-frame image (any format decord or PIL reads) as [3, H, W] in [-1, 1]."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
+                pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())  # [h, w, 3] uint8
+        except (OSError, UnidentifiedImageError) as error:
+            raise BadSample("bad_image", name, str(error).splitlines()[0][:200]) from None
+        return frames_to_unit_range(pixels.permute(2, 0, 1)[None], size)[0]

@@ -1,0 +1,66 @@
+"""A JSONL manifest of clips, one JSON object per line:
+
+    {"video": "clips/a.mp4", "caption": "a red square moving left", "image": "frames/a.png", "fps": 30}
+
+`video` is required; relative paths are relative to the manifest's folder. `image` (a first frame for
+image-to-video training) and `fps` (overriding the container's frame rate) are optional; other keys are ignored.
+A sample whose caption is missing or empty is passed over and counted (see clips.py).
+"""
+
+import json
+from pathlib import Path
+
+from satvideo.data.clips import ClipDataset
+from satvideo.data.health import BadSample
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """The manifest's entries; a line that is not a JSON object with a `video` is an error naming file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    entries = []
+    with path.open(encoding="utf-8", errors="strict") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
+                raise ValueError(f"{path}:{number}: expected an object with a \"video\" path")
+            entries.append(entry)
+    if not entries:
+        raise ValueError(f"manifest {path} lists no clips")
+    return entries
+
+
+class ManifestDataset(ClipDataset):
+    """The clips of a JSONL manifest (items as ClipDataset describes, with "image" where the entry gives one)."""
+
+    def __init__(self, data_dir: str, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 3,
+                 **clip_params):
+        super().__init__(video_size, fps, max_num_frames, skip_frms_num, **clip_params)
+        manifest = Path(data_dir)
+        self.entries = read_manifest(manifest)
+        self.root = manifest.parent
+        self.names = [str(self.root / entry["video"]) for entry in self.entries]
+
+    def video_bytes(self, index: int) -> Path:
+        return self.root / self.entries[index]["video"]
+
+    def caption(self, index: int) -> str:
+        caption = self.entries[index].get("caption")
+        if not isinstance(caption, str):
+            raise BadSample("missing_caption", self.names[index])
+        if not caption.strip():
+            raise BadSample("empty_caption", self.names[index])
+        return caption.strip()
+
+    def image_bytes(self, index: int) -> Path | None:
+        image = self.entries[index].get("image")
+        return self.root / image if image else None
+
+    def source_fps(self, index: int) -> float | None:
+        fps = self.entries[index].get("fps")
+        return float(fps) if fps else None
