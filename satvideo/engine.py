@@ -213,7 +213,8 @@ class VideoDiffusionEngine(nn.Module):
         cond = self.conditioner(batch, drop_for_guidance=training)
         model_inputs = {}
         if self.noised_image_input:
-            image = self.image_condition(video[:, 0], latents.shape[1], noise_images=training)
+            first_frame = batch["image"] if "image" in batch else video[:, 0]  # a manifest's image, else frame 0
+            image = self.image_condition(first_frame, latents.shape[1], noise_images=training)
             if training and random.random() < self.noised_image_dropout:
                 image = torch.zeros_like(image)
             model_inputs["concat_images"] = image

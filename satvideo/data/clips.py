@@ -7,8 +7,8 @@ when buckets are configured) and the item carries the tally of what it passed ov
 data worker ever dies of a bad file and the training loop can count them.
 
 Items: {"mp4": [T, 3, H, W] in [-1, 1], "txt", "num_frames" (real frames), "padded_frames" (copies of the last
-frame appended), "fps", "skipped": [len(REASONS)]} and, when the sample has its own first-frame image,
-"image": [3, H, W] in [-1, 1].
+frame appended), "fps", "skipped": [len(REASONS)], "image": [3, H, W] in [-1, 1]} where "image" is the
+sample's own first-frame image when it has one (manifests, shards), else its first frame.
 """
 
 from __future__ import annotations
@@ -185,8 +185,7 @@ class ClipDataset(Dataset):
             "fps": self.fps,
         }
         image = self.image_bytes(index)
-        if image is not None:
-            item["image"] = self.load_image(image, name, (height, width))
+        item["image"] = self.load_image(image, name, (height, width)) if image is not None else item["mp4"][0]
         return item
 
     def inspect(self, index: int) -> tuple[VideoInfo, str]:
