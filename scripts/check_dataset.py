@@ -18,7 +18,7 @@ from satvideo.config import ConfigError, load_config, to_plain
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import REASONS, BadSample
 from satvideo.data.sft import SFTDataset
-from satvideo.data.sources import clip_reader_for, clip_params
+from satvideo.data.sources import clip_params, clip_source
 
 
 def data_params(options) -> tuple[dict, tuple | None]:
@@ -69,7 +69,7 @@ def main() -> None:
     counts: Counter = Counter()
     for path in options.paths:
         try:
-            dataset = clip_reader_for(path, SFTDataset)(path, **params)
+            dataset = clip_source(path, SFTDataset, params)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"{path}: {error}") from error
         check(dataset, tokenizer, counts)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from satvideo.data.buckets import check_buckets
 from satvideo.data.frames import FRAME_SAMPLING, resampled_indices, resize_cover_center_crop, strided_indices, \
     whole_number
 from satvideo.data.health import SKIPPED, BadSample, FirstOfEachReason, classify_decode_error, tally_of
@@ -86,7 +87,8 @@ class ClipDataset(Dataset):
     implement `video_bytes`, `caption` and, where samples may carry one, `image_bytes`."""
 
     def __init__(self, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 3,
-                 frame_sampling: str = "stride", caption: str = "first_line", short_clips: str = "pad"):
+                 frame_sampling: str = "stride", caption: str = "first_line", short_clips: str = "pad",
+                 buckets: list | None = None):
         max_num_frames = whole_number("max_num_frames", max_num_frames)
         if max_num_frames % 4 != 1:
             raise ValueError(f"data.params.max_num_frames must be 4k+1 for the causal VAE, got {max_num_frames}")
@@ -101,6 +103,7 @@ class ClipDataset(Dataset):
         self.frame_sampling = frame_sampling
         self.whole_caption = caption == "whole_file"
         self.short_clips = short_clips
+        self.buckets = check_buckets(buckets) if buckets else None  # assigned by data/buckets.py once listed
         self.names: list[str] = []
         # Per sample: its (frames, height, width) and the samples that may stand in for it (buckets set these).
         self.shapes: list[tuple[int, int, int]] | None = None
@@ -126,6 +129,12 @@ class ClipDataset(Dataset):
     def source_fps(self, index: int) -> float | None:
         """A frame rate that overrides the container's (manifests may give one)."""
         return None
+
+    def probe(self, index: int) -> VideoInfo:
+        """The sample's frame count, frame rate and size, from its container (no frame decoded)."""
+        info = video_info(open_video(self.video_bytes(index), self.names[index]))
+        fps = self.source_fps(index)
+        return VideoInfo(info.num_frames, fps, info.height, info.width) if fps else info
 
     # --- items --------------------------------------------------------------------------------------------
 

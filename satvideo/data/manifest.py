@@ -3,14 +3,15 @@
     {"video": "clips/a.mp4", "caption": "a red square moving left", "image": "frames/a.png", "fps": 30}
 
 `video` is required; relative paths are relative to the manifest's folder. `image` (a first frame for
-image-to-video training) and `fps` (overriding the container's frame rate) are optional; other keys are ignored.
+image-to-video training) and `fps` (overriding the container's frame rate) are optional, and so are `frames`,
+`height` and `width`: with all four given, bucket assignment opens no video. Other keys are ignored.
 A sample whose caption is missing or empty is passed over and counted (see clips.py).
 """
 
 import json
 from pathlib import Path
 
-from satvideo.data.clips import ClipDataset
+from satvideo.data.clips import ClipDataset, VideoInfo
 from satvideo.data.health import BadSample
 
 
@@ -64,3 +65,9 @@ class ManifestDataset(ClipDataset):
     def source_fps(self, index: int) -> float | None:
         fps = self.entries[index].get("fps")
         return float(fps) if fps else None
+
+    def probe(self, index: int) -> VideoInfo:
+        entry = self.entries[index]
+        if all(isinstance(entry.get(key), (int, float)) for key in ("frames", "height", "width", "fps")):
+            return VideoInfo(int(entry["frames"]), float(entry["fps"]), int(entry["height"]), int(entry["width"]))
+        return super().probe(index)

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from satvideo.config import (ConfigError, check_parameters, drop_keys_without_effect, get_obj_from_str,
                              instantiate_from_config, resolve_target, to_plain)
+from satvideo.data.buckets import assign_buckets
 from satvideo.data.clips import ClipDataset
 from satvideo.data.manifest import ManifestDataset
 from satvideo.data.shards import TarShardDataset
@@ -31,6 +32,14 @@ def clip_reader_for(path: str, configured: type) -> type:
     if path.endswith(".tar") or (Path(path).is_dir() and any(Path(path).glob("*.tar"))):
         return TarShardDataset
     return configured
+
+
+def clip_source(path: str, configured: type, params: dict) -> ClipDataset:
+    """The video-caption dataset of one path, its samples assigned to buckets when buckets are configured."""
+    dataset = clip_reader_for(path, configured)(path, **params)
+    if dataset.buckets:
+        assign_buckets(dataset, dataset.buckets)
+    return dataset
 
 
 class WeightedConcat(Dataset):
@@ -82,8 +91,7 @@ def build_dataset(config: DictConfig, paths: str | list[str] | None, key: str, w
     for path in paths:
         try:
             if isinstance(configured, type) and issubclass(configured, ClipDataset):
-                reader = clip_reader_for(path, configured)
-                datasets.append(reader(path, **clip_params(part)))
+                datasets.append(clip_source(path, configured, clip_params(part)))
             else:
                 datasets.append(instantiate_from_config(part, data_dir=path))
         except (FileNotFoundError, ValueError) as error:  # ConfigError included: name the path
@@ -103,3 +111,17 @@ def clip_params(part: dict) -> dict:
 def leaf_datasets(dataset: Dataset) -> list[Dataset]:
     """The sources inside a (possibly mixed) dataset."""
     return list(dataset.datasets) if isinstance(dataset, WeightedConcat) else [dataset]
+
+
+def bucket_groups(dataset: Dataset) -> list[list[int]] | None:
+    """The indices of `dataset` (mixed or not) in each bucket, or None without buckets."""
+    sources = leaf_datasets(dataset)
+    if not all(isinstance(source, ClipDataset) and source.groups is not None for source in sources):
+        return None
+    if not isinstance(dataset, WeightedConcat):
+        return dataset.groups
+    groups: list[list[int]] = [[] for _ in sources[0].groups]
+    for index in range(len(dataset)):
+        source, local = dataset.locate(index)
+        groups[source.buckets.index(source.shape(local))].append(index)
+    return groups

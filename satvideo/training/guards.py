@@ -25,7 +25,7 @@ MIN_DRAWS_JUDGED = 100
 def check_training_args(args) -> None:
     """Counts and intervals must be positive; a bad one is a ConfigError before any model or data loads."""
     for key in ("train_iters", "log_interval", "save_interval", "max_nonfinite_steps", "eval_iters",
-                "eval_batch_size", "num_workers"):
+                "eval_batch_size", "num_workers", "prefetch_factor"):
         value = getattr(args, key)
         minimum = 0 if key == "num_workers" else 1
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:

@@ -23,9 +23,9 @@ from satvideo.checkpoint import (guard_deepspeed_loads, load_network, read_lates
                                  write_zero3_model_states)
 from satvideo.config import ConfigError, args_namespace
 from satvideo.data.health import REASONS, SKIPPED
-from satvideo.data.sources import build_dataset
+from satvideo.data.sources import bucket_groups, build_dataset
 from satvideo.engine import VideoDiffusionEngine
-from satvideo.training.data_order import ResumableSampler
+from satvideo.training.data_order import BucketBatches, MicroBatches
 from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, fit_buckets_to_model, training_dtype
 from satvideo.training.ema import EMA
 from satvideo.training.guards import (BadDataGuard, LauncherWatch, NonFiniteGuard, check_training_args,
@@ -47,7 +47,8 @@ def schedule_from_args(args) -> Callable[[int], float]:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -100,19 +101,31 @@ def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.dev
     return model, scheduler
 
 
-def micro_batch_stream(dataset: Dataset, sampler: ResumableSampler, micro_batch: int, consumed: int,
-                       args) -> Iterator[dict]:
+def batch_order(dataset: Dataset, micro_batch: int, args) -> MicroBatches | BucketBatches:
+    """This rank's resumable micro-batch order: by bucket when the data has buckets."""
+    rank, world_size = distributed.rank(), distributed.world_size()
+    groups = bucket_groups(dataset)
+    if groups is None:
+        order = MicroBatches(len(dataset), micro_batch, rank, world_size, args.seed)
+    else:
+        order = BucketBatches(groups, micro_batch, rank, world_size, args.seed)
+    if order.batches_per_epoch == 0:
+        raise ConfigError(f"args.batch_size={micro_batch}: no epoch holds one micro-batch per rank "
+                          f"({len(dataset)} samples, {world_size} ranks" + (", by bucket)" if groups else ")"))
+    return order
+
+
+def micro_batch_stream(dataset: Dataset, order: MicroBatches | BucketBatches, consumed: int, args,
+                       pin_memory: bool) -> Iterator[dict]:
     """Endless micro-batches of this rank, starting after the `consumed` ones."""
-    batches_per_epoch = len(sampler) // micro_batch
-    if batches_per_epoch == 0:
-        raise ConfigError(f"args.batch_size={micro_batch} exceeds the {len(sampler)} samples each rank gets")
-    epoch, start = divmod(consumed, batches_per_epoch)
+    epoch, start = divmod(consumed, order.batches_per_epoch)
+    workers = {"prefetch_factor": args.prefetch_factor} if args.num_workers else {}
     while True:
-        sampler.set_position(epoch, start * micro_batch)
+        order.set_position(epoch, start)
         # A private generator: a loader iterator otherwise draws its worker seed from the global RNG,
         # which would shift every later noise draw of a resumed run.
-        loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
-                            drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch))
+        loader = DataLoader(dataset, batch_sampler=order, num_workers=args.num_workers, pin_memory=pin_memory,
+                            generator=torch.Generator().manual_seed(args.seed + epoch), **workers)
         yield from loader
         epoch, start = epoch + 1, 0
 
@@ -156,8 +169,9 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     if lock is not None:
         truncate_metrics(Path(args.save), start_iteration)  # lines logged after the checkpoint we resume from
 
-    sampler = ResumableSampler(len(dataset), rank, world_size, args.seed)
-    data = micro_batch_stream(dataset, sampler, micro_batch, start_iteration * accumulation, args)
+    order = batch_order(dataset, micro_batch, args)
+    data = micro_batch_stream(dataset, order, start_iteration * accumulation, args,
+                              pin_memory=args.pin_memory and device.type == "cuda")
     log = MetricsLog(args, config, device)
     guard, launcher = NonFiniteGuard(model, args.max_nonfinite_steps), LauncherWatch()
     window = Window(device)

@@ -1,0 +1,72 @@
+"""Shape buckets: clips of many sizes and lengths trained at a few (frames, height, width) shapes.
+
+With `data.params.buckets: [[frames, height, width], ...]`, each clip is assigned to one bucket when the dataset is
+built (from its container's frame count, frame rate and size; a manifest may give `frames`, `height`, `width` and
+`fps` so that nothing is opened) and is resized to cover the bucket's size and centre-cropped, as without buckets.
+The rule: the bucket whose aspect ratio is nearest the clip's; among buckets of that aspect ratio, the longest the
+clip can fill at the data fps; when it fills none, the shortest (padded with its last frame as usual). The
+training order (training/data_order.py) then builds every micro-batch from one bucket, and every rank draws from
+the same bucket at each step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from satvideo.data.frames import whole_number
+from satvideo.data.health import BadSample
+
+if TYPE_CHECKING:  # clips.py checks its buckets with this module
+    from satvideo.data.clips import ClipDataset, VideoInfo
+
+Shape = tuple[int, int, int]  # (frames, height, width)
+
+
+def check_buckets(buckets: list) -> list[Shape]:
+    """The configured buckets as (frames, height, width); each frame count 4k+1, sizes multiples of 8."""
+    shapes = []
+    for index, bucket in enumerate(buckets):
+        if len(bucket) != 3:
+            raise ValueError(f"data.params.buckets[{index}]={list(bucket)}: expected [frames, height, width]")
+        frames, height, width = (whole_number(f"buckets[{index}]", value) for value in bucket)
+        if frames % 4 != 1 or height % 8 or width % 8:
+            raise ValueError(f"data.params.buckets[{index}]={list(bucket)}: frames must be 4k+1 and height and "
+                             "width multiples of 8 (the VAE's compression)")
+        shapes.append((frames, height, width))
+    if len(set(shapes)) != len(shapes):
+        raise ValueError(f"data.params.buckets lists a shape twice: {buckets}")
+    return shapes
+
+
+def fillable_frames(info: "VideoInfo", fps: int, skip: int) -> int:
+    """How many frames at `fps` the clip holds after skipping `skip` frames at both ends."""
+    return max(0, math.floor((info.num_frames - 2 * skip) * fps / info.fps))
+
+
+def choose_bucket(info: "VideoInfo", buckets: list[Shape], fps: int, skip: int) -> int:
+    """The index of the clip's bucket (see the module docstring)."""
+    distance = [abs(math.log(info.height / info.width) - math.log(h / w)) for _, h, w in buckets]
+    nearest = min(distance)
+    candidates = [i for i, d in enumerate(distance) if d - nearest < 1e-9]
+    available = fillable_frames(info, fps, skip)
+    fits = [i for i in candidates if buckets[i][0] <= available]
+    if fits:
+        return max(fits, key=lambda i: (buckets[i][0], buckets[i][1] * buckets[i][2]))
+    return min(candidates, key=lambda i: (buckets[i][0], -buckets[i][1] * buckets[i][2]))
+
+
+def assign_buckets(dataset: "ClipDataset", buckets: list[Shape]) -> list[int]:
+    """Each sample's bucket; a sample whose container cannot be read goes to bucket 0 (it is passed over, and
+    counted, when drawn). Sets the dataset's per-sample shapes and stand-in groups."""
+    assigned = []
+    for index in range(len(dataset)):
+        try:
+            info = dataset.probe(index)
+        except BadSample:
+            assigned.append(0)
+            continue
+        assigned.append(choose_bucket(info, buckets, dataset.fps, dataset.skip_frms_num))
+    groups = [[index for index, bucket in enumerate(assigned) if bucket == b] for b in range(len(buckets))]
+    dataset.set_groups([buckets[bucket] for bucket in assigned], groups)
+    return assigned
