@@ -99,3 +99,12 @@ def test_data_section_keys_and_share_are_checked(tmp_path, bad_data):
     guard.after_window(10, good=95, bad={"empty_file": 5})  # 5 of 100: at the limit, not above
     with pytest.raises(Exception, match=r"6 of 101 samples .* empty_file 6"):
         guard.after_window(20, good=0, bad={"empty_file": 1})
+
+
+def test_missing_captions_can_train_unconditionally_as_the_original(bad_data):
+    dataset = SFTDataset(str(bad_data), **PARAMS, missing_caption="unconditional")
+    position = sorted(BAD_SAMPLES).index("bad_no_label") + 8
+    item = dataset[position]
+    assert item["txt"] == "" and item["skipped"].sum() == 0
+    with pytest.raises(ValueError, match=r"data.params.missing_caption='drop': expected one of \('skip', 'unconditional'\)"):
+        SFTDataset(str(bad_data), **PARAMS, missing_caption="drop")

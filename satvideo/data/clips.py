@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CAPTIONS = ("first_line", "whole_file")
 SHORT_CLIPS = ("pad", "skip")
+MISSING_CAPTIONS = ("skip", "unconditional")
 # A clip with fewer real frames than this holds no motion in latent space (one latent frame beyond the first):
 # it is never padded up to a video.
 MIN_REAL_FRAMES = 5
@@ -88,12 +89,13 @@ class ClipDataset(Dataset):
 
     def __init__(self, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 3,
                  frame_sampling: str = "stride", caption: str = "first_line", short_clips: str = "pad",
-                 buckets: list | None = None):
+                 buckets: list | None = None, missing_caption: str = "skip"):
         max_num_frames = whole_number("max_num_frames", max_num_frames)
         if max_num_frames % 4 != 1:
             raise ValueError(f"data.params.max_num_frames must be 4k+1 for the causal VAE, got {max_num_frames}")
         for key, value, choices in (("frame_sampling", frame_sampling, FRAME_SAMPLING),
-                                    ("caption", caption, CAPTIONS), ("short_clips", short_clips, SHORT_CLIPS)):
+                                    ("caption", caption, CAPTIONS), ("short_clips", short_clips, SHORT_CLIPS),
+                                    ("missing_caption", missing_caption, MISSING_CAPTIONS)):
             if value not in choices:
                 raise ValueError(f"data.params.{key}={value!r}: expected one of {choices}")
         self.video_size = (int(video_size[0]), int(video_size[1]))
@@ -103,6 +105,7 @@ class ClipDataset(Dataset):
         self.frame_sampling = frame_sampling
         self.whole_caption = caption == "whole_file"
         self.short_clips = short_clips
+        self.missing_caption = missing_caption  # "unconditional": train it with an empty caption, as the original
         self.buckets = check_buckets(buckets) if buckets else None  # assigned by data/buckets.py once listed
         self.names: list[str] = []
         # Per sample: its (frames, height, width) and the samples that may stand in for it (buckets set these).
@@ -177,7 +180,7 @@ class ClipDataset(Dataset):
         """The item of sample `index`, or BadSample."""
         frames_wanted, height, width = self.shape(index)
         name = self.names[index]
-        caption = self.caption(index)
+        caption = self.caption_or_empty(index)
         reader = open_video(self.video_bytes(index), name)
         indices = self.frame_indices(len(reader), self.source_fps(index) or reader.get_avg_fps(), frames_wanted, name)
         num_real = len(indices)
@@ -196,6 +199,15 @@ class ClipDataset(Dataset):
         image = self.image_bytes(index)
         item["image"] = self.load_image(image, name, (height, width)) if image is not None else item["mp4"][0]
         return item
+
+    def caption_or_empty(self, index: int) -> str:
+        """The caption; with `missing_caption: unconditional` an empty one where none is given."""
+        try:
+            return self.caption(index)
+        except BadSample as error:
+            if error.reason != "missing_caption" or self.missing_caption == "skip":
+                raise
+            return ""
 
     def inspect(self, index: int) -> tuple[VideoInfo, str]:
         """What scripts/check_dataset.py reports about a sample: its container's facts and its caption, after a
