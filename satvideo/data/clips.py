@@ -13,6 +13,7 @@ sample's own first-frame image when it has one (manifests, shards), else its fir
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 from dataclasses import dataclass
@@ -85,7 +86,15 @@ def frames_to_unit_range(frames: torch.Tensor, size: tuple[int, int]) -> torch.T
 
 class ClipDataset(Dataset):
     """Video-caption samples of one source. Subclasses fill `self.names` (one per sample, used in messages) and
-    implement `video_bytes`, `caption` and, where samples may carry one, `image_bytes`."""
+    implement `video_bytes`, `caption` and, where samples may carry one, `image_bytes`. A subclass takes
+    `(data_dir, **clip_params)`; its signature lists ClipDataset's params, so that config checks name a misspelt
+    one."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        params = [p for name, p in inspect.signature(ClipDataset.__init__).parameters.items() if name != "self"]
+        data_dir = inspect.Parameter("data_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)
+        cls.__signature__ = inspect.Signature([data_dir, *params])
 
     def __init__(self, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 3,
                  frame_sampling: str = "stride", caption: str = "first_line", short_clips: str = "pad",

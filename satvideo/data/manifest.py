@@ -39,9 +39,8 @@ def read_manifest(path: Path) -> list[dict]:
 class ManifestDataset(ClipDataset):
     """The clips of a JSONL manifest (items as ClipDataset describes, with "image" where the entry gives one)."""
 
-    def __init__(self, data_dir: str, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 3,
-                 **clip_params):
-        super().__init__(video_size, fps, max_num_frames, skip_frms_num, **clip_params)
+    def __init__(self, data_dir: str, **clip_params):
+        super().__init__(**clip_params)
         manifest = Path(data_dir)
         self.entries = read_manifest(manifest)
         self.root = manifest.parent

@@ -28,9 +28,8 @@ def find_videos(data_dir: Path) -> list[Path]:
 class SFTDataset(ClipDataset):
     """Video-caption pairs of an SFT folder (items as ClipDataset describes)."""
 
-    def __init__(self, data_dir: str, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 3,
-                 **clip_params):
-        super().__init__(video_size, fps, max_num_frames, skip_frms_num, **clip_params)
+    def __init__(self, data_dir: str, **clip_params):
+        super().__init__(**clip_params)
         folder = Path(data_dir)
         self.videos = find_videos(folder)
         self.labels = [folder / "labels" / video.relative_to(folder / "videos").with_suffix(".txt")

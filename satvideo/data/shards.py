@@ -84,9 +84,8 @@ def read_member(sample: ShardSample, extension: str) -> bytes:
 class TarShardDataset(ClipDataset):
     """The samples of WebDataset tar shards (items as ClipDataset describes)."""
 
-    def __init__(self, data_dir: str, video_size: list[int], fps: int, max_num_frames: int, skip_frms_num: int = 3,
-                 **clip_params):
-        super().__init__(video_size, fps, max_num_frames, skip_frms_num, **clip_params)
+    def __init__(self, data_dir: str, **clip_params):
+        super().__init__(**clip_params)
         self.samples = [sample for shard in shard_paths(data_dir) for sample in index_shard(shard)]
         if not self.samples:
             raise ValueError(f"no samples in the tar shards {data_dir}")
