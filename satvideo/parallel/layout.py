@@ -1,0 +1,63 @@
+"""How the ranks of a job divide the work: data parallel x CFG parallel x sequence parallel.
+
+Rank = (data_rank * cfg_size + cfg_rank) * sequence_size + sequence_rank: the ranks of a sequence-parallel group
+are neighbours (one node, where all-to-all is fastest), then the two halves of a CFG-parallel pair, then data
+parallel replicas. Ranks of one sequence group (and of one CFG pair) work on the same samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from satvideo.config import ConfigError
+
+
+@dataclass
+class Layout:
+    data_rank: int = 0
+    data_size: int = 1
+    cfg_rank: int = 0
+    cfg_size: int = 1
+    sequence_rank: int = 0
+    sequence_size: int = 1
+    sequence_group: object = None  # a torch.distributed group; None when sequence_size is 1
+    cfg_group: object = None
+
+    @property
+    def leads_its_group(self) -> bool:
+        """The rank that writes what its sequence/CFG group computed together."""
+        return self.sequence_rank == 0 and self.cfg_rank == 0
+
+
+def build_layout(sequence_size: int = 1, cfg_size: int = 1) -> Layout:
+    """This rank's place in the job (every rank calls it: creating groups is collective)."""
+    for key, value in (("args.sequence_parallel_size", sequence_size), ("args.cfg_parallel_size", cfg_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}={value!r}: expected a whole number >= 1")
+    if cfg_size not in (1, 2):
+        raise ConfigError(f"args.cfg_parallel_size={cfg_size}: expected 1 or 2 (the conditional and unconditional "
+                          "branches)")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    per_replica = sequence_size * cfg_size
+    if world % per_replica:
+        raise ConfigError(f"{world} ranks do not divide into groups of args.sequence_parallel_size={sequence_size} "
+                          f"x args.cfg_parallel_size={cfg_size}")
+    layout = Layout(data_rank=rank // per_replica, data_size=world // per_replica,
+                    cfg_rank=rank // sequence_size % cfg_size, cfg_size=cfg_size,
+                    sequence_rank=rank % sequence_size, sequence_size=sequence_size)
+    if sequence_size > 1:
+        for start in range(0, world, sequence_size):
+            group = dist.new_group(list(range(start, start + sequence_size)))
+            if start <= rank < start + sequence_size:
+                layout.sequence_group = group
+    if cfg_size > 1:
+        for replica in range(world // per_replica):
+            for sequence_rank in range(sequence_size):
+                members = [replica * per_replica + cfg * sequence_size + sequence_rank for cfg in range(cfg_size)]
+                group = dist.new_group(members)
+                if rank in members:
+                    layout.cfg_group = group
+    return layout
