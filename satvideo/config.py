@@ -56,6 +56,8 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "checkpoint_activations": None,  # None: model.network_config.params.transformer_args decides
     "compile": False,  # regional torch.compile of the transformer layers' element-wise parts (training and sampling)
     "zero_stage": None,  # overrides deepspeed.zero_optimization.stage
+    "sequence_parallel_size": 1,  # ranks that share one video's tokens (satvideo/parallel/sequence.py)
+    "cfg_parallel_size": 1,  # sampling: 2 runs the conditional and unconditional branches on two ranks
     "fp16": False,
     "bf16": False,
     # data

@@ -25,6 +25,8 @@ from satvideo.config import ConfigError, args_namespace
 from satvideo.data.health import REASONS, SKIPPED
 from satvideo.data.sources import bucket_groups, build_dataset
 from satvideo.engine import VideoDiffusionEngine
+from satvideo.parallel.layout import Layout, build_layout
+from satvideo.parallel.sequence import enable_sequence_parallel
 from satvideo.training.data_order import BucketBatches, MicroBatches
 from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, fit_buckets_to_model, training_dtype
 from satvideo.training.ema import EMA
@@ -101,9 +103,10 @@ def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.dev
     return model, scheduler
 
 
-def batch_order(dataset: Dataset, micro_batch: int, args) -> MicroBatches | BucketBatches:
-    """This rank's resumable micro-batch order: by bucket when the data has buckets."""
-    rank, world_size = distributed.rank(), distributed.world_size()
+def batch_order(dataset: Dataset, micro_batch: int, args, layout: Layout) -> MicroBatches | BucketBatches:
+    """This rank's resumable micro-batch order (that of its data-parallel replica): by bucket when the data has
+    buckets."""
+    rank, world_size = layout.data_rank, layout.data_size
     groups = bucket_groups(dataset)
     if groups is None:
         order = MicroBatches(len(dataset), micro_batch, rank, world_size, args.seed)
@@ -116,6 +119,14 @@ def batch_order(dataset: Dataset, micro_batch: int, args) -> MicroBatches | Buck
 
 
 def micro_batch_stream(dataset: Dataset, order: MicroBatches | BucketBatches, consumed: int, args,
+def stratify_timesteps_by_replica(engine: VideoDiffusionEngine, layout: Layout) -> None:
+    """`uniform_sampling` stratifies timesteps over data-parallel replicas, not ranks: a sequence-parallel group
+    draws one timestep set."""
+    sampler = getattr(engine.loss_fn, "sigma_sampler", None)
+    if sampler is not None and hasattr(sampler, "world_size"):
+        sampler.rank, sampler.world_size = layout.data_rank, layout.data_size
+
+
                        pin_memory: bool) -> Iterator[dict]:
     """Endless micro-batches of this rank, starting after the `consumed` ones."""
     epoch, start = divmod(consumed, order.batches_per_epoch)
@@ -146,21 +157,25 @@ def train(config: DictConfig) -> None:
 
 
 def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) -> None:
-    rank, world_size = distributed.rank(), distributed.world_size()
+    # ranks of one sequence-parallel group train on the same samples, timesteps and noise
+    layout = build_layout(args.sequence_parallel_size)
     # a bad path should not wait for the model
     dataset = build_dataset(config, args.train_data, "args.train_data", args.train_data_weights)
     bad_data = BadDataGuard(config.data.get("max_bad_share", 0.05))
-    validator = Validator(config, args, device) if args.eval_interval else None
+    validator = Validator(config, args, device, layout) if args.eval_interval else None
     ds = deepspeed_config(config, args, device.type == "cuda")
     resume_iteration = read_latest(args.save) if args.save else None
     # a resume restores every saved weight; LoRA checkpoints hold only the adapters, so their base loads first
     has_lora = "lora_config" in config.model.network_config.params.modules
     model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None or has_lora)
     lora = adapter_record(model.module.network, args)
+    if layout.sequence_group is not None:
+        enable_sequence_parallel(model.module.network, layout.sequence_group)
+        stratify_timesteps_by_replica(model.module, layout)
     ema = EMA(model.module.network, args.ema_decay) if args.ema_decay else None
-    torch.manual_seed(args.seed + rank)  # ranks draw different noise and timesteps
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + layout.data_rank)  # replicas draw different noise and timesteps
+    random.seed(args.seed + layout.data_rank)
+    np.random.seed(args.seed + layout.data_rank)
     micro_batch, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
 
     start_iteration = 0
@@ -169,12 +184,12 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     if lock is not None:
         truncate_metrics(Path(args.save), start_iteration)  # lines logged after the checkpoint we resume from
 
-    order = batch_order(dataset, micro_batch, args)
+    order = batch_order(dataset, micro_batch, args, layout)
     data = micro_batch_stream(dataset, order, start_iteration * accumulation, args,
                               pin_memory=args.pin_memory and device.type == "cuda")
     log = MetricsLog(args, config, device)
     guard, launcher = NonFiniteGuard(model, args.max_nonfinite_steps), LauncherWatch()
-    window = Window(device)
+    window = Window(device, copies=layout.sequence_size)
     for iteration in range(start_iteration + 1, args.train_iters + 1):
         launcher.check(iteration)
         losses = []
@@ -194,7 +209,7 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             record = log.record(iteration, window, model, scheduler.get_last_lr()[0],
-                                micro_batch * accumulation * world_size)
+                                micro_batch * accumulation * layout.data_size)
             log.write(record)
             window.reset()
             bad_data.after_window(iteration, record["samples"], record["bad_samples"])

@@ -58,8 +58,9 @@ class Window:
     FIELDS = ("loss_sum", "finite_losses", "nonfinite_losses", "padded_clips", "padded_frames", "samples",
               *(f"bad:{reason}" for reason in REASONS))
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, copies: int = 1):
+        """`copies`: ranks that see each sample (a sequence-parallel group), so that counts are of samples."""
+        self.device, self.copies = device, copies
         self.reset()
 
     def reset(self) -> None:
@@ -82,7 +83,7 @@ class Window:
         """Summed over ranks (a collective: every rank calls it)."""
         if distributed.world_size() > 1:
             torch.distributed.all_reduce(self.sums)
-        return dict(zip(self.FIELDS, self.sums.tolist()))
+        return dict(zip(self.FIELDS, (self.sums / self.copies).tolist()))
 
 
 class MetricsLog:

@@ -23,6 +23,7 @@ from torch.utils.data import default_collate
 
 from satvideo import distributed
 from satvideo.data.sources import build_dataset
+from satvideo.parallel.layout import Layout
 from satvideo.sampling import VideoPlan, read_prompts, request_from_line, save_video, slugify
 
 
@@ -37,12 +38,14 @@ def validation_prompts(value) -> list[str]:
 
 
 class Validator:
-    def __init__(self, config: DictConfig, args, device: torch.device):
+    def __init__(self, config: DictConfig, args, device: torch.device, layout: Layout | None = None):
+        """`layout`: ranks of one sequence-parallel group evaluate the same samples; its first rank writes videos."""
         self.args, self.device = args, device
         self.dataset = build_dataset(config, args.valid_data, "args.valid_data") if args.valid_data else None
         self.prompts = validation_prompts(args.validation_prompts)
         self.plan = VideoPlan(args, config.model.network_config.params) if self.prompts else None
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        layout = layout or Layout(data_rank=distributed.rank(), data_size=distributed.world_size())
+        self.rank, self.world_size, self.writes = layout.data_rank, layout.data_size, layout.leads_its_group
 
     def __call__(self, engine, iteration: int, out_dir: Path | None) -> tuple[dict, list[Path]]:
         """(a metrics record, the paths of all validation videos) — every rank calls it."""
@@ -83,7 +86,7 @@ class Validator:
             shape, first_frames, _ = self.plan.inputs(request, num_samples=1)
             generator = torch.Generator().manual_seed(request.seed)
             latents = engine.sample([request.prompt], shape, generator, first_frames=first_frames)
-            if real:
+            if real and self.writes:
                 video = engine.decode_first_stage(latents, chunk_frames=self.args.decode_chunk_frames,
                                                   tile=self.args.vae_tiling, overlap=self.args.vae_tile_overlap)
                 save_video(video[0].cpu(), str(paths[index]), fps=self.args.sampling_fps)
