@@ -118,7 +118,6 @@ def batch_order(dataset: Dataset, micro_batch: int, args, layout: Layout) -> Mic
     return order
 
 
-def micro_batch_stream(dataset: Dataset, order: MicroBatches | BucketBatches, consumed: int, args,
 def stratify_timesteps_by_replica(engine: VideoDiffusionEngine, layout: Layout) -> None:
     """`uniform_sampling` stratifies timesteps over data-parallel replicas, not ranks: a sequence-parallel group
     draws one timestep set."""
@@ -127,6 +126,7 @@ def stratify_timesteps_by_replica(engine: VideoDiffusionEngine, layout: Layout) 
         sampler.rank, sampler.world_size = layout.data_rank, layout.data_size
 
 
+def micro_batch_stream(dataset: Dataset, order: MicroBatches | BucketBatches, consumed: int, args,
                        pin_memory: bool) -> Iterator[dict]:
     """Endless micro-batches of this rank, starting after the `consumed` ones."""
     epoch, start = divmod(consumed, order.batches_per_epoch)
@@ -168,10 +168,10 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     # a resume restores every saved weight; LoRA checkpoints hold only the adapters, so their base loads first
     has_lora = "lora_config" in config.model.network_config.params.modules
     model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None or has_lora)
-    lora = adapter_record(model.module.network, args)
     if layout.sequence_group is not None:
         enable_sequence_parallel(model.module.network, layout.sequence_group)
         stratify_timesteps_by_replica(model.module, layout)
+    lora = adapter_record(model.module.network, args)
     ema = EMA(model.module.network, args.ema_decay) if args.ema_decay else None
     torch.manual_seed(args.seed + layout.data_rank)  # replicas draw different noise and timesteps
     random.seed(args.seed + layout.data_rank)
