@@ -25,6 +25,8 @@ from satvideo.checkpoint import load_network, resolve_model_states
 from satvideo.cli import parse_config, run_entrypoint
 from satvideo.config import ConfigError, args_namespace
 from satvideo.engine import VideoDiffusionEngine
+from satvideo.parallel.layout import build_layout
+from satvideo.parallel.sequence import enable_sequence_parallel
 from satvideo.sampling import (OutputWriter, VideoPlan, adapter_list, add_lora_from_checkpoint, file_sha256,
                                interactive_prompts, merge_adapters, read_requests, request_from_line, sampling_dtype,
                                slugify)
@@ -78,10 +80,11 @@ def main() -> None:
     writer = OutputWriter(args.output_dir, args.overwrite, args.contact_sheet)
 
     device = distributed.init_device(args.device)
-    rank, world_size = distributed.rank(), distributed.world_size()
-    if interactive and world_size > 1:
+    if interactive and distributed.world_size() > 1:
         raise ConfigError("args.input_type=cli reads the terminal: run it in one process, not under torchrun")
-    requests = requests[rank::world_size]  # ranks share the requests
+    # replicas share the requests; the ranks of one sequence/CFG group sample the same videos together
+    layout = build_layout(args.sequence_parallel_size, args.cfg_parallel_size)
+    requests = requests[layout.data_rank::layout.data_size]
 
     add_lora_from_checkpoint(config, args.load)
     torch.manual_seed(args.seed)  # parts without weight files (tiny test models) are the same in every run
@@ -94,6 +97,10 @@ def main() -> None:
     engine.place_frozen_parts(device, dtype)
     if args.compile:
         engine.network.compile_layers()
+    if layout.sequence_group is not None:
+        enable_sequence_parallel(engine.network, layout.sequence_group)
+    engine.model.cfg_group = layout.cfg_group
+    writer = writer if layout.leads_its_group else None  # the others take part in sampling, not in writing
     run_record = {
         "sampler": {"name": type(engine.sampler).__name__, "num_steps": engine.sampler.num_steps},
         "guidance": guidance_record(engine.sampler), "fps": args.sampling_fps,
@@ -101,6 +108,7 @@ def main() -> None:
         "adapters": [{"path": path, "scale": scale} for path, scale in adapters],
         "config_sha256": hashlib.sha256(OmegaConf.to_yaml(config, resolve=True).encode()).hexdigest(),
         "satvideo_version": satvideo_version(), "dtype": str(dtype).removeprefix("torch."),
+        "parallel": {"sequence": layout.sequence_size, "cfg": layout.cfg_size, "data": layout.data_size},
     }
 
     texts = {}
@@ -130,9 +138,10 @@ def main() -> None:
               f"{run_peak:.2f} GB) in {args.output_dir}", flush=True)
 
 
-def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: OutputWriter, args, run_record: dict,
-                 device: torch.device) -> list:
-    """Sample one batch of requests (num_samples videos each) and write every video with its sidecar."""
+def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: OutputWriter | None, args,
+                 run_record: dict, device: torch.device) -> list:
+    """Sample one batch of requests (num_samples videos each) and write every video with its sidecar (no writer: a
+    rank that helps another sample them)."""
     start = time.perf_counter()
     distributed.peak_memory_gb(device, reset=True)  # on a GPU each batch reports its own peak
     samples = args.num_samples
@@ -153,6 +162,8 @@ def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: Outp
     prompts = [r.prompt for r in group for _ in range(samples)]
     latents = engine.sample(prompts, shape, generators, first_frames=first_frames, text=text, init_latents=init,
                             strength=first.strength if first.strength is not None else 1.0, prefix_latents=prefix)
+    if writer is None:
+        return []
     seconds = (time.perf_counter() - start) / len(prompts)
     paths = []
     for position, request in enumerate(r for r in group for _ in range(samples)):

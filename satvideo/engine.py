@@ -20,6 +20,7 @@ from satvideo.checkpoint import NETWORK_PREFIX, is_lora_matrix
 from satvideo.config import ConfigError, check_parameters, drop_keys_without_effect, instantiate_from_config, to_plain
 from satvideo.diffusion.discretization import noise_std
 from satvideo.diffusion.samplers import Generators, randn
+from satvideo.parallel.cfg import evaluate_halves
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +31,20 @@ FROZEN_PARTS = ("conditioner", "first_stage_model")
 
 
 class DiffusionModelWrapper(nn.Module):
-    """Adapts the conditioner's output dict to the network's `context` argument."""
+    """Adapts the conditioner's output dict to the network's `context` argument; with `cfg_group` (a pair of ranks,
+    sampling only) each rank evaluates one half of a guided batch (satvideo/parallel/cfg.py)."""
 
     def __init__(self, diffusion_model: nn.Module):
         super().__init__()
         self.diffusion_model = diffusion_model
+        self.cfg_group = None
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
+        if self.cfg_group is not None:
+            return evaluate_halves(self.evaluate, self.cfg_group, x, timesteps, cond, **kwargs)
+        return self.evaluate(x, timesteps, cond, **kwargs)
+
+    def evaluate(self, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
         return self.diffusion_model(x, timesteps, context=cond["crossattn"], **kwargs)
 
 

@@ -2,40 +2,68 @@
 
     python scripts/precompute.py --out data/toy_cache --base configs/tiny/model.yaml configs/tiny/vae.yaml \
         configs/tiny/train.yaml args.train_data=[data/toy]
+    torchrun --nproc_per_node=8 scripts/precompute.py --out cache/ --base ...   # each rank a share of the clips
 
-Then train with `data.target=satvideo.data.CachedDataset args.train_data=[data/toy_cache]`.
+Each distinct sample of args.train_data (mixed by args.train_data_weights or not) is encoded once, in the run's
+precision; bad samples are left out and counted by reason. The manifest (cache.json) is written last, after every
+rank has finished. Then train with `data.target=satvideo.data.CachedDataset args.train_data=[cache/]`.
 """
 
 import argparse
-import sys
 
 import torch
 
 from satvideo import distributed
 from satvideo.cli import is_config_file, run_entrypoint
-from satvideo.config import args_namespace, instantiate_from_config, load_config, to_plain
-from satvideo.data.cache import write_cache
-from satvideo.data.sources import build_dataset
+from satvideo.config import ConfigError, args_namespace, load_config
+from satvideo.data.cache import CacheSource, cache_key, source_paths, write_cache
+from satvideo.data.clips import ClipDataset
+from satvideo.data.sources import build_dataset, check_weights, leaf_datasets
+from satvideo.engine import build_frozen_parts, place_frozen_parts
+from satvideo.training.deepspeed_setup import deepspeed_config, training_dtype
+
+
+def cache_sources(config, args) -> list[CacheSource]:
+    """Each path of args.train_data with its weight and its dataset; a path named twice shares one dataset."""
+    paths = source_paths(args.train_data)
+    unique = list(dict.fromkeys(paths))
+    datasets = dict(zip(unique, leaf_datasets(build_dataset(config, unique, "args.train_data"))))
+    for path, dataset in datasets.items():
+        if not isinstance(dataset, ClipDataset):
+            raise ConfigError(f"args.train_data {path}: precompute reads video datasets (data.target a ClipDataset "
+                              f"such as satvideo.data.SFTDataset), not {type(dataset).__name__}")
+    weights = check_weights(args.train_data_weights, len(paths))
+    return [CacheSource(path, weight, datasets[path]) for path, weight in zip(paths, weights)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--out", required=True, help="cache folder to write (a previous cache there is replaced)")
     parser.add_argument("--base", nargs="+", required=True, help="YAML files, then key=value overrides")
+    parser.add_argument("--clips-per-shard", type=int, default=256, help="clips in each shard file (default 256)")
     parser.add_argument("--debug", action="store_true")
     options = parser.parse_args()
     config = load_config([item for item in options.base if is_config_file(item)],
                          [item for item in options.base if not is_config_file(item)])
     args = args_namespace(config)
+    if (config.data.get("params") or {}).get("buckets"):
+        raise ConfigError("data.params.buckets: training from a cache does not batch by bucket yet; precompute "
+                          "without buckets (one shape) or train from the videos")
     device = distributed.init_device(args.device)
-    dataset = build_dataset(config, args.train_data, "args.train_data")
+    sources = cache_sources(config, args)
+    dtype = training_dtype(deepspeed_config(config, args, device.type == "cuda"))
+    key = cache_key(config, args, dtype)
     torch.manual_seed(args.seed)  # parts without weight files are built as training builds them
-    vae = instantiate_from_config(config.model.first_stage_config).eval().to(device)
-    conditioner = instantiate_from_config(config.model.conditioner_config).eval().to(device)
-    made_with = {"first_stage_config": to_plain(config.model.first_stage_config),
-                 "conditioner_config": to_plain(config.model.conditioner_config)}
-    count = write_cache(vae, conditioner, dataset, options.out, config.data.params, made_with)
-    print(f"cached {count} clips in {options.out}", flush=True)
+    conditioner, vae = build_frozen_parts(config.model.conditioner_config, config.model.first_stage_config)
+    place_frozen_parts(conditioner, vae, device, dtype)
+    manifest = write_cache(vae, conditioner, sources, options.out, key, options.clips_per_shard,
+                           config.model.get("encode_chunk_frames"))
+    if distributed.is_main_process():
+        skipped = manifest["skipped"]
+        left_out = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"
+        print(f"cached {manifest['count']} clips in {options.out} ({len(manifest['shards'])} shards by "
+              f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples left out: "
+              f"{sum(skipped.values())} ({left_out})", flush=True)
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def test_check_script_prints_a_table_totals_and_a_contact_sheet(toy, tmp_path):
 def test_cached_batches_train_exactly_as_the_videos_they_came_from(toy, tmp_path):
     from satvideo.config import load_config
     from satvideo.data import CachedDataset
-    from satvideo.data.cache import write_cache
+    from satvideo.data.cache import CacheSource, data_key, write_cache
     from satvideo.engine import VideoDiffusionEngine
 
     out, _ = toy
@@ -381,7 +381,8 @@ def test_cached_batches_train_exactly_as_the_videos_they_came_from(toy, tmp_path
     videos = SFTDataset(str(out), **params)
     torch.manual_seed(0)
     engine = VideoDiffusionEngine.from_config(load_config(["configs/tiny/model.yaml", "configs/tiny/vae.yaml"]).model)
-    write_cache(engine.first_stage_model, engine.conditioner, videos, tmp_path / "cache", params, made_with={})
+    write_cache(engine.first_stage_model, engine.conditioner, [CacheSource(str(out), 1.0, videos)], tmp_path / "cache",
+                key={"data": data_key(params)})
     cached = CachedDataset(str(tmp_path / "cache"), **params)
     assert len(cached) == len(videos) and cached[3]["txt"] == videos[3]["txt"]
     live = {"mp4": torch.stack([videos[i]["mp4"] for i in (0, 1)]), "txt": [videos[i]["txt"] for i in (0, 1)]}
@@ -390,5 +391,6 @@ def test_cached_batches_train_exactly_as_the_videos_they_came_from(toy, tmp_path
     expected = engine(live)  # posterior draw, caption dropout and noise from the same RNG stream
     torch.manual_seed(5)
     torch.testing.assert_close(engine(from_cache), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ConfigError, match=r"data.params.fps=16 but the cache .* was made with 8: make the cache again"):
+    with pytest.raises(ConfigError, match=r"the cache .* was made with data.params.fps=8, the config says 16: make it "
+                                          r"again with scripts/precompute.py"):
         CachedDataset(str(tmp_path / "cache"), **{**params, "fps": 16})

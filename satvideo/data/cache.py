@@ -1,71 +1,415 @@
 """A cache of what the frozen parts compute for each training clip, so that an iteration costs only the
 transformer: the VAE posterior moments (mean and log-variance, unscaled) and the text encoder's features.
 
-    {cache}/cache.json          clip count, the data params and frozen parts it was made with
-    {cache}/{i:06d}.safetensors  moments [2C, T', h, w], text_features [L, D]; caption and padding as metadata
+    {cache}/shard-{rank:03d}-{n:05d}.safetensors  up to --clips-per-shard clips each, written by rank `rank`:
+                                                 tensors `{id}.moments` [2C, T', h, w] and `{id}.text_features`
+                                                 [L, D] in the run's precision, metadata `{id}.caption`
+                                                 and `{id}.padded_frames`
+    {cache}/cache.json                           the manifest: the clip count; for each clip its shard, key and
+                                                 latent shape; the sources and their weights; the bad samples left
+                                                 out, by reason; and the KEY (all that decides what the cache holds)
+                                                 with its sha256
 
-Training from the cache draws latents from the cached posterior (or takes its mean, as the regularizer is
-configured) and applies caption dropout to the cached features, so it trains as from the videos. Make one with
-`scripts/precompute.py`, then train with `data.target=satvideo.data.CachedDataset` and
-`args.train_data=[{cache}]`; the data params must equal those the cache was made with.
+`scripts/precompute.py` writes it; under torchrun rank r encodes every world_size-th sample. Rank 0 writes the
+manifest, atomically, only after every rank has finished, so a cache without cache.json is an interrupted one,
+and it is refused. Training from it (`data.target=satvideo.data.CachedDataset`, `args.train_data=[{cache}]`)
+builds neither T5 nor the VAE: the KEY is checked against the config without loading any weights
+(`check_caches`: weight files are fingerprinted, see `file_fingerprint`; parts built from a seed without files are
+identified by their settings), and CachedDataset checks the data params. A refusal names what changed.
+
+Training draws latents from the cached posterior (or takes its mean, as the regularizer is configured) and applies
+caption dropout to the cached features, so it trains as from the videos (tests/test_cache.py: the same losses).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from omegaconf import DictConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 from torch.utils.data import Dataset
 
-from satvideo.config import ConfigError, to_plain
+from satvideo import distributed
+from satvideo.checkpoint import write_text_atomically
+from satvideo.config import ConfigError, check_parameters, get_obj_from_str, resolve_target, to_plain
+from satvideo.data.clips import ClipDataset
+from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
+from satvideo.data.sources import WeightedConcat
+from satvideo.vae.autoencoder import check_chunk_frames
+from satvideo.vae.causal_conv import stream_over_time
 
-INDEX = "cache.json"
+logger = logging.getLogger(__name__)
+
+MANIFEST = "cache.json"
+FORMAT = 2  # 1: one safetensors file per clip, no key
+SHARDS = "shard-*.safetensors"
+VAE_WEIGHTS = "the VAE weights (model.first_stage_config.params.ckpt_path)"
+# Weight files are fingerprinted by their size and SAMPLED_BLOCKS blocks of BLOCK bytes spread over them.
+BLOCK = 2**20
+SAMPLED_BLOCKS = 16
+REMAKE = "make it again with scripts/precompute.py"
+
+
+# --- the key: what decides the cache's contents ---------------------------------------------------------------
+
+
+def file_fingerprint(path: Path) -> dict:
+    """{"size", "sha256"} of a weight file: the sha256 of its size and of 16 blocks of 1 MiB spread evenly from its
+    first byte to its last (all of it when smaller than that).
+
+    Content, not path or modification time: a copy of the same weights elsewhere (another machine, another
+    folder) still matches its cache. 16 MiB are read whatever the size, milliseconds against a full hash's seconds
+    to minutes for T5-XXL's 9.5-19 GB on every rank at every start; different trainings of a model differ in every
+    block, and a safetensors file's first block holds its header (names, shapes, offsets).
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as file:
+        if size <= BLOCK * SAMPLED_BLOCKS:
+            digest.update(file.read())
+        else:
+            for block in range(SAMPLED_BLOCKS):
+                file.seek((size - BLOCK) * block // (SAMPLED_BLOCKS - 1))
+                digest.update(file.read(BLOCK))
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def folder_fingerprint(folder: Path) -> dict[str, dict]:
+    """file_fingerprint of every file of a model folder (weights, config, tokenizer), by relative path; hidden
+    files and folders (download caches, locks) are left out."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            files[str(relative)] = file_fingerprint(path)
+    return files
+
+
+def resolved_params(factory: Callable, params: dict) -> dict:
+    """`params` with the defaults of `factory`'s signature filled in, as JSON values: a setting written out and
+    the same setting left to its default compare equal."""
+    values = {name: parameter.default for name, parameter in inspect.signature(factory).parameters.items()
+              if parameter.default is not inspect.Parameter.empty}
+    values.update(to_plain(params))
+    return json.loads(json.dumps(values))
+
+
+def data_key(data_params: dict) -> dict:
+    """`data.params.<name>` -> value for every parameter of a video dataset (ClipDataset's, defaults included):
+    which frames a clip gives, at what size, and its caption."""
+    data_params = dict(to_plain(data_params) or {})
+    check_parameters(ClipDataset.__init__, data_params, "data.params")
+    return {f"data.params.{name}": value for name, value in resolved_params(ClipDataset.__init__, data_params).items()}
+
+
+def vae_weights(vae_params: dict, seed: int) -> dict:
+    """The fingerprint of the VAE checkpoint the config points to; without one, the seed the VAE is built from
+    (training and precompute build it from args.seed, see engine.build_frozen_parts)."""
+    ckpt_path = vae_params.get("ckpt_path")
+    if ckpt_path is None:
+        return {"random_init_seed": seed}
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"model.first_stage_config.params.ckpt_path={ckpt_path!r} is not a file")
+    return {"file": file_fingerprint(path), "ignore_keys": list(vae_params.get("ignore_keys") or [])}
+
+
+def text_encoder_weights(params: dict, where: str) -> dict:
+    """The fingerprint of a text encoder's model folder (`model_dir`); an encoder without one is built from its
+    settings (TinyT5Embedder: sizes and a seed), which then stand for its weights."""
+    if "model_dir" not in params:
+        return {"settings": {name: value for name, value in params.items() if name != "max_length"}}
+    folder = Path(params["model_dir"])
+    if not folder.is_dir():
+        raise ConfigError(f"{where}.params.model_dir={params['model_dir']!r} is not a directory")
+    return {"files": folder_fingerprint(folder)}
+
+
+def frozen_parts_key(model_config: DictConfig | dict, seed: int) -> dict:
+    """What decides the cached moments and features besides the clips, by config key (or, for weights, by a
+    description): the VAE encoder's settings, `model.encode_chunk_frames`, each text encoder's target and
+    `max_length`, and the weights of both (fingerprints; none of them is loaded)."""
+    model = to_plain(model_config)
+    vae = model["first_stage_config"].get("params") or {}
+    key = {"model.first_stage_config.params.encoder_config": vae.get("encoder_config"),
+           "model.encode_chunk_frames": model.get("encode_chunk_frames"),
+           VAE_WEIGHTS: vae_weights(vae, seed)}
+    for index, embedder in enumerate(model["conditioner_config"]["params"]["emb_models"]):
+        where = f"model.conditioner_config.params.emb_models.{index}"
+        params = resolved_params(get_obj_from_str(embedder["target"]), embedder.get("params") or {})
+        key[f"{where}.target"] = resolve_target(embedder["target"])
+        key[f"{where}.params.max_length"] = params.get("max_length")
+        key[f"the text encoder weights ({where})"] = text_encoder_weights(params, where)
+    return key
+
+
+def cache_key(config: DictConfig, args, precision: torch.dtype) -> dict:
+    """The KEY of a cache of `args.train_data` (see the module docstring); training compares its "data" and
+    "frozen" parts with its own config, "sources" and "precision" only tell caches apart."""
+    weights = to_plain(args.train_data_weights)
+    return {"data": data_key(config.data.get("params")), "frozen": frozen_parts_key(config.model, args.seed),
+            "sources": {"paths": [str(Path(path).resolve()) for path in source_paths(args.train_data)],
+                        "weights": weights},
+            "precision": str(precision).removeprefix("torch.")}
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def source_paths(paths) -> list[str]:
+    paths = to_plain(paths) or []
+    return [paths] if isinstance(paths, str) else [str(path) for path in paths]
+
+
+def change_message(folder: Path, name: str, cached, current) -> str:
+    """One line naming what differs between a cache's key entry and the config's."""
+    if name.startswith("the "):  # weights
+        return f"{name} differ from those the cache {folder} was made with: {REMAKE}"
+    if isinstance(cached, dict) or isinstance(current, dict):
+        return f"{name} differs from the one the cache {folder} was made with: {REMAKE}"
+    return f"the cache {folder} was made with {name}={cached!r}, the config says {current!r}: {REMAKE}"
+
+
+def check_key(folder: Path, cached: dict, current: dict) -> None:
+    """ConfigError naming the first entry of `current` that differs from the cache's (read back from JSON)."""
+    for name, value in json.loads(json.dumps(current)).items():
+        if cached.get(name) != value:
+            raise ConfigError(change_message(folder, name, cached.get(name), value))
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheSource:
+    """One path of args.train_data: its weight in the mix and its dataset (shared by paths named twice)."""
+
+    path: str
+    weight: float
+    dataset: ClipDataset
+
+
+def posterior_moments(vae: nn.Module, video: torch.Tensor, chunk_frames: int | None) -> torch.Tensor:
+    """Video [B, 3, T, H, W] -> the encoder's moments [B, 2C, T', h, w], in one pass or `chunk_frames` frames at a
+    time, as VideoAutoencoder.encode computes them before its regularizer."""
+    if chunk_frames is None:
+        return vae.encoder(video)
+    check_chunk_frames(chunk_frames, vae.encoder.temporal_compress_times)
+    return stream_over_time(vae.encoder, video, chunk_frames)
 
 
 @torch.no_grad()
-def write_cache(vae: torch.nn.Module, conditioner: torch.nn.Module, dataset: Dataset, out_dir: str | Path,
-                data_params: dict, made_with: dict) -> int:
-    """Encode every clip of `dataset` once; returns the number of clips written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = next(vae.parameters()).device
-    for index in range(len(dataset)):
-        item = dataset[index]
-        video = item["mp4"][None].permute(0, 2, 1, 3, 4).to(device, next(vae.parameters()).dtype)  # [1, 3, T, H, W]
-        moments = vae.encoder(video)[0].float().cpu().contiguous()
-        features = conditioner({"txt": [item["txt"]]})["crossattn"][0].float().cpu().contiguous()
-        save_file({"moments": moments, "text_features": features}, str(out_dir / f"{index:06d}.safetensors"),
-                  metadata={"caption": item["txt"], "padded_frames": str(item.get("padded_frames", 0))})
-    index = {"count": len(dataset), "data_params": to_plain(data_params), "made_with": made_with}
-    (out_dir / INDEX).write_text(json.dumps(index, indent=2))
-    return len(dataset)
+def encode_clip(vae: nn.Module, conditioner: nn.Module, item: dict,
+                chunk_frames: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(moments [2C, T', h, w], text features [L, D]) of a dataset item on the CPU, in the precision they were
+    computed in (the run's: bf16 halves a 5B cache, 6.3 instead of 12.7 MB per 49x480x720 clip)."""
+    parameter = next(vae.parameters())
+    video = item["mp4"][None].permute(0, 2, 1, 3, 4).to(parameter.device, parameter.dtype)  # [1, 3, T, H, W]
+    moments = posterior_moments(vae, video, chunk_frames)[0]
+    features = conditioner({"txt": [item["txt"]]})["crossattn"][0]
+    return moments.cpu().contiguous(), features.cpu().contiguous()
+
+
+class ShardWriter:
+    """Clips into `shard-{rank:03d}-{n:05d}.safetensors` files of up to `clips_per_shard` clips each."""
+
+    def __init__(self, folder: Path, rank: int, clips_per_shard: int):
+        self.folder, self.rank, self.clips_per_shard = folder, rank, clips_per_shard
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.metadata: dict[str, str] = {}
+        self.written = 0
+
+    def add(self, clip_id: int, moments: torch.Tensor, features: torch.Tensor, caption: str,
+            padded_frames: int) -> None:
+        self.tensors.update({f"{clip_id}.moments": moments, f"{clip_id}.text_features": features})
+        self.metadata.update({f"{clip_id}.caption": caption, f"{clip_id}.padded_frames": str(padded_frames)})
+        if len(self.tensors) == 2 * self.clips_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.tensors:
+            return
+        save_file(self.tensors, str(self.folder / f"shard-{self.rank:03d}-{self.written:05d}.safetensors"),
+                  metadata=self.metadata)
+        self.written += 1
+        self.tensors, self.metadata = {}, {}
+
+
+def clear_cache_folder(folder: Path) -> None:
+    """Remove a previous cache's manifest (first: the folder is then no cache at all) and its shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for shard in folder.glob(SHARDS):
+        shard.unlink()
+
+
+def distinct_datasets(sources: list[CacheSource]) -> list[ClipDataset]:
+    """The datasets of the sources, each once, in order."""
+    datasets: list[ClipDataset] = []
+    for source in sources:
+        if not any(source.dataset is dataset for dataset in datasets):
+            datasets.append(source.dataset)
+    return datasets
+
+
+def encode_share(vae: nn.Module, conditioner: nn.Module, datasets: list[ClipDataset], writer: ShardWriter,
+                 chunk_frames: int | None) -> list[BadSample]:
+    """Encode this rank's share of the samples (every world_size-th, numbered across the datasets in order) into
+    shards; returns the bad samples left out."""
+    numbered = [(dataset, index) for dataset in datasets for index in range(len(dataset))]
+    rank, world_size = distributed.rank(), distributed.world_size()
+    mine = range(rank, len(numbered), world_size)
+    bad, report = [], FirstOfEachReason()
+    for done, clip_id in enumerate(mine, 1):
+        dataset, index = numbered[clip_id]
+        try:
+            item = dataset.load(index)  # not __getitem__, which would stand another sample in for a bad one
+        except BadSample as error:
+            report(error)
+            bad.append(error)
+            continue
+        moments, features = encode_clip(vae, conditioner, item, chunk_frames)
+        writer.add(clip_id, moments, features, item["txt"], item["padded_frames"])
+        if done % max(1, len(mine) // 10) == 0:  # every tenth of the share
+            logger.info("rank %d: %d of its %d samples encoded", rank, done, len(mine))
+    writer.flush()
+    return bad
+
+
+def clips_in_shards(folder: Path) -> dict[int, tuple[str, list[int]]]:
+    """Clip id -> (shard file, latent shape [C, T', h, w]) of every clip in the folder's shards (headers only)."""
+    clips = {}
+    for path in sorted(folder.glob(SHARDS)):
+        with safe_open(str(path), framework="pt") as shard:
+            for name in shard.keys():
+                clip_id, _, tensor = name.partition(".")
+                if tensor == "moments":
+                    channels, *rest = shard.get_slice(name).get_shape()
+                    clips[int(clip_id)] = (path.name, [channels // 2, *rest])
+    return clips
+
+
+def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths: list[int],
+                skipped: torch.Tensor) -> dict:
+    """The manifest of the shards in `folder`: clips in sample order, each source's range of them."""
+    clips = clips_in_shards(folder)
+    datasets = distinct_datasets(sources)
+    shards = sorted({shard for shard, _ in clips.values()})
+    shard_index = {shard: index for index, shard in enumerate(shards)}
+    rows, ranges, first_id = [], [], 0
+    for dataset in datasets:
+        start = len(rows)
+        for clip_id in range(first_id, first_id + len(dataset)):
+            if clip_id in clips:
+                shard, shape = clips[clip_id]
+                rows.append({"shard": shard_index[shard], "key": str(clip_id), "latent_shape": shape})
+        ranges.append((start, len(rows)))
+        first_id += len(dataset)
+    source_rows = []
+    for source in sources:
+        start, end = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
+        source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end})
+    return {"format": FORMAT, "count": len(rows), "key": key, "key_sha256": key_hash(key), "text_widths": text_widths,
+            "sources": source_rows, "skipped": tally_dict(skipped), "shards": shards, "clips": rows}
+
+
+def write_cache(vae: nn.Module, conditioner: nn.Module, sources: list[CacheSource], out_dir: str | Path, key: dict,
+                clips_per_shard: int = 256, chunk_frames: int | None = None) -> dict:
+    """Encode every distinct sample of `sources` once (this rank: every world_size-th) into shards; then, after
+    every rank has finished, rank 0 writes the manifest (atomically). Every rank takes part and gets the manifest."""
+    folder = Path(out_dir)
+    if distributed.is_main_process():
+        clear_cache_folder(folder)
+    distributed.barrier()
+    writer = ShardWriter(folder, distributed.rank(), clips_per_shard)
+    bad = encode_share(vae, conditioner, distinct_datasets(sources), writer, chunk_frames)
+    skipped = tally_of(bad).to(next(vae.parameters()).device)
+    if distributed.world_size() > 1:
+        torch.distributed.all_reduce(skipped)
+    distributed.barrier()
+    if distributed.is_main_process():
+        widths = [embedder.encoder.config.d_model for embedder in conditioner.embedders]
+        manifest = manifest_of(folder, key, sources, widths, skipped.cpu())
+        write_text_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
+    distributed.barrier()
+    return read_manifest(folder)
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a complete cache; a one-line ConfigError for a folder that is none, an interrupted one (shards
+    without a manifest), one in the older layout, or one missing a shard."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        shards = list(folder.glob(SHARDS))
+        if shards:
+            raise ConfigError(f"the cache {folder} has {len(shards)} shards but no {MANIFEST}: its precompute did not "
+                              f"finish; {REMAKE}")
+        raise ConfigError(f"{folder} is not a cache (no {MANIFEST}): make one with scripts/precompute.py")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"the cache {folder} is in an older layout (one file per clip): {REMAKE}")
+    missing = [shard for shard in manifest["shards"] if not (folder / shard).is_file()]
+    if missing:
+        raise ConfigError(f"the cache {folder} lacks {len(missing)} of its shards ({missing[0]} ...): {REMAKE}")
+    return manifest
 
 
 class CachedDataset(Dataset):
-    """Items {"moments", "text_features", "txt", "padded_frames"} of a cache; the data params given (the config's
-    `data.params`) must equal those the cache was made with."""
+    """Items {"moments", "text_features", "txt", "padded_frames"} of a cache, its sources mixed by the weights it
+    was made with (as WeightedConcat mixes the videos). The data params given (the config's `data.params`) must be
+    those the cache was made with."""
 
     def __init__(self, data_dir: str, **data_params):
         self.folder = Path(data_dir)
-        if not (self.folder / INDEX).is_file():
-            raise ConfigError(f"{self.folder} is not a cache (no {INDEX}); make one with scripts/precompute.py")
-        index = json.loads((self.folder / INDEX).read_text())
-        for key, value in data_params.items():
-            cached = index["data_params"].get(key)
-            if to_plain(value) != cached:
-                raise ConfigError(f"data.params.{key}={to_plain(value)!r} but the cache {self.folder} was made with "
-                                  f"{cached!r}: make the cache again")
-        self.count = index["count"]
+        manifest = read_manifest(self.folder)
+        check_key(self.folder, manifest["key"]["data"], data_key(data_params))
+        self.shards: list[str] = manifest["shards"]
+        self.clips: list[dict] = manifest["clips"]
+        sources = manifest["sources"]
+        self.order = WeightedConcat([range(source["start"], source["end"]) for source in sources],
+                                    [source["weight"] for source in sources])
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.order)
 
     def __getitem__(self, index: int) -> dict:
-        path = self.folder / f"{index:06d}.safetensors"
-        tensors = load_file(path)
-        with open(path, "rb") as file:  # safetensors keeps metadata in its JSON header
-            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))["__metadata__"]
-        return {"moments": tensors["moments"], "text_features": tensors["text_features"], "txt": header["caption"],
-                "padded_frames": int(header["padded_frames"])}
+        clip = self.clips[self.order[index]]
+        key = clip["key"]
+        with safe_open(str(self.folder / self.shards[clip["shard"]]), framework="pt") as shard:
+            metadata = shard.metadata()
+            return {"moments": shard.get_tensor(f"{key}.moments"),
+                    "text_features": shard.get_tensor(f"{key}.text_features"),
+                    "txt": metadata[f"{key}.caption"], "padded_frames": int(metadata[f"{key}.padded_frames"])}
+
+
+def trains_from_cache(config: DictConfig) -> bool:
+    target = config.get("data", {}).get("target")
+    return target is not None and get_obj_from_str(target) is CachedDataset
+
+
+def check_caches(config: DictConfig, args) -> list[int] | None:
+    """For a run whose data target is CachedDataset: checks that each cache of args.train_data and args.valid_data
+    was made with the frozen parts of `config.model` (fingerprints of the weight files, nothing loaded) and returns
+    the widths of their text features, per embedder; None for a run that reads videos."""
+    if not trains_from_cache(config):
+        return None
+    frozen = frozen_parts_key(config.model, args.seed)
+    widths = None
+    for path in source_paths(args.train_data) + source_paths(args.valid_data):
+        manifest = read_manifest(Path(path))
+        check_key(Path(path), manifest["key"]["frozen"], frozen)
+        widths = widths or manifest["text_widths"]
+    return widths

@@ -83,9 +83,10 @@ def adapter_record(network: torch.nn.Module, args) -> dict | None:
 
 def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.device, load_weights: bool):
     """(DeepSpeed engine, LR scheduler): the model with `args.load` weights (when `load_weights`), every part on
-    `device`, T5 and VAE in the run's dtype (DeepSpeed casts only the network), SAT's parameter groups."""
+    `device`, T5 and VAE in the run's dtype (DeepSpeed casts only the network; a run that trains from a latent
+    cache has neither, unless validation videos need them), SAT's parameter groups."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank, frozen parts included
-    engine = VideoDiffusionEngine.from_config(config.model, checkpoint_activations=args.checkpoint_activations)
+    engine = VideoDiffusionEngine.for_training(config, args)
     if args.load and load_weights:
         load_network(engine.network, args.load, strict=args.strict_load)
     engine.to(device)

@@ -1,0 +1,124 @@
+"""Data throughput: decoded clips/s from a video dataset through a DataLoader, and cached samples/s from a cache of
+the same clips made by scripts/precompute.py, side by side in a small table.
+
+    python scripts/benchmark_data.py --clips 64 --frames 17 --size 64 --workers 0 2 --batch-size 4
+    python scripts/benchmark_data.py ... --append benchmarks/RESULTS.md      # also a dated entry there
+
+Without --data, --clips toy clips (satvideo.data.toy: --frames frames at --size x --size, 8 fps) are written to a
+temporary folder. The cache is made by scripts/precompute.py with the tiny VAE and a tiny random T5 whose features
+have the real shape (--text-length x --text-width, 226 x 4096 as T5-XXL's): reading a cached sample costs what its
+shapes cost, whatever the weights. Each row is one warm-up pass over the clips, then --passes timed passes through a
+DataLoader with persistent workers, so that worker start-up is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from benchmark import ROOT, commit, device_name
+from satvideo.data import CachedDataset, SFTDataset
+from satvideo.data.toy import make_toy_dataset
+
+TINY = ["configs/tiny/model.yaml", "configs/tiny/vae.yaml", "configs/tiny/train.yaml"]
+
+
+def samples_per_second(dataset: Dataset, workers: int, batch_size: int, pin_memory: bool, prefetch: int,
+                       passes: int) -> float:
+    """Samples per second over `passes` passes through a DataLoader, after one warm-up pass."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                        prefetch_factor=prefetch if workers else None, persistent_workers=workers > 0)
+    for _ in loader:
+        pass
+    start = time.perf_counter()
+    for _ in range(passes):
+        for _ in loader:
+            pass
+    return passes * len(dataset) / (time.perf_counter() - start)
+
+
+def make_cache(data: Path, out: Path, params: dict, text_length: int, text_width: int) -> None:
+    """A cache of `data` by scripts/precompute.py (one process) with the tiny VAE and a T5 of the given width."""
+    embedder = "model.conditioner_config.params.emb_models.0.params"
+    overrides = [f"args.train_data=[{data}]", "args.device=cpu", f"{embedder}.max_length={text_length}",
+                 f"{embedder}.d_model={text_width}"] + [f"data.params.{name}={value}" for name, value in params.items()]
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "precompute.py"), "--out", str(out), "--base", *TINY,
+                    *overrides], cwd=ROOT, check=True, capture_output=True, text=True)
+
+
+def mib_per_sample(item: dict) -> float:
+    return sum(value.numel() * value.element_size() for value in item.values() if torch.is_tensor(value)) / 2**20
+
+
+def table(rows: list[tuple[str, str, int, float]], options) -> str:
+    lines = ["| reads | one sample | workers | batch | pin memory | prefetch | samples/s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    pin = ("yes" if torch.cuda.is_available() else "asked, no CUDA") if options.pin_memory else "no"
+    for reads, sample, workers, rate in rows:
+        prefetch = options.prefetch if workers else "-"
+        lines.append(f"| {reads} | {sample} | {workers} | {options.batch_size} | {pin} | {prefetch} | {rate:,.1f} |")
+    return "\n".join(lines)
+
+
+def append_entry(path: Path, text: str, command: str) -> None:
+    device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    entry = f"\n## {datetime.date.today().isoformat()} · {device} · commit {commit()}\n\n`{command}`\n\n{text}\n"
+    with path.open("a") as results:
+        results.write(entry)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="an SFT folder to read (default: toy clips in a temporary folder)")
+    parser.add_argument("--clips", type=int, default=64, help="toy clips to make (default 64)")
+    parser.add_argument("--frames", type=int, default=17, help="frames per clip, 4k+1 (default 17)")
+    parser.add_argument("--size", type=int, default=64, help="clip height and width in pixels (default 64)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers, one row each")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--pin-memory", action="store_true", help="page-locked batches (CUDA only)")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares ahead (default 2)")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes over the clips (default 3)")
+    parser.add_argument("--text-length", type=int, default=226)
+    parser.add_argument("--text-width", type=int, default=4096)
+    parser.add_argument("--append", type=Path, help="also append the table as a dated entry to this file")
+    options = parser.parse_args()
+    params = {"video_size": [options.size, options.size], "fps": 8, "max_num_frames": options.frames,
+              "skip_frms_num": 0}
+    with tempfile.TemporaryDirectory() as folder:
+        data = options.data or Path(folder) / "clips"
+        if options.data is None:
+            make_toy_dataset(data, num=options.clips, size=options.size, frames=options.frames, fps=8)
+        started = time.perf_counter()
+        make_cache(data, Path(folder) / "cache", params, options.text_length, options.text_width)
+        print(f"precompute: {time.perf_counter() - started:.1f} s, start-up included", flush=True)
+        videos, cached = SFTDataset(str(data), **params), CachedDataset(str(Path(folder) / "cache"), **params)
+        sample = f"{options.frames}x{options.size}x{options.size}"
+        shapes = {"videos (decode, resize)": f"{sample} pixels, {mib_per_sample(videos[0]):.2f} MiB",
+                  "cache (moments, text features)": f"{list(cached[0]['moments'].shape)} + "
+                                                    f"{list(cached[0]['text_features'].shape)}, "
+                                                    f"{mib_per_sample(cached[0]):.2f} MiB"}
+        rows = []
+        for workers in options.workers:
+            for (reads, shape), dataset in zip(shapes.items(), (videos, cached)):
+                rate = samples_per_second(dataset, workers, options.batch_size, options.pin_memory, options.prefetch,
+                                          options.passes)
+                rows.append((reads, shape, workers, rate))
+                print(f"{reads}, {workers} workers: {rate:,.1f} samples/s", flush=True)
+    text = table(rows, options)
+    print(text)
+    if options.append:
+        append_entry(options.append, text, shlex.join(["python", "scripts/benchmark_data.py", *sys.argv[1:]]))
+        print(f"appended to {options.append}")
+
+
+if __name__ == "__main__":
+    main()

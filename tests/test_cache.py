@@ -1,0 +1,189 @@
+"""The latent cache (satvideo/data/cache.py, scripts/precompute.py): shards from every torchrun rank and a manifest
+written last; training from it loses exactly what training from the videos loses, without building T5 or the VAE;
+stale, unfinished and mixed caches."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bad_dataset import BAD_SAMPLES, make_bad_dataset
+from satvideo.config import ConfigError, args_namespace, instantiate_from_config, load_config
+from satvideo.data import CachedDataset
+from satvideo.data.cache import BLOCK, MANIFEST, check_caches, file_fingerprint
+from satvideo.data.health import REASONS
+from satvideo.data.toy import make_toy_dataset
+from test_training import ROOT, TINY, metrics, run, train
+
+PARAMS = dict(video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)  # configs/tiny/train.yaml's
+FROM_CACHE = "data.target=satvideo.data.CachedDataset"
+POSTERIOR_MEAN = "model.first_stage_config.params.regularizer_config.params.sample=false"
+BUILT_FROZEN_PARTS = "built the frozen parts"  # engine.build_frozen_parts, the one place T5 and the VAE are built
+NOT_BUILT = "training from a latent cache: neither T5 nor the VAE is built"
+
+
+def precompute(out: Path, *overrides: str, nproc: int = 1, clips_per_shard: int = 256) -> str:
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return run(launcher + ["scripts/precompute.py", "--out", str(out), "--clips-per-shard", str(clips_per_shard),
+                           "--base", *TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(folder, num=16, size=32, frames=9, fps=8, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharded_cache(tmp_path_factory, toy_data) -> tuple[Path, str]:
+    """A cache of the 16 toy clips made by two ranks, 3 clips per shard, and the precompute's output."""
+    out = tmp_path_factory.mktemp("cache") / "toy_cache"
+    output = precompute(out, f"args.train_data=[{toy_data}]", nproc=2, clips_per_shard=3)
+    return out, output
+
+
+@pytest.mark.slow
+def test_two_ranks_write_shards_and_training_from_them_loses_what_training_from_the_videos_loses(
+        tmp_path, toy_data, sharded_cache):
+    cache, output = sharded_cache
+    shards = sorted(path.name for path in cache.glob("shard-*.safetensors"))
+    assert shards == [f"shard-{rank:03d}-{n:05d}.safetensors" for rank in (0, 1) for n in range(3)]  # 8 clips each
+    manifest = json.loads((cache / MANIFEST).read_text())
+    assert manifest["count"] == 16 and manifest["shards"] == shards and manifest["text_widths"] == [32]
+    assert [clip["key"] for clip in manifest["clips"]] == [str(i) for i in range(16)]  # in sample order
+    assert {manifest["shards"][clip["shard"]][:9] for clip in manifest["clips"][1::2]} == {"shard-001"}
+    assert all(clip["latent_shape"] == [16, 3, 4, 4] for clip in manifest["clips"])
+    assert "cached 16 clips" in output and "6 shards by 2 rank(s)" in output and "left out: 0 (none)" in output
+
+    common = ("args.train_iters=4", "args.log_interval=1", "args.save_interval=1000", "args.batch_size=2",
+              "args.eval_interval=2", "args.eval_iters=2", POSTERIOR_MEAN)
+    live = train(tmp_path / "live", toy_data, *common, f"args.valid_data=[{toy_data}]")
+    cached = train(tmp_path / "cached", cache, *common, f"args.valid_data=[{cache}]", FROM_CACHE)
+    assert BUILT_FROZEN_PARTS in live and NOT_BUILT not in live
+    assert BUILT_FROZEN_PARTS not in cached and NOT_BUILT in cached
+    for key in ("loss", "valid_loss"):
+        expected = [record[key] for record in metrics(tmp_path / "live") if key in record]
+        got = [record[key] for record in metrics(tmp_path / "cached") if key in record]
+        assert len(got) == (4 if key == "loss" else 2) and got == pytest.approx(expected, rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_validation_videos_build_t5_and_the_vae_for_a_run_from_the_cache_and_say_so(tmp_path, sharded_cache):
+    cache, _ = sharded_cache
+    output = train(tmp_path / "run", cache, FROM_CACHE, "args.train_iters=2", "args.eval_interval=2",
+                   "args.validation_prompts=[a red square moving left]", "model.sampler_config.params.num_steps=2",
+                   "model.sampler_config.params.guider_config.params.num_steps=2")
+    assert "validation videos (args.validation_prompts) need T5 and the VAE decoder" in output
+    assert BUILT_FROZEN_PARTS in output
+    assert len(list((tmp_path / "run" / "validation" / "0000002").glob("*.mp4"))) == 1
+
+
+def test_a_stale_data_param_is_refused_naming_it(sharded_cache):
+    cache, _ = sharded_cache
+    assert len(CachedDataset(str(cache), **PARAMS)) == 16
+    assert len(CachedDataset(str(cache), **PARAMS, frame_sampling="stride")) == 16  # the default, written out
+    with pytest.raises(ConfigError, match=rf"^the cache {cache} was made with data.params.fps=8, the config says 16: "
+                                          r"make it again with scripts/precompute.py$"):
+        CachedDataset(str(cache), **{**PARAMS, "fps": 16})
+    with pytest.raises(ConfigError, match=r"data.params.frame_sampling='stride', the config says 'fps'"):
+        CachedDataset(str(cache), **PARAMS, frame_sampling="fps")
+    with pytest.raises(ConfigError, match=r"unknown key data.params.fsp; did you mean data.params.fps\?"):
+        CachedDataset(str(cache), **PARAMS, fsp=8)
+
+
+def test_an_unfinished_cache_is_refused_in_one_line(tmp_path, sharded_cache):
+    cache, _ = sharded_cache
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(cache, interrupted)
+    (interrupted / MANIFEST).unlink()  # what a precompute stopped before its last barrier leaves
+    result = subprocess.run([sys.executable, "train_video.py", "--base", *TINY, FROM_CACHE,
+                             f"args.train_data=[{interrupted}]", "args.num_workers=0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: args.train_data {interrupted}: the cache {interrupted} has 6 shards but no cache.json: its "
+        "precompute did not finish; make it again with scripts/precompute.py")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path} is not a cache \(no cache.json\)"):
+        CachedDataset(str(tmp_path), **PARAMS)
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(tmp_path_factory) -> dict:
+    """A cache of a folder with 3 good clips and one bad clip of each kind, mixed 1:2 with 2 clean clips, made
+    with a VAE checkpoint file."""
+    folder = tmp_path_factory.mktemp("mixed")
+    bad, clean = make_bad_dataset(folder / "bad", good=3), folder / "clean"
+    make_toy_dataset(clean, num=2, size=32, frames=9, fps=8, seed=1)
+    torch.manual_seed(0)
+    vae = instantiate_from_config(load_config(TINY).model.first_stage_config)
+    vae_file = folder / "vae.pt"
+    torch.save({"state_dict": vae.state_dict()}, vae_file)
+    overrides = [f"args.train_data=[{bad},{clean}]", "args.train_data_weights=[1,2]",
+                 f"model.first_stage_config.params.ckpt_path={vae_file}"]
+    output = precompute(folder / "cache", *overrides)
+    return {"cache": folder / "cache", "output": output, "vae": vae, "vae_file": vae_file, "overrides": overrides}
+
+
+def test_bad_clips_are_left_out_and_counted_and_each_sample_of_a_mix_is_cached_once(mixed_cache):
+    reasons = sorted(set(BAD_SAMPLES.values()), key=list(REASONS).index)
+    assert (f"cached 5 clips in {mixed_cache['cache']} (1 shards by 1 rank(s)" in mixed_cache["output"]
+            and f"left out: 8 ({', '.join(f'{reason} 1' for reason in reasons)})" in mixed_cache["output"])
+    manifest = json.loads((mixed_cache["cache"] / MANIFEST).read_text())
+    assert manifest["count"] == 5 and [(s["start"], s["end"], s["weight"]) for s in manifest["sources"]] == [
+        (0, 3, 1.0), (3, 5, 2.0)]
+    dataset = CachedDataset(str(mixed_cache["cache"]), **PARAMS)
+    assert len(dataset) == 3 + 2 * 2  # int(n * weight) slots per source, as WeightedConcat mixes the videos
+    labels = [(mixed_cache["cache"].parent / source / "labels" / f"0000{i}.txt").read_text().strip()
+              for source, count in (("bad", 3), ("clean", 2)) for i in range(count)]
+    assert [dataset[index]["txt"] for index in range(len(dataset))] == labels + labels[3:]
+
+
+def cache_config(cache: Path, *overrides: str):
+    config = load_config(TINY, [FROM_CACHE, f"args.train_data=[{cache}]", *overrides])
+    return config, args_namespace(config)
+
+
+def test_changed_vae_or_text_encoder_weights_are_refused_without_loading_them(tmp_path, mixed_cache):
+    cache, vae_file = mixed_cache["cache"], mixed_cache["vae_file"]
+    vae_key = "model.first_stage_config.params.ckpt_path"
+    assert check_caches(*cache_config(cache, f"{vae_key}={vae_file}")) == [32]
+    copy = tmp_path / "elsewhere" / "3d-vae.pt"  # the same weights at another path, with another mtime
+    copy.parent.mkdir()
+    shutil.copy(vae_file, copy)
+    assert check_caches(*cache_config(cache, f"{vae_key}={copy}")) == [32]
+
+    changed = {name: value + 1e-3 if name.endswith("conv_in.conv.weight") else value
+               for name, value in mixed_cache["vae"].state_dict().items()}
+    torch.save({"state_dict": changed}, copy)
+    vae_changed = (rf"^the VAE weights \({vae_key}\) differ from those the cache {cache} was made with: make it again "
+                   r"with scripts/precompute.py$")
+    with pytest.raises(ConfigError, match=vae_changed):
+        check_caches(*cache_config(cache, f"{vae_key}={copy}"))
+    with pytest.raises(ConfigError, match=r"^the VAE weights .* differ"):  # a random VAE instead of the file
+        check_caches(*cache_config(cache))
+    embedder = "model.conditioner_config.params.emb_models.0"
+    with pytest.raises(ConfigError, match=rf"^the text encoder weights \({embedder}\) differ from those the cache"):
+        check_caches(*cache_config(cache, f"{vae_key}={vae_file}", f"{embedder}.params.seed=1"))
+    with pytest.raises(ConfigError, match=rf"made with {embedder}.params.max_length=32, the config says 16"):
+        check_caches(*cache_config(cache, f"{vae_key}={vae_file}", f"{embedder}.params.max_length=16"))
+    with pytest.raises(ConfigError, match=r"made with model.encode_chunk_frames=None, the config says 4"):
+        check_caches(*cache_config(cache, f"{vae_key}={vae_file}", "model.encode_chunk_frames=4"))
+
+
+def test_a_large_weight_file_is_fingerprinted_by_its_content_from_sampled_blocks(tmp_path):
+    data = bytearray(torch.randint(0, 256, (40 * BLOCK + 123,), dtype=torch.uint8).numpy().tobytes())
+    original, copy = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    original.write_bytes(data)
+    copy.write_bytes(data)
+    assert file_fingerprint(original) == file_fingerprint(copy)
+    for offset in (0, len(data) - 1, (len(data) - BLOCK) * 7 // 15 + 5):  # first, last and a middle block
+        changed = bytearray(data)
+        changed[offset] ^= 1
+        copy.write_bytes(changed)
+        assert file_fingerprint(copy) != file_fingerprint(original), offset
