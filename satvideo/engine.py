@@ -3,6 +3,10 @@
 Only the network is a registered submodule (`model.diffusion_model.*`, the official checkpoint prefix): the
 frozen T5 conditioner and VAE are owned by the engine but kept out of `parameters()` and `state_dict()`, so
 they never reach the optimizer or a checkpoint. `.to()`/`.half()` still move them along.
+
+An engine that trains from a latent cache (satvideo.data.cache; `cached_text_widths` given) builds neither T5 nor
+the VAE: only the posterior regularizer that draws latents from the cached moments and a CachedTextConditioner
+that applies caption dropout to the cached text features.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from satvideo.checkpoint import NETWORK_PREFIX, is_lora_matrix
+from satvideo.conditioner import CACHED_FEATURES
 from satvideo.config import ConfigError, check_parameters, drop_keys_without_effect, instantiate_from_config, to_plain
+from satvideo.data.cache import check_caches
 from satvideo.diffusion.discretization import noise_std
 from satvideo.diffusion.samplers import Generators, randn
 from satvideo.parallel.cfg import evaluate_halves
+from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +35,67 @@ CACHED_MOMENTS = "moments"  # batch key of VAE posterior moments cached by satvi
 
 # The engine's frozen parts (the network's names inside the engine start with NETWORK_PREFIX).
 FROZEN_PARTS = ("conditioner", "first_stage_model")
+
+
+def build_frozen_parts(conditioner_config: dict, first_stage_config: dict) -> tuple[nn.Module, nn.Module]:
+    """(text conditioner, VAE), frozen and in eval mode, built from the RNG state of the call without advancing it:
+    parts without weight files (tiny configs) come out the same in training, precompute and sampling, whatever
+    each builds besides them."""
+    with torch.random.fork_rng(devices=[]):
+        conditioner = instantiate_from_config(conditioner_config).eval().requires_grad_(False)
+        vae = instantiate_from_config(first_stage_config).eval().requires_grad_(False)
+    logger.info("built the frozen parts: text conditioner (%d parameters) and VAE (%d parameters)",
+                sum(p.numel() for p in conditioner.parameters()), sum(p.numel() for p in vae.parameters()))
+    return conditioner, vae
+
+
+def place_frozen_parts(conditioner: nn.Module, vae: nn.Module | None, device: torch.device, dtype: torch.dtype) -> None:
+    """The conditioner and the VAE (when there is one) on `device` in `dtype`, as the original casts every part.
+    Under fp16, the modules a text encoder keeps in fp32 (transformers' `_keep_in_fp32_modules`: T5's `wo`, which
+    overflows fp16) stay fp32."""
+    for part in (conditioner, vae):
+        if part is not None:
+            part.to(device=device, dtype=dtype)
+    if dtype != torch.float16:
+        return
+    for module in conditioner.modules():
+        keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        for name, submodule in module.named_modules():
+            if name.rsplit(".", 1)[-1] in keep:
+                submodule.float()
+
+
+class CachedTextConditioner(nn.Module):
+    """The conditioner of a run that trains from a cache: the cached features [B, L, sum(widths)] of each embedder
+    of `model.conditioner_config`, with the caption dropout of GeneralConditioner (the same draws, embedder by
+    embedder), and no text encoder."""
+
+    def __init__(self, widths: list[int], ucg_rates: list[float]):
+        super().__init__()
+        self.widths, self.ucg_rates = list(widths), list(ucg_rates)
+
+    def forward(self, batch: dict, drop_for_guidance: bool = False) -> dict[str, torch.Tensor]:
+        if CACHED_FEATURES not in batch:
+            raise ValueError("this engine was built to train from a cache: it has no text encoder for the batch's texts")
+        parts = list(batch[CACHED_FEATURES].split(self.widths, dim=-1))
+        if drop_for_guidance:
+            for index, ucg_rate in enumerate(self.ucg_rates):
+                if ucg_rate > 0:
+                    emb = parts[index]
+                    keep = torch.bernoulli(torch.full((emb.shape[0],), 1.0 - ucg_rate, device=emb.device))
+                    parts[index] = emb * keep[:, None, None].to(emb.dtype)
+        return {"crossattn": torch.cat(parts, dim=-1)}
+
+
+def caption_dropout_rates(conditioner_config: dict) -> list[float]:
+    """Each embedder's `ucg_rate` (0 when unset), as GeneralConditioner reads them."""
+    return [float(config.get("ucg_rate", 0.0)) for config in to_plain(conditioner_config)["params"]["emb_models"]]
+
+
+def posterior_regularizer(first_stage_config: dict) -> nn.Module:
+    """The VAE's regularizer alone (a posterior draw or its mean, as configured), built as VideoAutoencoder builds it."""
+    config = (to_plain(first_stage_config).get("params") or {}).get("regularizer_config")
+    return instantiate_from_config(config) if config else DiagonalGaussianRegularizer()
 
 
 class DiffusionModelWrapper(nn.Module):
@@ -96,13 +164,29 @@ class VideoDiffusionEngine(nn.Module):
         latent_input: bool = False,
         encode_chunk_frames: int | None = None,
         checkpoint_activations: bool | None = None,
+        cached_text_widths: list[int] | None = None,
     ):
+        """`cached_text_widths`: the widths of a latent cache's text features, per embedder; given, the engine trains
+        from that cache and builds neither T5 nor the VAE (see the module docstring)."""
         super().__init__()
         if noised_image_input and latent_input:
             raise ConfigError("model.noised_image_input with model.latent_input: the first frame would have to be "
                               "a pixel image; give videos (latent_input: false) for image-to-video training")
         if noised_image_all_concat:
             raise ConfigError("model.noised_image_all_concat: only first-frame image conditioning is supported")
+        if noised_image_input and cached_text_widths is not None:
+            raise ConfigError("model.noised_image_input with data.target=satvideo.data.CachedDataset: image-to-video "
+                              "models noise their conditioning frame afresh at every step, so they train from videos")
+        # Frozen parts first, from the RNG state the network starts from too: stored outside nn.Module's
+        # registries (see the module docstring).
+        if cached_text_widths is None:
+            conditioner, vae = build_frozen_parts(conditioner_config, first_stage_config)
+            regularization = vae.regularization
+        else:
+            conditioner = CachedTextConditioner(cached_text_widths, caption_dropout_rates(conditioner_config))
+            vae, regularization = None, posterior_regularizer(first_stage_config)
+            logger.info("training from a latent cache: neither T5 nor the VAE is built")
+        self.__dict__.update(conditioner=conditioner, first_stage_model=vae, regularization=regularization)
         network_config = to_plain(network_config)
         if checkpoint_activations is not None:
             network_config.setdefault("params", {})["checkpoint_activations"] = checkpoint_activations
@@ -119,9 +203,6 @@ class VideoDiffusionEngine(nn.Module):
         self.latent_input = latent_input
         self.encode_chunk_frames = encode_chunk_frames  # None: one pass, as the original
         self.patch_t = network.patch_t
-        # Frozen parts: stored outside nn.Module's registries (see the module docstring).
-        self.__dict__["conditioner"] = instantiate_from_config(conditioner_config).eval().requires_grad_(False)
-        self.__dict__["first_stage_model"] = instantiate_from_config(first_stage_config).eval().requires_grad_(False)
 
     @classmethod
     def from_config(cls, model_config: DictConfig | dict, **overrides: Any) -> "VideoDiffusionEngine":
@@ -131,28 +212,36 @@ class VideoDiffusionEngine(nn.Module):
         check_parameters(cls, params, "model")
         return cls(**params)
 
+    @classmethod
+    def for_training(cls, config: DictConfig, args) -> "VideoDiffusionEngine":
+        """The engine of a training run. With data.target CachedDataset (each cache checked against the config
+        first) it builds neither T5 nor the VAE, unless validation videos need them; otherwise it builds both."""
+        widths = check_caches(config, args)
+        if widths is not None and args.eval_interval and args.validation_prompts:
+            logger.info("validation videos (args.validation_prompts) need T5 and the VAE decoder: building them "
+                        "for validation, although training reads the cache")
+            widths = None
+        return cls.from_config(config.model, checkpoint_activations=args.checkpoint_activations,
+                               cached_text_widths=widths)
+
     @property
     def network(self) -> nn.Module:
         return self.model.diffusion_model
 
+    @property
+    def frozen_parts(self) -> list[nn.Module]:
+        """The conditioner and, unless the engine trains from a cache, the VAE."""
+        return [part for part in (self.conditioner, self.first_stage_model) if part is not None]
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.conditioner._apply(fn)
-        self.first_stage_model._apply(fn)
+        for part in self.frozen_parts:
+            part._apply(fn)
         return self
 
     def place_frozen_parts(self, device: torch.device, dtype: torch.dtype) -> None:
-        """T5 and the VAE on `device` in `dtype`, as the original casts every part. Under fp16, the modules a text
-        encoder keeps in fp32 (transformers' `_keep_in_fp32_modules`: T5's `wo`, which overflows fp16) stay fp32."""
-        for part in (self.conditioner, self.first_stage_model):
-            part.to(device=device, dtype=dtype)
-        if dtype != torch.float16:
-            return
-        for module in self.conditioner.modules():
-            keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
-            for name, submodule in module.named_modules():
-                if name.rsplit(".", 1)[-1] in keep:
-                    submodule.float()
+        """T5 and the VAE on `device` in `dtype` (see the function place_frozen_parts)."""
+        place_frozen_parts(self.conditioner, self.first_stage_model, device, dtype)
 
     # --- latents ---------------------------------------------------------------------------------------
 
@@ -209,9 +298,9 @@ class VideoDiffusionEngine(nn.Module):
         if CACHED_MOMENTS in batch:  # VAE posterior moments [B, 2C, T', h, w] cached by satvideo.data.cache
             if self.noised_image_input:
                 raise ConfigError("cached latents carry no first frame: image-to-video models train from videos")
-            vae_dtype = next(self.first_stage_model.parameters()).dtype
-            z = self.first_stage_model.regularization(batch[CACHED_MOMENTS].to(vae_dtype),
-                                                      sample=None if training else False)
+            source = self if self.first_stage_model is None else self.first_stage_model
+            dtype = next(source.parameters()).dtype  # the run's: frozen parts are cast to it
+            z = self.regularization(batch[CACHED_MOMENTS].to(dtype), sample=None if training else False)
             latents = (z * self.scale_factor).permute(0, 2, 1, 3, 4).contiguous()
         elif self.latent_input:  # precomputed latents are unscaled VAE outputs, scaled here as the original does
             latents = video * self.scale_factor
