@@ -39,12 +39,13 @@ def uneven_grid(family: str, inputs: dict) -> dict:
     return inputs
 
 
-def compare(family: str) -> dict:
+def compare(family: str, checkpoint_activations: bool = False) -> dict:
     torch.manual_seed(0)
     reference = instantiate_from_config(tiny_network_config(family))
     for parameter in reference.parameters():  # no zero-initialised modulation: every path carries gradient
         torch.nn.init.normal_(parameter, std=0.05)
     parallel = copy.deepcopy(reference)
+    parallel.transformer.checkpoint_activations = checkpoint_activations  # collectives recomputed in backward
     enable_sequence_parallel(parallel, dist.group.WORLD)
     inputs = uneven_grid(family, tiny_inputs(family, batch=2, seed=1))
     expected = reference(**inputs)
@@ -67,6 +68,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     results = {family: compare(family) for family in FAMILIES}
+    results["5b, activation checkpointing"] = compare("5b", checkpoint_activations=True)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as file:
             json.dump(results, file, indent=2)
