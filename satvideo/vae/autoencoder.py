@@ -9,6 +9,9 @@ from satvideo.config import CheckpointNotFound, instantiate_from_config
 from satvideo.vae.causal_conv import stream_over_time
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 
+# Latent chunks after the first are even: the temporal upsampling would take a lone frame for the causal first frame.
+LATENT_CHUNK_MULTIPLE = 2
+
 
 def load_vae_state_dict(ckpt_path: str, ignore_keys: list[str] = ()) -> dict[str, Tensor]:
     """Read a `3d-vae.pt` (`{"state_dict": ...}` or a plain state dict), dropping keys under `ignore_keys`."""
@@ -61,7 +64,7 @@ class VideoAutoencoder(nn.Module):
         """
         if chunk_frames is None:
             return self.decoder(z)
-        check_chunk_frames(chunk_frames, 2)
+        check_chunk_frames(chunk_frames, LATENT_CHUNK_MULTIPLE)
         return stream_over_time(self.decoder, z, chunk_frames)
 
     def decode_tiled(self, z: Tensor, chunk_frames: int | None = 2, tile: int = 32, overlap: int = 8) -> Tensor:

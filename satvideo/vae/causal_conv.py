@@ -1,17 +1,22 @@
 """Causal 3D convolution and chunk-wise streaming along the time axis."""
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+
+# (conv, its input x, the past frames it would use) -> the past frames to use instead
+PastSource = Callable[["CausalConv3d", Tensor, Tensor], Tensor]
 
 
 class CausalConv3d(nn.Module):
     """Conv3d whose output frame t sees only input frames <= t.
 
-    Time is padded on the left with copies of the first frame, space with zeros so that H and W
-    are kept. Inside `streaming(...)` the last `kernel_size - 1` input frames of a call replace
-    that padding in the next call, so a video can be processed in consecutive time chunks.
+    Time is padded on the left with `kernel_size - 1` past frames (`past_frames`), space with zeros
+    so that H and W are kept. The past frames are copies of the first frame; inside `streaming(...)`
+    the last `kernel_size - 1` input frames of a call replace them in the next call, so a video can
+    be processed in consecutive time chunks; a `past_source` (the previous rank's frames in
+    satvideo.parallel.context_vae) may replace either.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
@@ -21,20 +26,31 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=(0, space_pad, space_pad))
         self.streaming = False
         self.cache: Tensor | None = None
+        self.past_source: PastSource | None = None
+
+    def past_frames(self, x: Tensor) -> Tensor:
+        """The `time_pad` frames [B, C, time_pad, H, W] before x: the streaming cache, else copies of the
+        first frame, unless `past_source` replaces them."""
+        past = self.cache if self.cache is not None else x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
+        return past if self.past_source is None else self.past_source(self, x, past)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.time_pad > 0:
-            past = self.cache if self.cache is not None else x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
-            x = torch.cat([past, x], dim=2)  # [B, C, time_pad + T, H, W]
+            x = torch.cat([self.past_frames(x), x], dim=2)  # [B, C, time_pad + T, H, W]
             if self.streaming:  # a copy: a view would keep this call's whole padded input alive until the next
                 self.cache = x[:, :, -self.time_pad :].clone()
         return self.conv(x)
 
 
+def causal_convs(module: nn.Module) -> list[CausalConv3d]:
+    """The causal convs of `module`, in module order."""
+    return [m for m in module.modules() if isinstance(m, CausalConv3d)]
+
+
 @contextmanager
 def streaming(module: nn.Module) -> Iterator[None]:
     """Let every causal conv in `module` carry its last frames from one call to the next."""
-    convs = [m for m in module.modules() if isinstance(m, CausalConv3d)]
+    convs = causal_convs(module)
     for conv in convs:
         conv.streaming, conv.cache = True, None
     try:
