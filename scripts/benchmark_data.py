@@ -1,11 +1,11 @@
 """Data throughput: decoded clips/s from a video dataset through a DataLoader, and cached samples/s from a cache of
 the same clips made by scripts/precompute.py, side by side in a small table.
 
-    python scripts/benchmark_data.py --clips 64 --frames 17 --size 64 --workers 0 2 --batch-size 4
+    python scripts/benchmark_data.py --clips 64 --shape 17x64 --shape 33x128 --workers 0 2 --batch-size 4
     python scripts/benchmark_data.py ... --append benchmarks/RESULTS.md      # also a dated entry there
 
-Without --data, --clips toy clips (satvideo.data.toy: --frames frames at --size x --size, 8 fps) are written to a
-temporary folder. The cache is made by scripts/precompute.py with the tiny VAE and a tiny random T5 whose features
+For each --shape FRAMESxSIZE, --clips toy clips (satvideo.data.toy: FRAMES frames at SIZE x SIZE, 8 fps) are
+written to a temporary folder, or --data (an SFT folder) is read at that shape. The cache is made by scripts/precompute.py with the tiny VAE and a tiny random T5 whose features
 have the real shape (--text-length x --text-width, 226 x 4096 as T5-XXL's): reading a cached sample costs what its
 shapes cost, whatever the weights. Each row is one warm-up pass over the clips, then --passes timed passes through a
 DataLoader with persistent workers, so that worker start-up is not counted.
@@ -59,6 +59,36 @@ def mib_per_sample(item: dict) -> float:
     return sum(value.numel() * value.element_size() for value in item.values() if torch.is_tensor(value)) / 2**20
 
 
+def clip_shape(text: str) -> tuple[int, int]:
+    """`17x64` -> (frames, size)."""
+    frames, _, size = text.partition("x")
+    return int(frames), int(size)
+
+
+def measure_shape(frames: int, size: int, folder: Path, options) -> list[tuple[str, str, int, float]]:
+    """Rows (reads, one sample, workers, samples/s) for clips of one shape, from the videos and from their cache."""
+    params = {"video_size": [size, size], "fps": 8, "max_num_frames": frames, "skip_frms_num": 0}
+    data = options.data or folder / "clips"
+    if options.data is None:
+        make_toy_dataset(data, num=options.clips, size=size, frames=frames, fps=8)
+    started = time.perf_counter()
+    make_cache(data, folder / "cache", params, options.text_length, options.text_width)
+    print(f"{frames}x{size}x{size}: precompute {time.perf_counter() - started:.1f} s, start-up included", flush=True)
+    videos, cached = SFTDataset(str(data), **params), CachedDataset(str(folder / "cache"), **params)
+    moments, features = cached[0]["moments"], cached[0]["text_features"]
+    shapes = {"videos (decode, resize)": f"{frames}x{size}x{size} pixels, {mib_per_sample(videos[0]):.2f} MiB",
+              "cache (moments, text features)": f"{list(moments.shape)} + {list(features.shape)}, "
+                                                f"{mib_per_sample(cached[0]):.2f} MiB"}
+    rows = []
+    for workers in options.workers:
+        for (reads, shape), dataset in zip(shapes.items(), (videos, cached)):
+            rate = samples_per_second(dataset, workers, options.batch_size, options.pin_memory, options.prefetch,
+                                      options.passes)
+            rows.append((reads, shape, workers, rate))
+            print(f"{shape}, {workers} workers: {rate:,.1f} samples/s", flush=True)
+    return rows
+
+
 def table(rows: list[tuple[str, str, int, float]], options) -> str:
     lines = ["| reads | one sample | workers | batch | pin memory | prefetch | samples/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -80,8 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="an SFT folder to read (default: toy clips in a temporary folder)")
     parser.add_argument("--clips", type=int, default=64, help="toy clips to make (default 64)")
-    parser.add_argument("--frames", type=int, default=17, help="frames per clip, 4k+1 (default 17)")
-    parser.add_argument("--size", type=int, default=64, help="clip height and width in pixels (default 64)")
+    parser.add_argument("--shape", type=clip_shape, action="append",
+                        help="FRAMESxSIZE of the clips, frames 4k+1 (repeatable; default 17x64)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers, one row each")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--pin-memory", action="store_true", help="page-locked batches (CUDA only)")
@@ -91,28 +121,10 @@ def main() -> None:
     parser.add_argument("--text-width", type=int, default=4096)
     parser.add_argument("--append", type=Path, help="also append the table as a dated entry to this file")
     options = parser.parse_args()
-    params = {"video_size": [options.size, options.size], "fps": 8, "max_num_frames": options.frames,
-              "skip_frms_num": 0}
-    with tempfile.TemporaryDirectory() as folder:
-        data = options.data or Path(folder) / "clips"
-        if options.data is None:
-            make_toy_dataset(data, num=options.clips, size=options.size, frames=options.frames, fps=8)
-        started = time.perf_counter()
-        make_cache(data, Path(folder) / "cache", params, options.text_length, options.text_width)
-        print(f"precompute: {time.perf_counter() - started:.1f} s, start-up included", flush=True)
-        videos, cached = SFTDataset(str(data), **params), CachedDataset(str(Path(folder) / "cache"), **params)
-        sample = f"{options.frames}x{options.size}x{options.size}"
-        shapes = {"videos (decode, resize)": f"{sample} pixels, {mib_per_sample(videos[0]):.2f} MiB",
-                  "cache (moments, text features)": f"{list(cached[0]['moments'].shape)} + "
-                                                    f"{list(cached[0]['text_features'].shape)}, "
-                                                    f"{mib_per_sample(cached[0]):.2f} MiB"}
-        rows = []
-        for workers in options.workers:
-            for (reads, shape), dataset in zip(shapes.items(), (videos, cached)):
-                rate = samples_per_second(dataset, workers, options.batch_size, options.pin_memory, options.prefetch,
-                                          options.passes)
-                rows.append((reads, shape, workers, rate))
-                print(f"{reads}, {workers} workers: {rate:,.1f} samples/s", flush=True)
+    rows = []
+    for frames, size in options.shape or [(17, 64)]:
+        with tempfile.TemporaryDirectory() as folder:
+            rows += measure_shape(frames, size, Path(folder), options)
     text = table(rows, options)
     print(text)
     if options.append:
