@@ -25,7 +25,7 @@ from satvideo.checkpoint import load_network, resolve_model_states
 from satvideo.cli import parse_config, run_entrypoint
 from satvideo.config import ConfigError, args_namespace
 from satvideo.engine import VideoDiffusionEngine
-from satvideo.parallel.layout import build_layout
+from satvideo.parallel.layout import Layout, build_layout
 from satvideo.parallel.sequence import enable_sequence_parallel
 from satvideo.sampling import (OutputWriter, VideoPlan, adapter_list, add_lora_from_checkpoint, file_sha256,
                                interactive_prompts, merge_adapters, read_requests, request_from_line, sampling_dtype,
@@ -128,7 +128,7 @@ def main() -> None:
             if interactive:
                 plan.check(request)
                 texts[request.index] = engine.encode_prompts([request.prompt], [request.negative_prompt])
-        written += sample_group(engine, plan, group, texts, writer, args, run_record, device)
+        written += sample_group(engine, plan, group, texts, writer, args, run_record, device, layout)
         run_peak = max(run_peak, distributed.peak_memory_gb(device))
         bar.update(len(group))
     bar.close()
@@ -138,8 +138,14 @@ def main() -> None:
               f"{run_peak:.2f} GB) in {args.output_dir}", flush=True)
 
 
+def decode(engine, latents: torch.Tensor, args, layout: Layout) -> torch.Tensor:
+    """[1, T', C, h, w] latents -> [1, T, 3, H, W] video, over the sequence-parallel group when there is one."""
+    return engine.decode_first_stage(latents, chunk_frames=args.decode_chunk_frames, tile=args.vae_tiling,
+                                     overlap=args.vae_tile_overlap, context_group=layout.sequence_group)
+
+
 def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: OutputWriter | None, args,
-                 run_record: dict, device: torch.device) -> list:
+                 run_record: dict, device: torch.device, layout: Layout) -> list:
     """Sample one batch of requests (num_samples videos each) and write every video with its sidecar (no writer: a
     rank that helps another sample them)."""
     start = time.perf_counter()
@@ -162,7 +168,10 @@ def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: Outp
     prompts = [r.prompt for r in group for _ in range(samples)]
     latents = engine.sample(prompts, shape, generators, first_frames=first_frames, text=text, init_latents=init,
                             strength=first.strength if first.strength is not None else 1.0, prefix_latents=prefix)
-    if writer is None:
+    if writer is None:  # a helper rank; those of a sequence-parallel group also share the decoding
+        if layout.sequence_group is not None and layout.cfg_rank == 0 and not args.only_save_latents:
+            for position in range(len(prompts)):
+                decode(engine, latents[position : position + 1], args, layout)
         return []
     seconds = (time.perf_counter() - start) / len(prompts)
     paths = []
@@ -179,8 +188,7 @@ def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: Outp
             record.update(frames=4 * (shape[0] - 1) + 1, seconds=seconds, peak_memory_gb=distributed.peak_memory_gb(device))
             paths.append(writer.write(stem, record, latents={"latents": unscaled}))
         else:
-            video = engine.decode_first_stage(one, chunk_frames=args.decode_chunk_frames, tile=args.vae_tiling,
-                                              overlap=args.vae_tile_overlap)[0].cpu()
+            video = decode(engine, one, args, layout)[0].cpu()
             record.update(frames=video.shape[0], seconds=seconds, peak_memory_gb=distributed.peak_memory_gb(device))
             paths.append(writer.write(stem, record, video=video, fps=args.sampling_fps))
         print(f"wrote {paths[-1]}", flush=True)

@@ -27,6 +27,8 @@ from satvideo.data.cache import check_caches
 from satvideo.diffusion.discretization import noise_std
 from satvideo.diffusion.samplers import Generators, randn
 from satvideo.parallel.cfg import evaluate_halves
+from satvideo.parallel.context_vae import decode_context_parallel
+from satvideo.vae.causal_conv import time_chunks
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 
 logger = logging.getLogger(__name__)
@@ -260,11 +262,17 @@ class VideoDiffusionEngine(nn.Module):
 
     @torch.no_grad()
     def decode_first_stage(self, latents: torch.Tensor, chunk_frames: int = 2, tile: int | None = None,
-                           overlap: int = 8) -> torch.Tensor:
+                           overlap: int = 8, context_group=None) -> torch.Tensor:
         """[B, T', C, h, w] scaled latents -> [B, T, 3, H, W] pixels, `chunk_frames` latent frames at a time and,
-        with `tile`, `tile` x `tile` latent pixels at a time (see VideoAutoencoder.decode_tiled)."""
+        with `tile`, `tile` x `tile` latent pixels at a time (see VideoAutoencoder.decode_tiled). With
+        `context_group` (every rank of it calls this) the chunks are decoded over its ranks, with the same result,
+        when there are at least as many chunks as ranks (satvideo/parallel/context_vae.py)."""
         vae_dtype = next(self.first_stage_model.parameters()).dtype
         z = (latents / self.scale_factor).permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, C, T', h, w]
+        if context_group is not None and not tile and \
+                len(time_chunks(z.shape[2], chunk_frames)) >= torch.distributed.get_world_size(context_group):
+            return decode_context_parallel(self.first_stage_model, z, context_group,
+                                           chunk_frames).permute(0, 2, 1, 3, 4).float()
         if tile:
             video = self.first_stage_model.decode_tiled(z, chunk_frames, tile, overlap)
         else:

@@ -30,7 +30,7 @@ def sample(checkpoint, out, *overrides: str, nproc: int = 1) -> dict[str, torch.
                     "configs/tiny/sample.yaml", f"args.load={save}", f"args.input_file={prompts}",
                     f"args.output_dir={out}", "model.sampler_config.params.num_steps=4",
                     "model.sampler_config.params.guider_config.params.num_steps=4", "args.only_save_latents=true",
-                    *overrides])
+                    *overrides])  # later overrides win
     return {path.stem: load_file(path)["latents"] for path in sorted(out.glob("*.safetensors"))}
 
 
@@ -47,3 +47,15 @@ def test_sequence_and_cfg_parallel_sampling_equal_one_rank(tmp_path, checkpoint)
         assert got.keys() == expected.keys(), name  # every prompt once, written by one rank
         for stem, latents in expected.items():
             assert (got[stem] - latents).abs().max() <= 1e-4 * latents.abs().max(), (name, stem)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_group_decodes_the_video_it_sampled_context_parallel(tmp_path, checkpoint):
+    from satvideo.data.video import read_mp4
+
+    five_latents = ("args.sampling_num_frames=5", "args.only_save_latents=false")  # 17 frames: two decode chunks
+    sample(checkpoint, tmp_path / "one", *five_latents)
+    sample(checkpoint, tmp_path / "sp", *five_latents, "args.sequence_parallel_size=2", nproc=2)
+    for video in sorted((tmp_path / "one").glob("*.mp4")):
+        expected, got = read_mp4(video)[0], read_mp4(tmp_path / "sp" / video.name)[0]
+        assert expected.shape == (17, 32, 32, 3) and (expected == got).all(), video.name
