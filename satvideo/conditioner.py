@@ -84,6 +84,17 @@ CACHED_FEATURES = "text_features"  # batch key of precomputed features [B, L, D]
 EMBEDDER_KEYS = ("target", "params", "is_trainable", "input_key", "ucg_rate")  # an `emb_models` entry
 
 
+def drop_captions(parts: list[torch.Tensor], ucg_rates: list[float]) -> list[torch.Tensor]:
+    """Each embedder's features [B, L, D] with every sample zeroed with probability `ucg_rate` (CFG dropout)."""
+    dropped = []
+    for emb, ucg_rate in zip(parts, ucg_rates):
+        if ucg_rate > 0:
+            keep = torch.bernoulli(torch.full((emb.shape[0],), 1.0 - ucg_rate, device=emb.device))
+            emb = emb * keep[:, None, None].to(emb.dtype)
+        dropped.append(emb)
+    return dropped
+
+
 class GeneralConditioner(nn.Module):
     """Runs each embedder on its batch key and concatenates the features into `{"crossattn": [B, L, D]}`.
 
@@ -120,13 +131,27 @@ class GeneralConditioner(nn.Module):
         else:
             parts = [embedder(batch[key]) for embedder, key in zip(self.embedders, self.input_keys)]
         if drop_for_guidance:
-            for index, ucg_rate in enumerate(self.ucg_rates):
-                if ucg_rate > 0:
-                    emb = parts[index]
-                    keep = torch.bernoulli(torch.full((emb.shape[0],), 1.0 - ucg_rate, device=emb.device))
-                    parts[index] = emb * keep[:, None, None].to(emb.dtype)
+            parts = drop_captions(parts, self.ucg_rates)
         return {"crossattn": torch.cat(parts, dim=-1)}
 
     @staticmethod
     def unconditional(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {key: torch.zeros_like(value) for key, value in cond.items()}
+
+
+class CachedTextConditioner(nn.Module):
+    """The conditioner of a run that trains from a cache: the cached features [B, L, sum(widths)] of each embedder
+    of `model.conditioner_config`, with the caption dropout of GeneralConditioner (the same draws, embedder by
+    embedder), and no text encoder."""
+
+    def __init__(self, widths: list[int], ucg_rates: list[float]):
+        super().__init__()
+        self.widths, self.ucg_rates = list(widths), list(ucg_rates)
+
+    def forward(self, batch: dict, drop_for_guidance: bool = False) -> dict[str, torch.Tensor]:
+        if CACHED_FEATURES not in batch:
+            raise ValueError("this engine was built to train from a cache: it has no text encoder for the batch's texts")
+        parts = list(batch[CACHED_FEATURES].split(self.widths, dim=-1))
+        if drop_for_guidance:
+            parts = drop_captions(parts, self.ucg_rates)
+        return {"crossattn": torch.cat(parts, dim=-1)}

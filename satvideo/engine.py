@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from satvideo.checkpoint import NETWORK_PREFIX, is_lora_matrix
-from satvideo.conditioner import CACHED_FEATURES
+from satvideo.conditioner import CachedTextConditioner
 from satvideo.config import ConfigError, check_parameters, drop_keys_without_effect, instantiate_from_config, to_plain
 from satvideo.data.cache import check_caches
 from satvideo.diffusion.discretization import noise_std
@@ -65,28 +65,6 @@ def place_frozen_parts(conditioner: nn.Module, vae: nn.Module | None, device: to
         for name, submodule in module.named_modules():
             if name.rsplit(".", 1)[-1] in keep:
                 submodule.float()
-
-
-class CachedTextConditioner(nn.Module):
-    """The conditioner of a run that trains from a cache: the cached features [B, L, sum(widths)] of each embedder
-    of `model.conditioner_config`, with the caption dropout of GeneralConditioner (the same draws, embedder by
-    embedder), and no text encoder."""
-
-    def __init__(self, widths: list[int], ucg_rates: list[float]):
-        super().__init__()
-        self.widths, self.ucg_rates = list(widths), list(ucg_rates)
-
-    def forward(self, batch: dict, drop_for_guidance: bool = False) -> dict[str, torch.Tensor]:
-        if CACHED_FEATURES not in batch:
-            raise ValueError("this engine was built to train from a cache: it has no text encoder for the batch's texts")
-        parts = list(batch[CACHED_FEATURES].split(self.widths, dim=-1))
-        if drop_for_guidance:
-            for index, ucg_rate in enumerate(self.ucg_rates):
-                if ucg_rate > 0:
-                    emb = parts[index]
-                    keep = torch.bernoulli(torch.full((emb.shape[0],), 1.0 - ucg_rate, device=emb.device))
-                    parts[index] = emb * keep[:, None, None].to(emb.dtype)
-        return {"crossattn": torch.cat(parts, dim=-1)}
 
 
 def caption_dropout_rates(conditioner_config: dict) -> list[float]:

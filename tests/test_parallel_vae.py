@@ -18,7 +18,7 @@ def run_worker(tmp_path, ranks: int) -> dict:
     return json.loads((tmp_path / "results.json").read_text())
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [2])  # 4 ranks pass too (rounds of 4); left out for the suite's time
 def test_context_parallel_decode_and_encode_equal_one_rank(tmp_path, ranks):
     results = run_worker(tmp_path, ranks)
     errors = results.pop("errors")

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from omegaconf import OmegaConf
 from satvideo.config import ConfigError
 from satvideo.data.toy import make_toy_dataset
 from satvideo.checkpoint import (MODEL_STATES, load_network, network_state_dict, read_latest,
-                                          write_latest)
+                                 write_latest)
 from satvideo.training.data_order import ResumableSampler
 from satvideo.training.deepspeed_setup import deepspeed_config
 from satvideo.training.loop import save_checkpoint
@@ -52,6 +53,23 @@ def train(save, data, *overrides, nproc: int = 1) -> str:
 def metrics(save) -> list[dict]:
     with open(os.path.join(save, "metrics.jsonl")) as file:
         return [json.loads(line) for line in file]
+
+
+def interrupted_and_resumed(tmp_path, data, *overrides, nproc: int) -> Path:
+    """A run to 6, then resumed from its iteration-4 checkpoint (as if it had died there): it ends bit-identical to
+    the uninterrupted run and logs the same losses. Returns the run folder."""
+    common = ("args.train_iters=6", "args.log_interval=1", "args.save_interval=2", "args.batch_size=2", *overrides)
+    save = tmp_path / "run"
+    train(str(save), data, *common, nproc=nproc)
+    expected, losses = network_state_dict(str(save)), [r["loss"] for r in metrics(save)]
+    subprocess.run(["rm", "-rf", str(save / "6")], check=True)
+    write_latest(str(save), 4)
+    output = train(str(save), data, *common, nproc=nproc)
+    assert "at iteration 4" in output
+    got = network_state_dict(str(save))
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert [r["loss"] for r in metrics(save)] == losses
+    return save
 
 
 @pytest.mark.slow

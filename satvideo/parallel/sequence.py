@@ -39,30 +39,19 @@ def _all_to_all(pieces: list[torch.Tensor], shapes: list[torch.Size], group) -> 
     return [flat.view(shape) for flat, shape in zip(received.split(received_sizes), shapes)]
 
 
-class _HeadsToSequence(torch.autograd.Function):
-    """[B, H, n_r, d] (all heads, local tokens) -> [B, H/P, N, d] (this rank's heads, all tokens)."""
+class _SwapSplit(torch.autograd.Function):
+    """[B, H, n_r, d] (all heads, local tokens) <-> [B, H/P, N, d] (this rank's heads, all tokens); each direction's
+    backward is the other."""
 
     @staticmethod
-    def forward(ctx, x, group, sizes):
-        ctx.group, ctx.sizes = group, sizes
-        return heads_to_sequence_(x, group, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return sequence_to_heads_(grad, ctx.group, ctx.sizes), None, None
-
-
-class _SequenceToHeads(torch.autograd.Function):
-    """[B, H/P, N, d] -> [B, H, n_r, d]: the inverse of _HeadsToSequence."""
-
-    @staticmethod
-    def forward(ctx, x, group, sizes):
-        ctx.group, ctx.sizes = group, sizes
-        return sequence_to_heads_(x, group, sizes)
+    def forward(ctx, x, group, sizes, to_sequence: bool):
+        ctx.group, ctx.sizes, ctx.to_sequence = group, sizes, to_sequence
+        return (heads_to_sequence_ if to_sequence else sequence_to_heads_)(x, group, sizes)
 
     @staticmethod
     def backward(ctx, grad):
-        return heads_to_sequence_(grad, ctx.group, ctx.sizes), None, None
+        inverse = sequence_to_heads_ if ctx.to_sequence else heads_to_sequence_
+        return inverse(grad, ctx.group, ctx.sizes), None, None, None
 
 
 def heads_to_sequence_(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
@@ -138,14 +127,14 @@ class SequenceParallelMixin(BaseMixin):
         heads = slice(self.rank * query_layer.shape[1] // self.size, (self.rank + 1) * query_layer.shape[1] // self.size)
 
         def whole_sequence(x: torch.Tensor) -> torch.Tensor:  # [B, H, L + n_r, d] -> [B, H/P, L + N, d]
-            video = _HeadsToSequence.apply(x[:, :, text_length:], self.group, self.sizes)
+            video = _SwapSplit.apply(x[:, :, text_length:], self.group, self.sizes, True)
             return torch.cat([x[:, heads, :text_length], video], dim=2)
 
         out = old_impl(whole_sequence(query_layer), whole_sequence(key_layer), whole_sequence(value_layer),
                        attention_mask, attention_dropout=attention_dropout, log_attention_weights=log_attention_weights,
                        scaling_attention_score=scaling_attention_score, **kwargs)  # [B, H/P, L + N, d]
         text = gather_along(out[:, :, :text_length], self.group, 1, [out.shape[1]] * self.size)  # [B, H, L, d]
-        video = _SequenceToHeads.apply(out[:, :, text_length:], self.group, self.sizes)  # [B, H, n_r, d]
+        video = _SwapSplit.apply(out[:, :, text_length:], self.group, self.sizes, False)  # [B, H, n_r, d]
         return torch.cat([text, video], dim=2)
 
     @non_conflict
