@@ -42,3 +42,16 @@ def test_sequence_parallel_training_equals_one_rank_and_resumes_exactly(tmp_path
 def test_two_by_two_data_and_sequence_parallel_run_resumes_exactly(tmp_path, toy_data):
     save = interrupted_and_resumed(tmp_path, toy_data, "args.sequence_parallel_size=2", nproc=4)
     assert [r["samples"] for r in metrics(save)] == [4] * 6
+
+
+@pytest.mark.slow
+def test_sequence_parallel_validation_equals_one_rank(tmp_path, toy_data):
+    common = ("args.train_iters=2", "args.log_interval=1", "args.save_interval=2", "args.batch_size=2",
+              "args.eval_interval=2", f"args.valid_data=[{toy_data}]", "args.validation_prompts=[a red square moving left]",
+              "model.sampler_config.params.num_steps=2", "model.sampler_config.params.guider_config.params.num_steps=2")
+    train(str(tmp_path / "one"), toy_data, *common)
+    train(str(tmp_path / "sp"), toy_data, *common, "args.sequence_parallel_size=2", nproc=2)
+    valid = [[r["valid_loss"] for r in metrics(tmp_path / name) if "valid_loss" in r] for name in ("one", "sp")]
+    assert len(valid[0]) == 1 and valid[1] == pytest.approx(valid[0], rel=1e-5)
+    videos = sorted((tmp_path / "sp" / "validation" / "0000002").glob("*.mp4"))
+    assert [video.name for video in videos] == ["00_a-red-square-moving-left.mp4"]  # written once, by rank 0
