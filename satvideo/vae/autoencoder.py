@@ -47,12 +47,15 @@ class VideoAutoencoder(nn.Module):
         `chunk_frames` (a multiple of the temporal compression) encodes in time chunks to save
         memory; GroupNorm statistics are then per chunk, as in diffusers' default encode.
         """
+        return self.regularization(self.moments(x, chunk_frames), sample=sample)
+
+    def moments(self, x: Tensor, chunk_frames: int | None = None) -> Tensor:
+        """Video [B, 3, T, H, W] -> the encoder's posterior moments [B, 2C, T', h, w] (mean and log-variance), in
+        one pass or `chunk_frames` frames at a time (see `encode`)."""
         if chunk_frames is None:
-            moments = self.encoder(x)
-        else:
-            check_chunk_frames(chunk_frames, self.encoder.temporal_compress_times)
-            moments = stream_over_time(self.encoder, x, chunk_frames)
-        return self.regularization(moments, sample=sample)
+            return self.encoder(x)
+        check_chunk_frames(chunk_frames, self.encoder.temporal_compress_times)
+        return stream_over_time(self.encoder, x, chunk_frames)
 
     def decode(self, z: Tensor, chunk_frames: int | None = 2) -> Tensor:
         """Latent [B, C, T', h, w] -> video, decoding `chunk_frames` latent frames at a time (the first
