@@ -232,8 +232,8 @@ def forward_cases(size: Size, device: torch.device, use_compile: bool, backward:
 
 
 def train_step_case(size: Size, device: torch.device) -> Row:
-    """One optimizer step as train_video.py takes it (engine loss, DeepSpeed ZeRO-2 backward and step), the same
-    engine loss with a plain torch AdamW step, and diffusers' fine-tuning recipe (v-prediction turned into an x0
+    """One optimizer step as train_video.py takes it (engine loss, DeepSpeed ZeRO-2 backward and step; and under
+    ZeRO stage 0), the same engine loss with a plain torch AdamW step, and diffusers' fine-tuning recipe (v-prediction turned into an x0
     estimate, 1/(1 - ᾱ) weights) with torch AdamW; all from cached latents and text features."""
     from satvideo.config import args_namespace
     from satvideo.training.deepspeed_setup import deepspeed_config
@@ -248,10 +248,15 @@ def train_step_case(size: Size, device: torch.device) -> Row:
     config.model.network_config = OmegaConf.create(network)
     config.model.conditioner_config.params.emb_models[0].params.d_model = size.text_dim
     config.model.conditioner_config.params.emb_models[0].params.max_length = size.text_length
-    args = args_namespace(config)
-    ds = deepspeed_config(config, args, device.type == "cuda")
-    ds_model, _ = build_deepspeed_engine(config, args, ds, device, load_weights=False)
-    randomize_(ds_model.module.network, seed=0)
+    def deepspeed_engine(stage: int):
+        stage_args = args_namespace(config)
+        stage_args.zero_stage = stage
+        ds = deepspeed_config(config, stage_args, device.type == "cuda")
+        model, _ = build_deepspeed_engine(config, stage_args, ds, device, load_weights=False)
+        randomize_(model.module.network, seed=0)
+        return model
+
+    ds_model, stage0_model = deepspeed_engine(2), deepspeed_engine(0)
 
     from satvideo.engine import VideoDiffusionEngine
     torch.manual_seed(0)
@@ -266,10 +271,10 @@ def train_step_case(size: Size, device: torch.device) -> Row:
              "text_features": torch.randn(1, size.text_length, size.text_dim, generator=generator).to(device),
              "txt": ["a prompt"]}
 
-    def deepspeed_step():
-        loss = ds_model(dict(batch))
-        ds_model.backward(loss)
-        ds_model.step()
+    def deepspeed_step(model=ds_model):
+        loss = model(dict(batch))
+        model.backward(loss)
+        model.step()
         return loss.detach()
 
     def plain_step():
@@ -285,10 +290,13 @@ def train_step_case(size: Size, device: torch.device) -> Row:
     torch.manual_seed(3)
     first_plain = plain_step()
     checked = compare("training step loss", first_ds[None], first_plain[None], 1e-5)
+    torch.manual_seed(3)
+    compare("ZeRO stage 0 training step loss", deepspeed_step(stage0_model)[None], first_plain[None], 1e-5)
 
     diffusers_step = diffusers_train_step(network, plain_engine, batch, size, device)
     row = measure(Row("train_step", f"{size.text_length + math.prod(grid)} tokens", [], []),
-                  {"satvideo deepspeed": deepspeed_step, "satvideo plain": plain_step, "diffusers": diffusers_step},
+                  {"satvideo deepspeed": deepspeed_step, "satvideo deepspeed stage 0": lambda: deepspeed_step(stage0_model),
+                   "satvideo plain": plain_step, "diffusers": diffusers_step},
                   size.repeats, device)
     row.tokens = size.text_length + math.prod(grid)
     row.flops = 3 * layer_flops(row.tokens, size.hidden) * (size.train_layers or size.layers)

@@ -13,7 +13,9 @@ from satvideo import distributed
 from satvideo.config import ConfigError, args_namespace, load_config
 from satvideo.diffusion import VPSDEDPMPP2MSampler
 from satvideo.training import deepspeed_setup
-from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, training_dtype
+from satvideo.training.deepspeed_setup import (build_optimizer, deepspeed_config, skip_allreduce_over_one_rank,
+                                               training_dtype)
+from satvideo.training.guards import SkipsNonFiniteSteps
 from satvideo.training.loop import build_deepspeed_engine, rng_state, set_rng_state
 
 TINY = ["configs/tiny/model.yaml", "configs/tiny/vae.yaml", "configs/tiny/train.yaml"]
@@ -162,6 +164,57 @@ def test_class_path_optimizer_under_zero_is_allowed_and_built(monkeypatch):
     assert ds["zero_allow_untested_optimizer"] is True
     optimizer = build_optimizer(ds, [{"params": [torch.nn.Parameter(torch.zeros(2))]}], on_gpu=False)
     assert isinstance(optimizer, torch.optim.SGD) and "optimizer" not in ds
+
+
+def stage_0(optimizer: dict, bf16: bool = False) -> dict:
+    args = Namespace(batch_size=1, zero_stage=0, fp16=False, bf16=bf16)
+    return deepspeed_config(OmegaConf.create({"deepspeed": {"optimizer": optimizer}}), args, on_gpu=False)
+
+
+def test_stage_0_in_fp32_builds_torchs_adam_with_the_non_finite_skip_and_clips_in_it():
+    ds = stage_0({"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}})
+    assert ds["zero_optimization"]["stage"] == 0
+    assert ds["optimizer"] == {"type": "torch.optim.AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}}
+    assert stage_0({"type": "Adam", "params": {"adam_w_mode": False}})["optimizer"]["type"] == "torch.optim.Adam"
+    assert stage_0({"type": "Adam"})["optimizer"]["type"] == "torch.optim.AdamW"  # DeepSpeed's adam_w_mode default
+    lamb = stage_0({"type": "Lamb"})  # DeepSpeed's own optimizer without the skip: its ZeRO stage 1 skips
+    assert lamb["zero_optimization"]["stage"] == 1 and lamb["optimizer"]["type"] == "Lamb"
+    bf16 = stage_0({"type": "AdamW"}, bf16=True)  # DeepSpeed's bf16 optimizer skips non-finite steps itself
+    assert bf16["zero_optimization"]["stage"] == 0 and bf16["optimizer"]["type"] == "AdamW"
+
+    parameter = torch.nn.Parameter(torch.ones(4))
+    optimizer = build_optimizer(ds, [{"params": [parameter]}], on_gpu=False)
+    assert isinstance(optimizer, torch.optim.AdamW) and isinstance(optimizer, SkipsNonFiniteSteps)
+    assert ds["gradient_clipping"] == 0.0
+    assert optimizer.max_grad_norm == 1.0  # DeepSpeed's default clipping, now the optimizer's
+    reference = torch.nn.Parameter(torch.ones(4))
+    plain = torch.optim.AdamW([reference], lr=1e-3, betas=(0.9, 0.95))
+    for gradient in (torch.tensor([3.0, -4.0, 0.0, 0.0]), torch.tensor([0.1, 0.2, -0.3, 0.0])):
+        parameter.grad, reference.grad = gradient.clone(), gradient.clone()
+        torch.nn.utils.clip_grad_norm_([reference], 1.0)
+        optimizer.step()
+        plain.step()
+        assert torch.equal(parameter, reference) and not optimizer.overflow
+    assert optimizer._global_grad_norm == pytest.approx(0.374166, rel=1e-5)  # before clipping, as ZeRO reports it
+    before = {key: value.clone() for key, value in optimizer.state[parameter].items()}
+    parameter.grad = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    optimizer.step()
+    assert optimizer.overflow and optimizer._global_grad_norm == float("inf")
+    assert torch.equal(parameter, reference)
+    assert all(torch.equal(before[key], value) for key, value in optimizer.state[parameter].items())
+
+
+def test_stage_0_all_reduces_only_over_more_than_one_rank(monkeypatch):
+    config = load_config(TINY, ["args.zero_stage=0"])
+    args = args_namespace(config)
+    model, _ = build_deepspeed_engine(config, args, deepspeed_config(config, args, on_gpu=False),
+                                      torch.device("cpu"), False)
+    assert isinstance(model.optimizer, SkipsNonFiniteSteps)
+    assert model.enable_backward_allreduce is False  # one rank: the all-reduce would only copy every gradient twice
+    model.enable_backward_allreduce = True
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    skip_allreduce_over_one_rank(model)
+    assert model.enable_backward_allreduce is True
 
 
 # --- noise and RNG state -----------------------------------------------------------------------------------

@@ -132,6 +132,19 @@ def test_training_loss_goes_down_on_toy_data(tmp_path, toy_data):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_stage_0_on_two_ranks_resumes_bit_exactly(tmp_path, toy_data):
+    """ZeRO stage 0 in fp32: DeepSpeed all-reduces the gradients and satvideo's optimizer (non-finite skip,
+    clipping) steps on whole tensors; its state is saved whole, not in ZeRO partitions."""
+    save = interrupted_and_resumed(tmp_path, toy_data, "args.zero_stage=0", nproc=2)
+    assert not list((save / "4").glob("zero_pp_rank_*")) and (save / "4" / "mp_rank_00_model_states.pt").exists()
+    zero_2 = tmp_path / "zero_2"
+    train(str(zero_2), toy_data, "args.train_iters=6", "args.log_interval=1", "args.save_interval=6",
+          "args.batch_size=2", "args.zero_stage=2", nproc=2)
+    for ours, theirs in zip(metrics(save), metrics(zero_2), strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, toy_data):
     common = ("args.log_interval=2", "args.save_interval=3", "args.batch_size=3")  # 16 // 3: epochs end mid-run

@@ -15,9 +15,12 @@ import os
 import shutil
 
 import torch
+from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT  # 1.0: DeepSpeed clips unless told not to
 from omegaconf import DictConfig
 
 from satvideo.config import ConfigError, check_parameters, get_obj_from_str, to_plain
+from satvideo import distributed
+from satvideo.training.guards import SkipsNonFiniteSteps, skipping_nonfinite_steps
 
 # DeepSpeed's own optimizer names; any other `deepspeed.optimizer.type` is imported as a class path.
 DEEPSPEED_OPTIMIZERS = {"adam", "adamw", "lamb", "onebitadam", "zerooneadam", "onebitlamb", "adagrad", "lion", "muon"}
@@ -40,11 +43,6 @@ def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
     ds.setdefault("steps_per_print", 10**9)  # satvideo prints its own log line
     if args.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    if zero_stage(ds) == 0:
-        # Stage 0 never skips a step with non-finite gradients (see training/guards.py); stage 1 does, and
-        # partitions only the optimizer states (nothing at all on one GPU).
-        logger.info("deepspeed.zero_optimization.stage 0 -> 1: ZeRO's optimizer skips non-finite steps")
-        ds.setdefault("zero_optimization", {})["stage"] = 1
     set_precision(ds, args)
     if not on_gpu and ds["fp16"]["enabled"]:
         raise ConfigError("args.fp16 / deepspeed.fp16.enabled: fp16 training needs a GPU; use fp32 or bf16 on the CPU")
@@ -54,7 +52,42 @@ def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
         choose_adam(optimizer.setdefault("params", {}), on_gpu)
     elif optimizer["type"].lower() not in DEEPSPEED_OPTIMIZERS and zero_stage(ds) > 0:
         ds["zero_allow_untested_optimizer"] = True  # DeepSpeed asserts on any optimizer it did not build
+    if plain_fp32_step(ds):
+        build_torch_adam_here(ds)
     return ds
+
+
+def plain_fp32_step(ds: dict) -> bool:
+    """ZeRO stage 0 in fp32: DeepSpeed hands each step to the optimizer as it is, without the non-finite check its
+    ZeRO, fp16 and bf16 optimizers make, so satvideo's optimizer makes it (guards.SkipsNonFiniteSteps)."""
+    return zero_stage(ds) == 0 and training_dtype(ds) == torch.float32
+
+
+def build_torch_adam_here(ds: dict) -> None:
+    """Under `plain_fp32_step`, Adam/AdamW by name become the torch class DeepSpeed would build (AdamW unless type
+    Adam sets adam_w_mode: false), built by `build_optimizer` with the non-finite skip. A DeepSpeed optimizer
+    without a torch equivalent runs under stage 1 instead, whose optimizer skips (on one GPU stage 1 partitions
+    nothing)."""
+    optimizer = ds["optimizer"]
+    params = optimizer.setdefault("params", {})
+    name = optimizer["type"].lower()
+    if name in ("adam", "adamw") and params.get("torch_adam"):
+        adam_w = name == "adamw" or params.get("adam_w_mode", True)
+        optimizer["type"] = "torch.optim.AdamW" if adam_w else "torch.optim.Adam"
+        for key in ADAM_EXTRA_KEYS:
+            params.pop(key, None)
+    elif name in DEEPSPEED_OPTIMIZERS:
+        logger.info("deepspeed.zero_optimization.stage 0 -> 1: %s is DeepSpeed's own, and only ZeRO's optimizer "
+                    "skips non-finite steps in fp32", optimizer["type"])
+        ds.setdefault("zero_optimization", {})["stage"] = 1
+
+
+def skip_allreduce_over_one_rank(model) -> None:
+    """Under stage 0 DeepSpeed all-reduces gradients by flattening them into buffers and copying them back; over
+    a single rank that is the identity at the cost of two copies of every gradient per step. (ZeRO's reduction
+    also fills its partitions, so it stays.)"""
+    if isinstance(model.optimizer, SkipsNonFiniteSteps) and model.dp_world_size == 1 and distributed.world_size() == 1:
+        model.enable_backward_allreduce = False
 
 
 def fit_buckets_to_model(ds: dict, trainable_parameters: int) -> None:
@@ -141,7 +174,12 @@ def build_optimizer(ds: dict, parameters: list[dict], on_gpu: bool) -> torch.opt
             raise ConfigError(f"deepspeed.optimizer.type={optimizer['type']!r} compiles a CUDA extension at first use "
                               "and this machine has no nvcc/CUDA_HOME or ninja: use type: AdamW (torch's fused AdamW)")
     ds.pop("optimizer")
-    return get_obj_from_str(optimizer["type"])(parameters, **optimizer.get("params", {}))
+    optimizer_class = get_obj_from_str(optimizer["type"])
+    if plain_fp32_step(ds):  # the optimizer clips, so that DeepSpeed does not compute the norm a second time
+        max_grad_norm = float(ds.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT))
+        ds["gradient_clipping"] = 0.0
+        optimizer_class = skipping_nonfinite_steps(optimizer_class, max_grad_norm)
+    return optimizer_class(parameters, **optimizer.get("params", {}))
 
 
 def deepspeed_op_prebuilt(name: str) -> bool:

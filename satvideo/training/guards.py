@@ -2,13 +2,15 @@
 non-finite values (counted, and fatal after `args.max_nonfinite_steps` in a row), too many unusable samples
 (`data.max_bad_share`), and weights checked before they are saved.
 
-Skipping is DeepSpeed's: under ZeRO (stage >= 1) its optimizer checks the gradient norm before every update and,
-when it is not finite (from a NaN or inf loss on any rank, or an fp16 overflow), skips the update on every rank
-alike, leaves the LR schedule where it is and counts the step in `engine.skipped_steps`.
+Skipping is DeepSpeed's: under ZeRO (stage >= 1), fp16 or bf16 its optimizer checks the gradient norm before
+every update and, when it is not finite (from a NaN or inf loss on any rank, or an fp16 overflow), skips the
+update on every rank alike, leaves the LR schedule where it is and counts the step in `engine.skipped_steps`.
+Stage 0 in fp32 hands the step to the optimizer itself, which then makes the same check (SkipsNonFiniteSteps).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -41,6 +43,37 @@ def check_training_args(args) -> None:
     if args.eval_interval and not (args.valid_data or args.validation_prompts):
         raise ConfigError("args.eval_interval is set but there is nothing to validate: give args.valid_data "
                           "and/or args.validation_prompts")
+
+
+class SkipsNonFiniteSteps:
+    """Mixed into a torch optimizer: no update when the gradients' norm is not finite, and `overflow` set, which
+    DeepSpeed reads after every step to count it as skipped and hold the LR schedule (as for its own optimizers);
+    otherwise the gradients are clipped to `max_grad_norm` (DeepSpeed's `gradient_clipping`, applied here so that
+    the norm is computed once and reported as `grad_norm`). Gradients are all-reduced before the step, so every
+    rank decides alike."""
+
+    overflow = False
+    max_grad_norm = 0.0  # 0: no clipping
+
+    def step(self, closure=None):
+        with_gradients = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not with_gradients:
+            return super().step(closure)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_gradients])
+        self._global_grad_norm = norm.item()
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            self._global_grad_norm = float("inf")  # as DeepSpeed's optimizers report a skipped step
+            return None
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(with_gradients, self.max_grad_norm, norm)
+        return super().step(closure)
+
+
+def skipping_nonfinite_steps(optimizer_class: type[torch.optim.Optimizer],
+                             max_grad_norm: float) -> type[torch.optim.Optimizer]:
+    """`optimizer_class` with SkipsNonFiniteSteps; its state dict is the class's own."""
+    return type(optimizer_class.__name__, (SkipsNonFiniteSteps, optimizer_class), {"max_grad_norm": max_grad_norm})
 
 
 class NonFiniteGuard:

@@ -28,7 +28,8 @@ from satvideo.engine import VideoDiffusionEngine
 from satvideo.parallel.layout import Layout, build_layout
 from satvideo.parallel.sequence import enable_sequence_parallel
 from satvideo.training.data_order import BucketBatches, MicroBatches
-from satvideo.training.deepspeed_setup import build_optimizer, deepspeed_config, fit_buckets_to_model, training_dtype
+from satvideo.training.deepspeed_setup import (build_optimizer, deepspeed_config, fit_buckets_to_model,
+                                               skip_allreduce_over_one_rank, training_dtype)
 from satvideo.training.ema import EMA
 from satvideo.training.guards import (BadDataGuard, LauncherWatch, NonFiniteGuard, check_training_args,
                                       check_weights_finite)
@@ -101,6 +102,7 @@ def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.dev
         model=engine, model_parameters=parameter_groups, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, multiplier))
     guard_deepspeed_loads(model)  # a resume reads DeepSpeed's files with the weights-only unpickler
+    skip_allreduce_over_one_rank(model)
     return model, scheduler
 
 
