@@ -27,7 +27,7 @@ python scripts/make_toy_dataset.py --out "$OUT/toy" --num 16 --size 32 --frames 
 python scripts/make_toy_dataset.py --out "$OUT/toy49" --num 8 --size 64 --frames 49 --fps 8
 
 for precision in bf16 fp16; do
-  for stage in 2 3; do
+  for stage in 0 2 3; do
     step "tiny model, $precision, ZeRO-$stage, $GPUS GPU(s)"
     "${LAUNCH[@]}" train_video.py --base "${TINY[@]}" args.device=cuda args.$precision=true args.zero_stage=$stage \
       args.save="$OUT/tiny_${precision}_zero$stage" args.train_data="[$OUT/toy]" args.train_iters=20 \
