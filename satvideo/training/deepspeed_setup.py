@@ -18,8 +18,8 @@ import torch
 from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT  # 1.0: DeepSpeed clips unless told not to
 from omegaconf import DictConfig
 
-from satvideo.config import ConfigError, check_parameters, get_obj_from_str, to_plain
 from satvideo import distributed
+from satvideo.config import ConfigError, check_parameters, get_obj_from_str, to_plain
 from satvideo.training.guards import SkipsNonFiniteSteps, skipping_nonfinite_steps
 
 # DeepSpeed's own optimizer names; any other `deepspeed.optimizer.type` is imported as a class path.
@@ -53,7 +53,7 @@ def deepspeed_config(config: DictConfig, args, on_gpu: bool) -> dict:
     elif optimizer["type"].lower() not in DEEPSPEED_OPTIMIZERS and zero_stage(ds) > 0:
         ds["zero_allow_untested_optimizer"] = True  # DeepSpeed asserts on any optimizer it did not build
     if plain_fp32_step(ds):
-        build_torch_adam_here(ds)
+        choose_stage_0_optimizer(ds)
     return ds
 
 
@@ -63,7 +63,7 @@ def plain_fp32_step(ds: dict) -> bool:
     return zero_stage(ds) == 0 and training_dtype(ds) == torch.float32
 
 
-def build_torch_adam_here(ds: dict) -> None:
+def choose_stage_0_optimizer(ds: dict) -> None:
     """Under `plain_fp32_step`, Adam/AdamW by name become the torch class DeepSpeed would build (AdamW unless type
     Adam sets adam_w_mode: false), built by `build_optimizer` with the non-finite skip. A DeepSpeed optimizer
     without a torch equivalent runs under stage 1 instead, whose optimizer skips (on one GPU stage 1 partitions
@@ -86,7 +86,7 @@ def skip_allreduce_over_one_rank(model) -> None:
     """Under stage 0 DeepSpeed all-reduces gradients by flattening them into buffers and copying them back; over
     a single rank that is the identity at the cost of two copies of every gradient per step. (ZeRO's reduction
     also fills its partitions, so it stays.)"""
-    if isinstance(model.optimizer, SkipsNonFiniteSteps) and model.dp_world_size == 1 and distributed.world_size() == 1:
+    if isinstance(model.optimizer, SkipsNonFiniteSteps) and distributed.world_size() == 1:
         model.enable_backward_allreduce = False
 
 
