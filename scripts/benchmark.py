@@ -233,8 +233,9 @@ def forward_cases(size: Size, device: torch.device, use_compile: bool, backward:
 
 def train_step_case(size: Size, device: torch.device) -> Row:
     """One optimizer step as train_video.py takes it (engine loss, DeepSpeed ZeRO-2 backward and step; and under
-    ZeRO stage 0), the same engine loss with a plain torch AdamW step, and diffusers' fine-tuning recipe (v-prediction turned into an x0
-    estimate, 1/(1 - ᾱ) weights) with torch AdamW; all from cached latents and text features."""
+    ZeRO stage 0), the same engine loss with a plain torch AdamW step, and diffusers' fine-tuning recipe
+    (v-prediction turned into an x0 estimate, 1/(1 - ᾱ) weights) with torch AdamW; all from cached latents and
+    text features."""
     from satvideo.config import args_namespace
     from satvideo.training.deepspeed_setup import deepspeed_config
     from satvideo.training.loop import build_deepspeed_engine
@@ -248,6 +249,7 @@ def train_step_case(size: Size, device: torch.device) -> Row:
     config.model.network_config = OmegaConf.create(network)
     config.model.conditioner_config.params.emb_models[0].params.d_model = size.text_dim
     config.model.conditioner_config.params.emb_models[0].params.max_length = size.text_length
+
     def deepspeed_engine(stage: int):
         stage_args = args_namespace(config)
         stage_args.zero_stage = stage
@@ -295,7 +297,8 @@ def train_step_case(size: Size, device: torch.device) -> Row:
 
     diffusers_step = diffusers_train_step(network, plain_engine, batch, size, device)
     row = measure(Row("train_step", f"{size.text_length + math.prod(grid)} tokens", [], []),
-                  {"satvideo deepspeed": deepspeed_step, "satvideo deepspeed stage 0": lambda: deepspeed_step(stage0_model),
+                  {"satvideo deepspeed": deepspeed_step,
+                   "satvideo deepspeed stage 0": lambda: deepspeed_step(stage0_model),
                    "satvideo plain": plain_step, "diffusers": diffusers_step},
                   size.repeats, device)
     row.tokens = size.text_length + math.prod(grid)

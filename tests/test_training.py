@@ -55,10 +55,14 @@ def metrics(save) -> list[dict]:
         return [json.loads(line) for line in file]
 
 
+# The run interrupted_and_resumed makes: 6 iterations, logged every one, saved every second.
+RESUMED_RUN = ("args.train_iters=6", "args.log_interval=1", "args.save_interval=2", "args.batch_size=2")
+
+
 def interrupted_and_resumed(tmp_path, data, *overrides, nproc: int) -> Path:
     """A run to 6, then resumed from its iteration-4 checkpoint (as if it had died there): it ends bit-identical to
     the uninterrupted run and logs the same losses. Returns the run folder."""
-    common = ("args.train_iters=6", "args.log_interval=1", "args.save_interval=2", "args.batch_size=2", *overrides)
+    common = (*RESUMED_RUN, *overrides)
     save = tmp_path / "run"
     train(str(save), data, *common, nproc=nproc)
     expected, losses = network_state_dict(str(save)), [r["loss"] for r in metrics(save)]
@@ -138,8 +142,7 @@ def test_stage_0_on_two_ranks_resumes_bit_exactly(tmp_path, toy_data):
     save = interrupted_and_resumed(tmp_path, toy_data, "args.zero_stage=0", nproc=2)
     assert not list((save / "4").glob("zero_pp_rank_*")) and (save / "4" / "mp_rank_00_model_states.pt").exists()
     zero_2 = tmp_path / "zero_2"
-    train(str(zero_2), toy_data, "args.train_iters=6", "args.log_interval=1", "args.save_interval=6",
-          "args.batch_size=2", "args.zero_stage=2", nproc=2)
+    train(str(zero_2), toy_data, *RESUMED_RUN, "args.zero_stage=2", nproc=2)
     for ours, theirs in zip(metrics(save), metrics(zero_2), strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
         assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5)
