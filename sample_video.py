@@ -24,7 +24,7 @@ from satvideo import distributed
 from satvideo.checkpoint import load_network, resolve_model_states
 from satvideo.cli import parse_config, run_entrypoint
 from satvideo.config import ConfigError, args_namespace
-from satvideo.engine import VideoDiffusionEngine
+from satvideo.engine import VideoDiffusionEngine, check_decode_args
 from satvideo.parallel.layout import Layout, build_layout
 from satvideo.parallel.sequence import enable_sequence_parallel
 from satvideo.sampling import (OutputWriter, VideoPlan, adapter_list, add_lora_from_checkpoint, file_sha256,
@@ -69,6 +69,7 @@ def main() -> None:
     if not args.load:
         raise ConfigError("args.load: give the checkpoint to sample from (a run folder, iteration folder or file)")
     checkpoint = resolve_model_states(args.load)
+    check_decode_args(args)
     plan = VideoPlan(args, config.model.network_config.params)
     adapters = adapter_list(args.lora)
     interactive = args.input_type == "cli"

@@ -173,6 +173,11 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """A checkpoint path that does not exist or holds no model states."""
 
 
+def is_whole_number(value: object) -> bool:
+    """An int from a config, not a bool (YAML's `true` is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:
     """Merge YAML files in order, apply `key=value` overrides, and validate the `args` section."""
     config = OmegaConf.create()

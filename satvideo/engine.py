@@ -28,6 +28,7 @@ from satvideo.diffusion.discretization import noise_std
 from satvideo.diffusion.samplers import Generators, randn
 from satvideo.parallel.cfg import evaluate_halves
 from satvideo.parallel.context_vae import decode_context_parallel
+from satvideo.vae.autoencoder import LATENT_CHUNK_MULTIPLE, check_chunk_frames, check_tiling
 from satvideo.vae.causal_conv import time_chunks
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 
@@ -111,6 +112,15 @@ def trainable_filter(not_trainable_prefixes: list[str]) -> Callable[[str], bool]
     return is_trainable
 
 
+def check_decode_args(args) -> None:
+    """`args.decode_chunk_frames`, `args.vae_tiling` and `args.vae_tile_overlap`, checked before anything loads:
+    a bad value would otherwise stop sampling, or a training run at its first validation, at the first decode."""
+    if args.decode_chunk_frames is not None:
+        check_chunk_frames(args.decode_chunk_frames, LATENT_CHUNK_MULTIPLE, "args.decode_chunk_frames")
+    if args.vae_tiling is not None:
+        check_tiling(args.vae_tiling, args.vae_tile_overlap, ("args.vae_tiling", "args.vae_tile_overlap"))
+
+
 def check_prefixes_match(not_trainable_prefixes: list[str], names: list[str]) -> None:
     """A prefix that matches no network parameter and no frozen part is a ConfigError naming the closest one."""
     engine_names = [NETWORK_PREFIX + name for name in names] + list(FROZEN_PARTS)
@@ -166,6 +176,8 @@ class VideoDiffusionEngine(nn.Module):
             conditioner = CachedTextConditioner(cached_text_widths, caption_dropout_rates(conditioner_config))
             vae, regularization = None, posterior_regularizer(first_stage_config)
             logger.info("training from a latent cache: neither T5 nor the VAE is built")
+        if vae is not None and encode_chunk_frames is not None:
+            check_chunk_frames(encode_chunk_frames, vae.encoder.temporal_compress_times, "model.encode_chunk_frames")
         self.__dict__.update(conditioner=conditioner, first_stage_model=vae, regularization=regularization)
         network_config = to_plain(network_config)
         if checkpoint_activations is not None:
@@ -244,10 +256,11 @@ class VideoDiffusionEngine(nn.Module):
         """[B, T', C, h, w] scaled latents -> [B, T, 3, H, W] pixels, `chunk_frames` latent frames at a time and,
         with `tile`, `tile` x `tile` latent pixels at a time (see VideoAutoencoder.decode_tiled). With
         `context_group` (every rank of it calls this) the chunks are decoded over its ranks, with the same result,
-        when there are at least as many chunks as ranks (satvideo/parallel/context_vae.py)."""
+        when there are at least as many chunks as ranks (satvideo/parallel/context_vae.py); chunk_frames None
+        decodes in one pass on every rank."""
         vae_dtype = next(self.first_stage_model.parameters()).dtype
         z = (latents / self.scale_factor).permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, C, T', h, w]
-        if context_group is not None and not tile and \
+        if context_group is not None and not tile and chunk_frames is not None and \
                 len(time_chunks(z.shape[2], chunk_frames)) >= torch.distributed.get_world_size(context_group):
             return decode_context_parallel(self.first_stage_model, z, context_group,
                                            chunk_frames).permute(0, 2, 1, 3, 4).float()

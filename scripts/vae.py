@@ -41,7 +41,7 @@ from satvideo.config import ConfigError, args_namespace, instantiate_from_config
 from satvideo.data.frames import largest_4k_plus_1
 from satvideo.sampling.inputs import VAE_SPATIAL, load_clip, sampling_dtype
 from satvideo.sampling.outputs import save_video
-from satvideo.vae.autoencoder import check_chunk_frames
+from satvideo.vae.autoencoder import LATENT_CHUNK_MULTIPLE, check_chunk_frames, check_tiling
 
 LATENTS_KEY = "latents"
 DEFAULT_FPS = 8
@@ -117,15 +117,6 @@ def check_output(path: str, overwrite: bool) -> None:
         raise ConfigError(f"{path} exists; choose another output or pass --overwrite")
 
 
-def checked_chunk_frames(value: int | None, multiple: int) -> int | None:
-    if value is not None:
-        try:
-            check_chunk_frames(value, multiple)
-        except ValueError as error:
-            raise ConfigError(f"--chunk-frames {value}: {error}") from error
-    return value
-
-
 def open_video(path: str) -> decord.VideoReader:
     if not Path(path).is_file():
         raise ConfigError(f"video {path} not found")
@@ -166,8 +157,12 @@ def encode(options: argparse.Namespace, config: DictConfig, files: list[str], ov
     height, width = target_size(options.video, reader, options.size)
     fps = reader.get_avg_fps()
     vae = build_vae(config, device, seed)
-    chunk_frames = options.chunk_frames if options.chunk_frames is not None else config.model.get("encode_chunk_frames")
-    chunk_frames = checked_chunk_frames(chunk_frames, vae.encoder.temporal_compress_times)
+    if options.chunk_frames is not None:
+        chunk_frames, name = options.chunk_frames, "--chunk-frames"
+    else:
+        chunk_frames, name = config.model.get("encode_chunk_frames"), "model.encode_chunk_frames"
+    if chunk_frames is not None:
+        check_chunk_frames(chunk_frames, vae.encoder.temporal_compress_times, name)
     clip = load_clip(options.video, num_frames, height, width)  # [T, 3, H, W] in [-1, 1]
     video = clip.permute(1, 0, 2, 3)[None].to(device, next(vae.parameters()).dtype)  # [1, 3, T, H, W]
     torch.manual_seed(seed)
@@ -204,26 +199,22 @@ def check_latents(path: str, latents: torch.Tensor, channels: int) -> None:
                           f"[C, T', h, w] with C = {channels} (the VAE's z_channels)")
 
 
-def check_tiling(tile: int | None, overlap: int) -> None:
-    if tile is not None and not (tile > 0 and 0 <= overlap < tile):
-        raise ConfigError(f"--tile {tile} --overlap {overlap}: need a positive tile larger than the overlap (>= 0)")
-
-
 def decode(options: argparse.Namespace, config: DictConfig, device: torch.device, seed: int) -> str:
     """Write the video of the latents; returns the summary of what was done."""
     check_output(options.out, options.overwrite)
     latents, metadata = read_latents(options.latents)
-    chunk_frames = checked_chunk_frames(options.chunk_frames, 2)
-    check_tiling(options.tile, options.overlap)
+    check_chunk_frames(options.chunk_frames, LATENT_CHUNK_MULTIPLE, "--chunk-frames")
+    if options.tile is not None:
+        check_tiling(options.tile, options.overlap, ("--tile", "--overlap"))
     fps = options.fps or round(float(metadata.get("fps", DEFAULT_FPS)))
     vae = build_vae(config, device, seed)
     check_latents(options.latents, latents, vae.decoder.conv_in.conv.in_channels)
     z = latents[None].to(device, next(vae.parameters()).dtype)  # [1, C, T', h, w]
     with torch.no_grad():
         if options.tile:
-            video = vae.decode_tiled(z, chunk_frames, options.tile, options.overlap)
+            video = vae.decode_tiled(z, options.chunk_frames, options.tile, options.overlap)
         else:
-            video = vae.decode(z, chunk_frames=chunk_frames)
+            video = vae.decode(z, chunk_frames=options.chunk_frames)
     frames = video[0].permute(1, 0, 2, 3)  # [T, 3, H, W]
     save_video(frames, options.out, fps)
     tiling = f", tiles of {options.tile} overlapping by {options.overlap}" if options.tile else ""

@@ -50,6 +50,18 @@ def test_latents_round_trip_shapes_and_scale_factor():
     unscaled = engine.first_stage_model.encode(video.permute(0, 2, 1, 3, 4), sample=False).permute(0, 2, 1, 3, 4)
     torch.testing.assert_close(latents, unscaled * 0.5)
     assert engine.decode_first_stage(latents).shape == (1, 9, 3, 32, 32)
+    # chunk_frames None is one pass, also where a sequence-parallel group would share the chunks out
+    one_pass = engine.decode_first_stage(latents, chunk_frames=None)
+    assert torch.equal(engine.decode_first_stage(latents, chunk_frames=None, context_group=object()), one_pass)
+
+
+def test_encode_chunk_frames_is_checked_when_the_engine_is_built():
+    """Not at the first batch: the VAE's temporal compression (4) is known as soon as it is built."""
+    with pytest.raises(ConfigError, match=r"^model.encode_chunk_frames must be a positive multiple of 4, got 6$"):
+        tiny_engine(encode_chunk_frames=6)
+    video = torch.rand(1, 17, 3, 32, 32) * 2 - 1
+    chunked = tiny_engine(encode_chunk_frames=8).encode_first_stage(video, sample=False)
+    assert chunked.shape == (1, 5, 16, 4, 4)
 
 
 def vae_moments(engine, video):

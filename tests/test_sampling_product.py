@@ -138,6 +138,8 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["args.sampling_num_frames=4"], "13 output frames (4 latent); this family needs 8N+1 frames"),
         (["args.sampling_num_frames=0"], "args.sampling_num_frames=0: give a positive number"),
         (["args.sampling_image_size=[40,40]"], "both must be multiples of 16"),
+        (["args.decode_chunk_frames=3"], "args.decode_chunk_frames must be a positive multiple of 2, got 3"),
+        (["args.vae_tiling=2", "args.vae_tile_overlap=-1"], "args.vae_tiling=2 with args.vae_tile_overlap=-1"),
         (["args.image2video=true"], "args.image2video needs an image"),
         ([f"args.output_dir={tmp_path / 'file' / 'out'}"], "not writable"),
         ([f"args.load={tmp_path / 'nowhere'}"], "does not exist"),

@@ -141,6 +141,8 @@ def test_chunk_frames_must_fit_the_temporal_compression(vae):
         vae.decode(torch.randn(1, 16, 5, 4, 4), chunk_frames=3)
     with pytest.raises(ValueError, match="multiple of 4, got 6"):
         vae.encode(random_video(17), chunk_frames=6)
+    with pytest.raises(ValueError, match=r"^chunk_frames must be a positive multiple of 4, got 4.0$"):
+        vae.encode(random_video(17), chunk_frames=4.0)
 
 
 def test_attention_resolutions_are_rejected():
@@ -314,5 +316,8 @@ def test_tiled_decode_matches_within_the_stated_tolerance(vae):
     # per-tile GroupNorm statistics: measured 3.8% relative L2 error for this random VAE (README states 5%)
     assert (tiled - full).norm() / full.norm() < 0.05
     assert torch.equal(vae.decode_tiled(z[..., :16, :16], tile=16), vae.decode(z[..., :16, :16]))  # one tile
-    with pytest.raises(ValueError, match="overlap"):
+    with pytest.raises(ValueError, match=r"^tile=8 with overlap=8: need whole numbers, the tile larger than the "
+                                         r"overlap and the overlap >= 0$"):
         vae.decode_tiled(z, tile=8, overlap=8)
+    with pytest.raises(ValueError, match=r"^tile=8 with overlap=-2"):  # gaps between tiles, never covered
+        vae.decode_tiled(z, tile=8, overlap=-2)

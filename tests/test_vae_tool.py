@@ -148,3 +148,18 @@ def test_existing_output_is_refused_without_overwrite(setup):
     last = fails_with_one_line("encode", str(setup.clip), str(taken), "--base", *setup.base)
     assert last == f"error: {taken} exists; choose another output or pass --overwrite"
     assert taken.read_text() == "earlier"
+
+
+def test_bad_chunking_and_tiling_options_are_one_line(setup):
+    latents_file = setup.folder / "options.safetensors"
+    save_file({"latents": torch.zeros(16, 2, 4, 4)}, str(latents_file))
+    out = setup.folder / "options.mp4"
+    last = fails_with_one_line("decode", str(latents_file), str(out), "--base", *setup.base, "--tile", "4",
+                               "--overlap", "8")
+    assert last.startswith("error: --tile=4 with --overlap=8: need whole numbers, the tile larger than the overlap")
+    last = fails_with_one_line("decode", str(latents_file), str(out), "--base", *setup.base, "--chunk-frames", "3")
+    assert last == "error: --chunk-frames must be a positive multiple of 2, got 3"
+    last = fails_with_one_line("encode", str(setup.clip), str(setup.folder / "options.safetensors2"), "--base",
+                               *setup.base, "--chunk-frames", "6")
+    assert last == "error: --chunk-frames must be a positive multiple of 4, got 6"
+    assert not out.exists()

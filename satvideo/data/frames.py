@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from satvideo.config import is_whole_number
+
 FRAME_SAMPLING = ("stride", "fps")
 
 
@@ -73,6 +75,6 @@ def whole_number(key: str, value: int | float) -> int:
     """A frame count as an int; official configs write some as floats (`skip_frms_num: 3.`)."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_whole_number(value):
         raise ValueError(f"data.params.{key} must be a whole number of frames, got {value!r}")
     return value

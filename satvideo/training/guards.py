@@ -16,8 +16,9 @@ import os
 import torch
 
 from satvideo import distributed
-from satvideo.config import ConfigError, TrainingError
+from satvideo.config import ConfigError, TrainingError, is_whole_number
 from satvideo.data.health import REASONS
+from satvideo.engine import check_decode_args
 
 # The share of bad samples is judged against at least this many draws, so that a few bad files among the first
 # batches do not stop a run.
@@ -25,16 +26,17 @@ MIN_DRAWS_JUDGED = 100
 
 
 def check_training_args(args) -> None:
-    """Counts and intervals must be positive; a bad one is a ConfigError before any model or data loads."""
+    """Counts and intervals must be positive, decoding options valid; a bad one is a ConfigError before any model
+    or data loads."""
     for key in ("train_iters", "log_interval", "save_interval", "max_nonfinite_steps", "eval_iters",
                 "eval_batch_size", "num_workers", "prefetch_factor"):
         value = getattr(args, key)
         minimum = 0 if key == "num_workers" else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if not is_whole_number(value) or value < minimum:
             raise ConfigError(f"args.{key}={value!r}: expected a whole number >= {minimum}")
     for key in ("keep_last", "eval_interval"):
         value = getattr(args, key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (not is_whole_number(value) or value < 1):
             raise ConfigError(f"args.{key}={value!r}: expected a whole number >= 1 (or null)")
     if not isinstance(args.lock_timeout, (int, float)) or isinstance(args.lock_timeout, bool) or args.lock_timeout <= 0:
         raise ConfigError(f"args.lock_timeout={args.lock_timeout!r}: expected a number of seconds > 0")
@@ -43,6 +45,7 @@ def check_training_args(args) -> None:
     if args.eval_interval and not (args.valid_data or args.validation_prompts):
         raise ConfigError("args.eval_interval is set but there is nothing to validate: give args.valid_data "
                           "and/or args.validation_prompts")
+    check_decode_args(args)  # validation videos decode with these
 
 
 class SkipsNonFiniteSteps:

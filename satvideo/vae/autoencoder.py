@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from satvideo.checkpoint import safe_load
-from satvideo.config import CheckpointNotFound, instantiate_from_config
+from satvideo.config import CheckpointNotFound, ConfigError, instantiate_from_config, is_whole_number
 from satvideo.vae.causal_conv import stream_over_time
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 
@@ -74,8 +74,7 @@ class VideoAutoencoder(nn.Module):
         """`decode` one spatial tile of `tile` x `tile` latent pixels at a time, tiles overlapping by `overlap`
         and blended with linear ramps across the overlap: peak memory that of one tile. Each tile normalises
         with its own GroupNorm statistics, so the result differs slightly from `decode` (tests state how much)."""
-        if overlap >= tile:
-            raise ValueError(f"overlap ({overlap}) must be smaller than the tile ({tile})")
+        check_tiling(tile, overlap)
         height, width = z.shape[-2:]
         if height <= tile and width <= tile:
             return self.decode(z, chunk_frames)
@@ -121,7 +120,16 @@ def blend_ramp(length: int, overlap: int, ramp_in: bool, ramp_out: bool, like: T
     return ramp
 
 
-def check_chunk_frames(chunk_frames: int, multiple: int) -> None:
-    """Chunks after the first must not start with a lone causal 'first frame' at any resampling level."""
-    if chunk_frames <= 0 or chunk_frames % multiple:
-        raise ValueError(f"chunk_frames must be a positive multiple of {multiple}, got {chunk_frames}")
+def check_chunk_frames(chunk_frames: int, multiple: int, name: str = "chunk_frames") -> None:
+    """Chunks after the first must not start with a lone causal 'first frame' at any resampling level. `name` is
+    the option the value came from, for the message."""
+    if not is_whole_number(chunk_frames) or chunk_frames <= 0 or chunk_frames % multiple:
+        raise ConfigError(f"{name} must be a positive multiple of {multiple}, got {chunk_frames!r}")
+
+
+def check_tiling(tile: int, overlap: int, names: tuple[str, str] = ("tile", "overlap")) -> None:
+    """Tiles of at least one latent pixel that overlap by fewer pixels than their size: a negative overlap would
+    leave gaps between tiles. `names` are the options the values came from, for the message."""
+    if not (is_whole_number(tile) and is_whole_number(overlap) and 0 <= overlap < tile):
+        raise ConfigError(f"{names[0]}={tile!r} with {names[1]}={overlap!r}: need whole numbers, the tile larger "
+                          "than the overlap and the overlap >= 0")
