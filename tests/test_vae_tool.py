@@ -111,7 +111,7 @@ def test_tiled_decode_is_the_autoencoders_and_within_the_stated_tolerance_of_unt
     assert decoded.shape == (1, 192, 128, 3) and fps == FPS
     assert np.array_equal(decoded, decoded_through_mp4(tiled, setup.folder / "tiled_in_process.mp4"))
     untiled = setup.vae.decode(z[None], chunk_frames=2)[0].permute(1, 0, 2, 3)
-    # per-tile GroupNorm statistics: 2.8% relative L2 error here, within the 5% the README states
+    # per-tile GroupNorm statistics: 2.8% relative L2 error here, within the 6% the README states for 16-pixel tiles
     assert (tiled - untiled).norm() / untiled.norm() < 0.05
 
 
