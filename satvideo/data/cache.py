@@ -43,6 +43,7 @@ from satvideo.checkpoint import write_text_atomically
 from satvideo.config import ConfigError, check_parameters, get_obj_from_str, resolve_target, to_plain
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
+from satvideo.data.packed import PackedList
 from satvideo.data.sources import WeightedConcat
 
 logger = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ class CachedDataset(Dataset):
         manifest = read_manifest(self.folder)
         check_key(self.folder, manifest["key"]["data"], data_key(data_params))
         self.shards: list[str] = manifest["shards"]
-        self.clips: list[dict] = manifest["clips"]
+        self.clips = PackedList((clip["shard"], clip["key"]) for clip in manifest["clips"])  # [shard, key] each
         sources = manifest["sources"]
         self.order = WeightedConcat([range(source["start"], source["end"]) for source in sources],
                                     [source["weight"] for source in sources])
@@ -375,9 +376,8 @@ class CachedDataset(Dataset):
         return len(self.order)
 
     def __getitem__(self, index: int) -> dict:
-        clip = self.clips[self.order[index]]
-        key = clip["key"]
-        with safe_open(str(self.folder / self.shards[clip["shard"]]), framework="pt") as shard:
+        shard_number, key = self.clips[self.order[index]]
+        with safe_open(str(self.folder / self.shards[shard_number]), framework="pt") as shard:
             metadata = shard.metadata()
             return {"moments": shard.get_tensor(f"{key}.moments"),
                     "text_features": shard.get_tensor(f"{key}.text_features"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def frames_to_unit_range(frames: torch.Tensor, size: tuple[int, int]) -> torch.T
 
 
 class ClipDataset(Dataset):
-    """Video-caption samples of one source. Subclasses fill `self.names` (one per sample, used in messages) and
+    """Video-caption samples of one source. Subclasses fill `self.names` (one per sample, used in messages; a
+    PackedList, which data workers share, for sources that may be large: see data/packed.py) and
     implement `video_bytes`, `caption` and, where samples may carry one, `image_bytes`. A subclass takes
     `(data_dir, **clip_params)`; its signature lists ClipDataset's params, so that config checks name a misspelt
     one."""
@@ -116,11 +118,13 @@ class ClipDataset(Dataset):
         self.short_clips = short_clips
         self.missing_caption = missing_caption  # "unconditional": train it with an empty caption, as the original
         self.buckets = check_buckets(buckets) if buckets else None  # assigned by data/buckets.py once listed
-        self.names: list[str] = []
-        # Per sample: its (frames, height, width) and the samples that may stand in for it (buckets set these).
-        self.shapes: list[tuple[int, int, int]] | None = None
-        self.groups: list[list[int]] | None = None
-        self._group_position: dict[int, tuple[int, int]] = {}
+        self.names: Sequence[str] = []
+        # Per sample: its (frames, height, width) and the samples that may stand in for it (buckets set these, as
+        # numpy arrays, which forked data workers share; see data/packed.py).
+        self.shapes: np.ndarray | None = None  # [N, 3]
+        self.groups: list[np.ndarray] | None = None  # the sample indices of each bucket
+        self._group_of: np.ndarray | None = None  # [N]: the bucket of each sample
+        self._position_in_group: np.ndarray | None = None  # [N]: its place among the bucket's samples
         self._report = FirstOfEachReason()
         self._warned_short_clip = False
 
@@ -155,20 +159,28 @@ class ClipDataset(Dataset):
 
     def shape(self, index: int) -> tuple[int, int, int]:
         """(frames, height, width) of the item at `index`."""
-        return self.shapes[index] if self.shapes is not None else (self.max_num_frames, *self.video_size)
+        if self.shapes is None:
+            return (self.max_num_frames, *self.video_size)
+        frames, height, width = self.shapes[index].tolist()
+        return frames, height, width
 
     def set_groups(self, shapes: list[tuple[int, int, int]], groups: list[list[int]]) -> None:
-        """Per-sample shapes and the groups (buckets) within which a bad sample is replaced."""
-        self.shapes, self.groups = shapes, groups
-        self._group_position = {index: (g, p) for g, members in enumerate(groups) for p, index in enumerate(members)}
+        """Per-sample shapes and the groups (buckets) within which a bad sample is replaced; every sample is in
+        exactly one group."""
+        self.shapes = np.asarray(shapes, dtype=np.int64).reshape(len(self), 3)
+        self.groups = [np.asarray(members, dtype=np.int64) for members in groups]
+        self._group_of = np.empty(len(self), dtype=np.int64)
+        self._position_in_group = np.empty(len(self), dtype=np.int64)
+        for group, members in enumerate(self.groups):
+            self._group_of[members] = group
+            self._position_in_group[members] = np.arange(len(members))
 
     def stand_in(self, index: int, attempt: int) -> int:
         """The sample tried at `attempt` for `index`: the next ones of its group, in order."""
         if self.groups is None:
             return (index + attempt) % len(self)
-        group, position = self._group_position[index]
-        members = self.groups[group]
-        return members[(position + attempt) % len(members)]
+        members = self.groups[self._group_of[index]]
+        return int(members[(self._position_in_group[index] + attempt) % len(members)])
 
     def __getitem__(self, index: int) -> dict:
         passed_over: list[BadSample] = []

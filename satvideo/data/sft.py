@@ -12,6 +12,7 @@ from pathlib import Path
 
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import read_caption_file
+from satvideo.data.packed import PackedList
 
 
 def find_videos(data_dir: Path) -> list[Path]:
@@ -30,14 +31,16 @@ class SFTDataset(ClipDataset):
 
     def __init__(self, data_dir: str, **clip_params):
         super().__init__(**clip_params)
-        folder = Path(data_dir)
-        self.videos = find_videos(folder)
-        self.labels = [folder / "labels" / video.relative_to(folder / "videos").with_suffix(".txt")
-                       for video in self.videos]
-        self.names = [str(video) for video in self.videos]
+        self.folder = Path(data_dir)
+        self.names = PackedList(str(video) for video in find_videos(self.folder))
 
     def video_bytes(self, index: int) -> Path:
-        return self.videos[index]
+        return Path(self.names[index])
+
+    def label(self, index: int) -> Path:
+        """labels/<name>.txt beside videos/<name>.mp4."""
+        video = self.video_bytes(index).relative_to(self.folder / "videos")
+        return self.folder / "labels" / video.with_suffix(".txt")
 
     def caption(self, index: int) -> str:
-        return read_caption_file(self.labels[index], self.whole_caption)
+        return read_caption_file(self.label(index), self.whole_caption)

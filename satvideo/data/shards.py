@@ -24,6 +24,7 @@ import braceexpand
 
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import BadSample, decode_caption
+from satvideo.data.packed import PackedList
 
 VIDEO_EXTENSIONS = ("mp4", "avi", "webm", "mkv", "mov")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -86,20 +87,26 @@ class TarShardDataset(ClipDataset):
 
     def __init__(self, data_dir: str, **clip_params):
         super().__init__(**clip_params)
-        self.samples = [sample for shard in shard_paths(data_dir) for sample in index_shard(shard)]
-        if not self.samples:
+        self.shards = shard_paths(data_dir)
+        samples = [(number, sample) for number, shard in enumerate(self.shards) for sample in index_shard(shard)]
+        if not samples:
             raise ValueError(f"no samples in the tar shards {data_dir}")
-        self.names = [f"{sample.shard}:{sample.key}" for sample in self.samples]
+        self.names = PackedList(f"{sample.shard}:{sample.key}" for _, sample in samples)
+        self.samples = PackedList((number, sample.key, sample.members) for number, sample in samples)
+
+    def sample(self, index: int) -> ShardSample:
+        number, key, members = self.samples[index]
+        return ShardSample(self.shards[number], key, {extension: tuple(place) for extension, place in members.items()})
 
     def video_bytes(self, index: int) -> bytes:
-        sample = self.samples[index]
+        sample = self.sample(index)
         extension = next((ext for ext in VIDEO_EXTENSIONS if ext in sample.members), None)
         if extension is None:
             raise BadSample("missing_video", self.names[index], f"members: {', '.join(sorted(sample.members))}")
         return read_member(sample, extension)
 
     def metadata(self, index: int) -> dict:
-        sample = self.samples[index]
+        sample = self.sample(index)
         if "json" not in sample.members:
             return {}
         try:
@@ -109,7 +116,7 @@ class TarShardDataset(ClipDataset):
         return metadata if isinstance(metadata, dict) else {}
 
     def caption(self, index: int) -> str:
-        sample = self.samples[index]
+        sample = self.sample(index)
         if "txt" in sample.members:
             return decode_caption(read_member(sample, "txt"), self.names[index], self.whole_caption)
         caption = self.metadata(index).get("caption")
@@ -118,10 +125,10 @@ class TarShardDataset(ClipDataset):
         return decode_caption(caption.encode("utf-8"), self.names[index], whole_file=True)
 
     def image_bytes(self, index: int) -> bytes | None:
-        sample = self.samples[index]
+        sample = self.sample(index)
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.members), None)
         return read_member(sample, extension) if extension else None
 
     def source_fps(self, index: int) -> float | None:
-        fps = self.metadata(index).get("fps") if "json" in self.samples[index].members else None
+        fps = self.metadata(index).get("fps")
         return float(fps) if isinstance(fps, (int, float)) and fps > 0 else None
