@@ -112,6 +112,13 @@ def trainable_filter(not_trainable_prefixes: list[str]) -> Callable[[str], bool]
     return is_trainable
 
 
+def check_encode_chunk_frames(vae: nn.Module, encode_chunk_frames: int | None) -> None:
+    """`model.encode_chunk_frames` against the VAE's temporal compression, once the VAE is built and before anything
+    is encoded (or a previous cache cleared)."""
+    if encode_chunk_frames is not None:
+        check_chunk_frames(encode_chunk_frames, vae.encoder.temporal_compress_times, "model.encode_chunk_frames")
+
+
 def check_decode_args(args) -> None:
     """`args.decode_chunk_frames`, `args.vae_tiling` and `args.vae_tile_overlap`, checked before anything loads:
     a bad value would otherwise stop sampling, or a training run at its first validation, at the first decode."""
@@ -176,8 +183,8 @@ class VideoDiffusionEngine(nn.Module):
             conditioner = CachedTextConditioner(cached_text_widths, caption_dropout_rates(conditioner_config))
             vae, regularization = None, posterior_regularizer(first_stage_config)
             logger.info("training from a latent cache: neither T5 nor the VAE is built")
-        if vae is not None and encode_chunk_frames is not None:
-            check_chunk_frames(encode_chunk_frames, vae.encoder.temporal_compress_times, "model.encode_chunk_frames")
+        if vae is not None:
+            check_encode_chunk_frames(vae, encode_chunk_frames)
         self.__dict__.update(conditioner=conditioner, first_stage_model=vae, regularization=regularization)
         network_config = to_plain(network_config)
         if checkpoint_activations is not None:

@@ -19,7 +19,7 @@ from satvideo.config import ConfigError, args_namespace, load_config
 from satvideo.data.cache import CacheSource, cache_key, source_paths, write_cache
 from satvideo.data.clips import ClipDataset
 from satvideo.data.sources import build_dataset, check_weights, leaf_datasets
-from satvideo.engine import build_frozen_parts, place_frozen_parts
+from satvideo.engine import build_frozen_parts, check_encode_chunk_frames, place_frozen_parts
 from satvideo.training.deepspeed_setup import deepspeed_config, training_dtype
 
 
@@ -55,6 +55,7 @@ def main() -> None:
     key = cache_key(config, args, dtype)
     torch.manual_seed(args.seed)  # parts without weight files are built as training builds them
     conditioner, vae = build_frozen_parts(config.model.conditioner_config, config.model.first_stage_config)
+    check_encode_chunk_frames(vae, config.model.get("encode_chunk_frames"))  # before the old cache is cleared
     place_frozen_parts(conditioner, vae, device, dtype)
     manifest = write_cache(vae, conditioner, sources, options.out, key, options.clips_per_shard,
                            config.model.get("encode_chunk_frames"))

@@ -113,6 +113,20 @@ def test_an_unfinished_cache_is_refused_in_one_line(tmp_path, sharded_cache):
         CachedDataset(str(tmp_path), **PARAMS)
 
 
+def test_a_bad_encode_chunk_frames_stops_precompute_before_it_clears_the_old_cache(tmp_path, toy_data, sharded_cache):
+    cache, _ = sharded_cache
+    previous = tmp_path / "previous"
+    shutil.copytree(cache, previous)
+    result = subprocess.run([sys.executable, "scripts/precompute.py", "--out", str(previous), "--base", *TINY,
+                             f"args.train_data=[{toy_data}]", "model.encode_chunk_frames=6"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: model.encode_chunk_frames must be a positive multiple " \
+                                                     "of 4, got 6"
+    assert (previous / MANIFEST).read_text() == (cache / MANIFEST).read_text()
+    assert len(CachedDataset(str(previous), **PARAMS)) == 16
+
+
 @pytest.fixture(scope="module")
 def mixed_cache(tmp_path_factory) -> dict:
     """A cache of a folder with 3 good clips and one bad clip of each kind, mixed 1:2 with 2 clean clips, made
