@@ -17,7 +17,8 @@ from satvideo.data.clips import ClipDataset, VideoInfo
 from satvideo.data.health import BadSample
 from satvideo.data.packed import PackedList
 
-ENTRY_KEYS = ("video", "caption", "image", "fps", "frames", "height", "width")
+# What the dataset reads of an entry after building `names` (which holds each video path).
+ENTRY_KEYS = ("caption", "image", "fps", "frames", "height", "width")
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -48,10 +49,10 @@ class ManifestDataset(ClipDataset):
         super().__init__(**clip_params)
         manifest = Path(data_dir)
         entries = read_manifest(manifest)
-        root = str(manifest.parent)  # os.path.join: pathlib's `/` would take 4 s per million entries
+        self.root = manifest.parent
+        root = str(self.root)  # os.path.join: pathlib's `/` would take 4 s per million entries
         self.names = PackedList(os.path.join(root, entry["video"]) for entry in entries)
         self.entries = PackedList({key: entry[key] for key in ENTRY_KEYS if key in entry} for entry in entries)
-        self.root = manifest.parent
 
     def video_bytes(self, index: int) -> Path:
         return Path(self.names[index])
