@@ -17,7 +17,7 @@ import torch
 import webdataset
 
 from satvideo.checkpoint import network_state_dict, read_latest
-from satvideo.config import load_config
+from satvideo.config import args_namespace, load_config
 from satvideo.data import SFTDataset
 from satvideo.data.manifest import ManifestDataset
 from satvideo.data.packed import PackedList
@@ -25,7 +25,9 @@ from satvideo.data.shards import TarShardDataset
 from satvideo.data.sources import WeightedConcat, bucket_groups, build_dataset
 from satvideo.data.toy import make_toy_dataset, render_toy_video, toy_caption
 from satvideo.data.video import write_mp4
+from satvideo.engine import VideoDiffusionEngine
 from satvideo.training.data_order import BucketBatches
+from satvideo.training.validation import Validator
 from test_training import LAUNCHER_VARIABLES, ROOT, TINY, interrupted_and_resumed, metrics, train
 
 PARAMS = dict(video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)
@@ -211,6 +213,19 @@ def test_bucketed_batches_are_single_shape_and_every_rank_shares_the_bucket(two_
     assert shapes_seen == {(9, 32, 32), (5, 32, 64)}
     ranks[0].set_position(0, 3)
     assert list(ranks[0]) == batches[0][3:]
+
+
+def test_validation_batches_hold_one_bucket_each_and_cover_every_bucket(two_shapes):
+    config = load_config(TINY, [BUCKETS, f"args.valid_data=[{two_shapes}]", "args.eval_iters=6",
+                                "args.eval_batch_size=3"])
+    validator = Validator(config, args_namespace(config), torch.device("cpu"))
+    # 8 square clips then 8 wide ones: 3 + 3 + 2 of each bucket, never a batch across the two
+    batches = [validator.batch_indices(index) for index in range(6)]
+    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10], [11, 12, 13], [14, 15]]
+    assert validator.batch_indices(6) == batches[0]
+    torch.manual_seed(0)
+    record, _ = validator(VideoDiffusionEngine.from_config(config.model), 1, None)
+    assert math.isfinite(record["valid_loss"])  # default_collate stacked every batch
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 - Loss: the mean diffusion loss over `args.eval_iters` batches of `args.eval_batch_size` per rank from
   `args.valid_data`, always the same samples, timesteps and noise (each batch draws them from a generator seeded
-  by its position), posterior means and no caption dropout.
+  by its position), posterior means and no caption dropout. With shape buckets every batch holds one bucket's
+  samples: each bucket's, in order, `args.eval_batch_size` at a time (a bucket's last batch may be smaller; the
+  loss is the mean over samples).
 - Videos: each prompt of `args.validation_prompts` (a list, or a file with one per line; `prompt@@image.png` for
   image-to-video) sampled with seed `args.seed + i` by the configured sampler, decoded `args.decode_chunk_frames`
   latent frames at a time, written to `{save}/validation/{iteration:07d}/` and sent to wandb when it is on. Prompts
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, ListConfig
 from torch.utils.data import default_collate
 
 from satvideo import distributed
-from satvideo.data.sources import build_dataset
+from satvideo.data.sources import bucket_groups, build_dataset
 from satvideo.parallel.layout import Layout
 from satvideo.sampling import VideoPlan, read_prompts, request_from_line, save_video, slugify
 
@@ -37,11 +39,19 @@ def validation_prompts(value) -> list[str]:
     raise TypeError(f"args.validation_prompts={value!r}: expected a list of prompts or a text file")
 
 
+def single_bucket_batches(groups: list, size: int) -> list[list[int]]:
+    """Each bucket's sample indices in order, `size` at a time."""
+    return [[int(index) for index in group[start:start + size]] for group in groups
+            for start in range(0, len(group), size)]
+
+
 class Validator:
     def __init__(self, config: DictConfig, args, device: torch.device, layout: Layout | None = None):
         """`layout`: ranks of one sequence-parallel group evaluate the same samples; its first rank writes videos."""
         self.args, self.device = args, device
         self.dataset = build_dataset(config, args.valid_data, "args.valid_data") if args.valid_data else None
+        groups = bucket_groups(self.dataset) if self.dataset is not None else None
+        self.bucketed = single_bucket_batches(groups, args.eval_batch_size) if groups is not None else None
         self.prompts = validation_prompts(args.validation_prompts)
         self.plan = VideoPlan(args, config.model.network_config.params) if self.prompts else None
         layout = layout or Layout(data_rank=distributed.rank(), data_size=distributed.world_size())
@@ -59,16 +69,24 @@ class Validator:
             engine.train()
         return record, videos
 
+    def batch_indices(self, batch_index: int) -> list[int]:
+        """The samples of validation batch `batch_index`, the same at every evaluation."""
+        if self.bucketed is not None:
+            return self.bucketed[batch_index % len(self.bucketed)]
+        size = self.args.eval_batch_size
+        return [(batch_index * size + j) % len(self.dataset) for j in range(size)]
+
     @torch.no_grad()
     def loss(self, engine) -> float:
-        size, total = self.args.eval_batch_size, torch.zeros(2, device=self.device)
+        total = torch.zeros(2, device=self.device)  # (sum of batch losses times their sizes, samples)
         for step in range(self.args.eval_iters):
-            batch_index = step * self.world_size + self.rank  # the same batches at every evaluation
-            items = [self.dataset[(batch_index * size + j) % len(self.dataset)] for j in range(size)]
+            batch_index = step * self.world_size + self.rank
+            items = [self.dataset[index] for index in self.batch_indices(batch_index)]
             batch = {key: value.to(self.device) if torch.is_tensor(value) else value
                      for key, value in default_collate(items).items()}
             generator = torch.Generator().manual_seed(self.args.seed + batch_index)
-            total += torch.stack([engine.validation_loss(batch, generator).float(), torch.ones((), device=self.device)])
+            loss = engine.validation_loss(batch, generator).float()
+            total += torch.stack([loss * len(items), torch.tensor(float(len(items)), device=self.device)])
         if self.world_size > 1:
             torch.distributed.all_reduce(total)
         return (total[0] / total[1]).item()
