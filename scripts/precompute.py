@@ -46,9 +46,6 @@ def main() -> None:
     config = load_config([item for item in options.base if is_config_file(item)],
                          [item for item in options.base if not is_config_file(item)])
     args = args_namespace(config)
-    if (config.data.get("params") or {}).get("buckets"):
-        raise ConfigError("data.params.buckets: training from a cache does not batch by bucket yet; precompute "
-                          "without buckets (one shape) or train from the videos")
     device = distributed.init_device(args.device)
     sources = cache_sources(config, args)
     dtype = training_dtype(deepspeed_config(config, args, device.type == "cuda"))

@@ -16,7 +16,9 @@ from satvideo.config import ConfigError, args_namespace, instantiate_from_config
 from satvideo.data import CachedDataset
 from satvideo.data.cache import BLOCK, MANIFEST, check_caches, file_fingerprint
 from satvideo.data.health import REASONS
+from satvideo.data.sources import bucket_groups, build_dataset
 from satvideo.data.toy import make_toy_dataset
+from test_data_sources import BUCKETS, wide_clips
 from test_training import ROOT, TINY, metrics, run, train
 
 PARAMS = dict(video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)  # configs/tiny/train.yaml's
@@ -156,6 +158,37 @@ def test_bad_clips_are_left_out_and_counted_and_each_sample_of_a_mix_is_cached_o
     labels = [(mixed_cache["cache"].parent / source / "labels" / f"0000{i}.txt").read_text().strip()
               for source, count in (("bad", 3), ("clean", 2)) for i in range(count)]
     assert [dataset[index]["txt"] for index in range(len(dataset))] == labels + labels[3:]
+
+
+@pytest.mark.slow
+def test_a_bucketed_mix_trains_from_its_cache_by_bucket_with_the_losses_of_the_videos(tmp_path):
+    two_shapes, wide = tmp_path / "two_shapes", tmp_path / "wide"
+    make_toy_dataset(two_shapes, num=8, size=32, frames=9, fps=8, seed=3)
+    wide_clips(two_shapes, num=8, frames=5)
+    make_toy_dataset(wide, num=0, size=32, frames=9, fps=8, seed=4)
+    wide_clips(wide, num=4, frames=5)
+    mix = (f"args.train_data=[{two_shapes},{wide}]", "args.train_data_weights=[1,1.5]", BUCKETS)
+    cache = tmp_path / "cache"
+    precompute(cache, *mix)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    # the square 9-frame clips in bucket 0 ([9, 32, 32]), the wide 5-frame ones in bucket 1 ([5, 32, 64])
+    assert [clip["bucket"] for clip in manifest["clips"]] == [0] * 8 + [1] * 12
+    assert [clip["latent_shape"] for clip in manifest["clips"]] == [[16, 3, 4, 4]] * 8 + [[16, 2, 4, 8]] * 12
+    videos = build_dataset(load_config(TINY, list(mix)), [str(two_shapes), str(wide)], "args.train_data",
+                           weights=[1, 1.5])
+    cached = build_dataset(load_config(TINY, [FROM_CACHE, BUCKETS]), [str(cache)], "args.train_data")
+    assert len(cached) == len(videos) == 16 + 6  # the 4 wide clips of the second source fill 6 slots
+    assert [group.tolist() for group in bucket_groups(cached)] == [
+        group.tolist() for group in bucket_groups(videos)] == [list(range(8)), list(range(8, 22)), []]
+
+    common = ("args.train_iters=4", "args.log_interval=1", "args.save_interval=1000", "args.batch_size=2",
+              "args.eval_interval=2", "args.eval_iters=3", "args.eval_batch_size=3", BUCKETS, POSTERIOR_MEAN)
+    train(tmp_path / "live", two_shapes, *common, *mix[:2], f"args.valid_data=[{two_shapes}]")
+    train(tmp_path / "cached", cache, *common, f"args.valid_data=[{cache}]", FROM_CACHE)
+    for key in ("loss", "valid_loss"):
+        expected = [record[key] for record in metrics(tmp_path / "live") if key in record]
+        got = [record[key] for record in metrics(tmp_path / "cached") if key in record]
+        assert len(got) == (4 if key == "loss" else 2) and got == pytest.approx(expected, rel=1e-5), key
 
 
 def cache_config(cache: Path, *overrides: str):

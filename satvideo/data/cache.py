@@ -5,8 +5,8 @@ transformer: the VAE posterior moments (mean and log-variance, unscaled) and the
                                                  tensors `{id}.moments` [2C, T', h, w] and `{id}.text_features`
                                                  [L, D] in the run's precision, metadata `{id}.caption`
                                                  and `{id}.padded_frames`
-    {cache}/cache.json                           the manifest: the clip count; for each clip its shard, key and
-                                                 latent shape; the sources and their weights; the bad samples left
+    {cache}/cache.json                           the manifest: the clip count; for each clip its shard, key,
+                                                 latent shape and bucket (with buckets); the sources and their weights; the bad samples left
                                                  out, by reason; and the KEY (all that decides what the cache holds)
                                                  with its sha256
 
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from safetensors import safe_open
@@ -302,7 +303,10 @@ def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths
         for clip_id in range(first_id, first_id + len(dataset)):
             if clip_id in clips:
                 shard, shape = clips[clip_id]
-                rows.append({"shard": shard_index[shard], "key": str(clip_id), "latent_shape": shape})
+                row = {"shard": shard_index[shard], "key": str(clip_id), "latent_shape": shape}
+                if dataset.bucket_of is not None:
+                    row["bucket"] = int(dataset.bucket_of[clip_id - first_id])
+                rows.append(row)
         ranges.append((start, len(rows)))
         first_id += len(dataset)
     source_rows = []
@@ -371,6 +375,15 @@ class CachedDataset(Dataset):
         sources = manifest["sources"]
         self.order = WeightedConcat([range(source["start"], source["end"]) for source in sources],
                                     [source["weight"] for source in sources])
+        # With buckets, as a bucketed ClipDataset: the bucket of each index [len(self)] and the indices of each bucket
+        self.bucket_of: np.ndarray | None = None
+        self.groups: list[np.ndarray] | None = None
+        buckets = [clip["bucket"] for clip in manifest["clips"] if "bucket" in clip]
+        if buckets:
+            source_of, local = self.order.slots()
+            starts = np.asarray([source["start"] for source in sources], dtype=np.int64)
+            self.bucket_of = np.asarray(buckets, dtype=np.int64)[starts[source_of] + local]
+            self.groups = [np.flatnonzero(self.bucket_of == number) for number in range(len(data_params["buckets"]))]
 
     def __len__(self) -> int:
         return len(self.order)

@@ -123,7 +123,7 @@ class ClipDataset(Dataset):
         # numpy arrays, which forked data workers share; see data/packed.py).
         self.shapes: np.ndarray | None = None  # [N, 3]
         self.groups: list[np.ndarray] | None = None  # the sample indices of each bucket
-        self._group_of: np.ndarray | None = None  # [N]: the bucket of each sample
+        self.bucket_of: np.ndarray | None = None  # [N]: the bucket (group) of each sample
         self._position_in_group: np.ndarray | None = None  # [N]: its place among the bucket's samples
         self._report = FirstOfEachReason()
         self._warned_short_clip = False
@@ -169,17 +169,17 @@ class ClipDataset(Dataset):
         exactly one group."""
         self.shapes = np.asarray(shapes, dtype=np.int64).reshape(len(self), 3)
         self.groups = [np.asarray(members, dtype=np.int64) for members in groups]
-        self._group_of = np.empty(len(self), dtype=np.int64)
+        self.bucket_of = np.empty(len(self), dtype=np.int64)
         self._position_in_group = np.empty(len(self), dtype=np.int64)
         for group, members in enumerate(self.groups):
-            self._group_of[members] = group
+            self.bucket_of[members] = group
             self._position_in_group[members] = np.arange(len(members))
 
     def stand_in(self, index: int, attempt: int) -> int:
         """The sample tried at `attempt` for `index`: the next ones of its group, in order."""
         if self.groups is None:
             return (index + attempt) % len(self)
-        members = self.groups[self._group_of[index]]
+        members = self.groups[self.bucket_of[index]]
         return int(members[(self._position_in_group[index] + attempt) % len(members)])
 
     def __getitem__(self, index: int) -> dict:

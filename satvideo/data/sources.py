@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
@@ -61,6 +62,12 @@ class WeightedConcat(Dataset):
     def __getitem__(self, index: int) -> dict:
         dataset, local = self.locate(index)
         return dataset[local]
+
+    def slots(self) -> tuple[np.ndarray, np.ndarray]:
+        """(source, index in that source) of every slot, as `locate` gives them: two arrays [len(self)]."""
+        sources = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        local = np.concatenate([np.arange(size) % len(dataset) for size, dataset in zip(self.sizes, self.datasets)])
+        return sources, local
 
 
 def check_weights(weights, count: int) -> list[float]:
@@ -113,15 +120,18 @@ def leaf_datasets(dataset: Dataset) -> list[Dataset]:
     return list(dataset.datasets) if isinstance(dataset, WeightedConcat) else [dataset]
 
 
-def bucket_groups(dataset: Dataset) -> list[list[int]] | None:
-    """The indices of `dataset` (mixed or not) in each bucket, or None without buckets."""
+def bucket_groups(dataset: Dataset) -> list[np.ndarray] | None:
+    """The indices of `dataset` (mixed or not) in each bucket, or None without buckets. A bucketed source (a
+    ClipDataset with buckets, a CachedDataset of bucketed clips) has `groups`, its indices per bucket, and
+    `bucket_of`, the bucket of each index; the sources of a mix share the data params, so their buckets agree."""
     sources = leaf_datasets(dataset)
-    if not all(isinstance(source, ClipDataset) and source.groups is not None for source in sources):
+    if not all(getattr(source, "groups", None) is not None for source in sources):
         return None
     if not isinstance(dataset, WeightedConcat):
         return dataset.groups
-    groups: list[list[int]] = [[] for _ in sources[0].groups]
-    for index in range(len(dataset)):
-        source, local = dataset.locate(index)
-        groups[source.buckets.index(source.shape(local))].append(index)
-    return groups
+    source_of, local = dataset.slots()
+    bucket = np.empty(len(dataset), dtype=np.int64)
+    for number, source in enumerate(sources):
+        mine = source_of == number
+        bucket[mine] = source.bucket_of[local[mine]]
+    return [np.flatnonzero(bucket == number) for number in range(len(sources[0].groups))]
