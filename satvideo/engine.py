@@ -4,9 +4,10 @@ Only the network is a registered submodule (`model.diffusion_model.*`, the offic
 frozen T5 conditioner and VAE are owned by the engine but kept out of `parameters()` and `state_dict()`, so
 they never reach the optimizer or a checkpoint. `.to()`/`.half()` still move them along.
 
-An engine that trains from a latent cache (satvideo.data.cache; `cached_text_widths` given) builds neither T5 nor
-the VAE: only the posterior regularizer that draws latents from the cached moments and a CachedTextConditioner
-that applies caption dropout to the cached text features.
+An engine that trains from a latent cache (satvideo.data.cache; `cached_text_widths` given) builds no T5: only the
+posterior regularizer that draws latents from the cached moments and a CachedTextConditioner that applies caption
+dropout to the cached text features. It builds the VAE only for an image-to-video model, which encodes its noised
+conditioning frame (cached in pixels) at every step, as from the videos.
 """
 
 from __future__ import annotations
@@ -40,13 +41,19 @@ CACHED_MOMENTS = "moments"  # batch key of VAE posterior moments cached by satvi
 FROZEN_PARTS = ("conditioner", "first_stage_model")
 
 
+def build_vae(first_stage_config: dict) -> nn.Module:
+    """The VAE, frozen and in eval mode, built from the RNG state of the call without advancing it: one without a
+    weight file (tiny configs) comes out the same in training, precompute and sampling, whatever each builds
+    besides it."""
+    with torch.random.fork_rng(devices=[]):
+        return instantiate_from_config(first_stage_config).eval().requires_grad_(False)
+
+
 def build_frozen_parts(conditioner_config: dict, first_stage_config: dict) -> tuple[nn.Module, nn.Module]:
-    """(text conditioner, VAE), frozen and in eval mode, built from the RNG state of the call without advancing it:
-    parts without weight files (tiny configs) come out the same in training, precompute and sampling, whatever
-    each builds besides them."""
+    """(text conditioner, VAE), frozen and in eval mode, each from the RNG state of the call (see build_vae)."""
+    vae = build_vae(first_stage_config)
     with torch.random.fork_rng(devices=[]):
         conditioner = instantiate_from_config(conditioner_config).eval().requires_grad_(False)
-        vae = instantiate_from_config(first_stage_config).eval().requires_grad_(False)
     logger.info("built the frozen parts: text conditioner (%d parameters) and VAE (%d parameters)",
                 sum(p.numel() for p in conditioner.parameters()), sum(p.numel() for p in vae.parameters()))
     return conditioner, vae
@@ -164,16 +171,13 @@ class VideoDiffusionEngine(nn.Module):
         cached_text_widths: list[int] | None = None,
     ):
         """`cached_text_widths`: the widths of a latent cache's text features, per embedder; given, the engine trains
-        from that cache and builds neither T5 nor the VAE (see the module docstring)."""
+        from that cache and builds no T5, nor a VAE unless the model is image-to-video (see the module docstring)."""
         super().__init__()
         if noised_image_input and latent_input:
             raise ConfigError("model.noised_image_input with model.latent_input: the first frame would have to be "
                               "a pixel image; give videos (latent_input: false) for image-to-video training")
         if noised_image_all_concat:
             raise ConfigError("model.noised_image_all_concat: only first-frame image conditioning is supported")
-        if noised_image_input and cached_text_widths is not None:
-            raise ConfigError("model.noised_image_input with data.target=satvideo.data.CachedDataset: image-to-video "
-                              "models noise their conditioning frame afresh at every step, so they train from videos")
         # Frozen parts first, from the RNG state the network starts from too: stored outside nn.Module's
         # registries (see the module docstring).
         if cached_text_widths is None:
@@ -181,8 +185,14 @@ class VideoDiffusionEngine(nn.Module):
             regularization = vae.regularization
         else:
             conditioner = CachedTextConditioner(cached_text_widths, caption_dropout_rates(conditioner_config))
-            vae, regularization = None, posterior_regularizer(first_stage_config)
-            logger.info("training from a latent cache: neither T5 nor the VAE is built")
+            if noised_image_input:
+                vae = build_vae(first_stage_config)
+                regularization = vae.regularization
+                logger.info("training from a latent cache: T5 is not built; the VAE (%d parameters) is, to encode "
+                            "the noised conditioning frame at every step", sum(p.numel() for p in vae.parameters()))
+            else:
+                vae, regularization = None, posterior_regularizer(first_stage_config)
+                logger.info("training from a latent cache: neither T5 nor the VAE is built")
         if vae is not None:
             check_encode_chunk_frames(vae, encode_chunk_frames)
         self.__dict__.update(conditioner=conditioner, first_stage_model=vae, regularization=regularization)
@@ -214,7 +224,8 @@ class VideoDiffusionEngine(nn.Module):
     @classmethod
     def for_training(cls, config: DictConfig, args) -> "VideoDiffusionEngine":
         """The engine of a training run. With data.target CachedDataset (each cache checked against the config
-        first) it builds neither T5 nor the VAE, unless validation videos need them; otherwise it builds both."""
+        first) it builds no T5 and, for a text-to-video model, no VAE, unless validation videos need them; otherwise
+        it builds both."""
         widths = check_caches(config, args)
         if widths is not None and args.eval_interval and args.validation_prompts:
             logger.info("validation videos (args.validation_prompts) need T5 and the VAE decoder: building them "
@@ -302,8 +313,6 @@ class VideoDiffusionEngine(nn.Module):
         """
         video = batch.get(self.input_key)
         if CACHED_MOMENTS in batch:  # VAE posterior moments [B, 2C, T', h, w] cached by satvideo.data.cache
-            if self.noised_image_input:
-                raise ConfigError("cached latents carry no first frame: image-to-video models train from videos")
             source = self if self.first_stage_model is None else self.first_stage_model
             dtype = next(source.parameters()).dtype  # the run's: frozen parts are cast to it
             z = self.regularization(batch[CACHED_MOMENTS].to(dtype), sample=None if training else False)
@@ -316,7 +325,7 @@ class VideoDiffusionEngine(nn.Module):
         cond = self.conditioner(batch, drop_for_guidance=training)
         model_inputs = {}
         if self.noised_image_input:
-            first_frame = batch["image"] if "image" in batch else video[:, 0]  # a manifest's image, else frame 0
+            first_frame = batch["image"] if "image" in batch else video[:, 0]  # a manifest image or frame 0
             image = self.image_condition(first_frame, latents.shape[1], noise_images=training)
             if training and random.random() < self.noised_image_dropout:
                 image = torch.zeros_like(image)

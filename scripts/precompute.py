@@ -55,11 +55,12 @@ def main() -> None:
     check_encode_chunk_frames(vae, config.model.get("encode_chunk_frames"))  # before the old cache is cleared
     place_frozen_parts(conditioner, vae, device, dtype)
     manifest = write_cache(vae, conditioner, sources, options.out, key, options.clips_per_shard,
-                           config.model.get("encode_chunk_frames"))
+                           config.model.get("encode_chunk_frames"), bool(config.model.get("noised_image_input")))
     if distributed.is_main_process():
         skipped = manifest["skipped"]
         left_out = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"
-        print(f"cached {manifest['count']} clips in {options.out} ({len(manifest['shards'])} shards by "
+        frames = " with their first frames" if manifest["first_frames"] else ""
+        print(f"cached {manifest['count']} clips{frames} in {options.out} ({len(manifest['shards'])} shards by "
               f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples left out: "
               f"{sum(skipped.values())} ({left_out})", flush=True)
 

@@ -19,6 +19,7 @@ from satvideo.data.health import REASONS
 from satvideo.data.sources import bucket_groups, build_dataset
 from satvideo.data.toy import make_toy_dataset
 from test_data_sources import BUCKETS, wide_clips
+from test_i2v_data import I2V
 from test_training import ROOT, TINY, metrics, run, train
 
 PARAMS = dict(video_size=[32, 32], fps=8, max_num_frames=9, skip_frms_num=0)  # configs/tiny/train.yaml's
@@ -189,6 +190,35 @@ def test_a_bucketed_mix_trains_from_its_cache_by_bucket_with_the_losses_of_the_v
         expected = [record[key] for record in metrics(tmp_path / "live") if key in record]
         got = [record[key] for record in metrics(tmp_path / "cached") if key in record]
         assert len(got) == (4 if key == "loss" else 2) and got == pytest.approx(expected, rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_an_image_to_video_model_trains_from_a_cache_of_first_frames_with_the_losses_of_the_videos(
+        tmp_path, toy_data, sharded_cache):
+    cache = tmp_path / "i2v_cache"
+    output = precompute(cache, f"args.train_data=[{toy_data}]", *I2V)
+    assert "cached 16 clips with their first frames" in output
+    assert json.loads((cache / MANIFEST).read_text())["first_frames"] is True
+    videos = build_dataset(load_config(TINY, list(I2V)), [str(toy_data)], "args.train_data")
+    cached = CachedDataset(str(cache), **PARAMS)
+    for index in (0, 11):  # the conditioning frame the video dataset gives, in fp32 (the run's precision here)
+        assert torch.equal(cached[index]["image"], videos.load(index)["image"])
+
+    common = ("args.train_iters=4", "args.log_interval=1", "args.save_interval=1000", "args.batch_size=2", *I2V,
+              "args.eval_interval=2", "args.eval_iters=2", POSTERIOR_MEAN)
+    train(tmp_path / "live", toy_data, *common, f"args.valid_data=[{toy_data}]")
+    output = train(tmp_path / "cached", cache, *common, f"args.valid_data=[{cache}]", FROM_CACHE)
+    assert "T5 is not built; the VAE (" in output and BUILT_FROZEN_PARTS not in output
+    for key in ("loss", "valid_loss"):
+        expected = [record[key] for record in metrics(tmp_path / "live") if key in record]
+        got = [record[key] for record in metrics(tmp_path / "cached") if key in record]
+        assert len(got) == (4 if key == "loss" else 2) and got == pytest.approx(expected, rel=1e-5), key
+
+    text_to_video, _ = sharded_cache
+    with pytest.raises(ConfigError, match=rf"^the cache {text_to_video} holds no first frames \(it was made for a "
+                                          r"text-to-video model\), and model.noised_image_input needs them: make it "
+                                          r"again with scripts/precompute.py and this config$"):
+        check_caches(*cache_config(text_to_video, *I2V))
 
 
 def cache_config(cache: Path, *overrides: str):

@@ -3,22 +3,24 @@ transformer: the VAE posterior moments (mean and log-variance, unscaled) and the
 
     {cache}/shard-{rank:03d}-{n:05d}.safetensors  up to --clips-per-shard clips each, written by rank `rank`:
                                                  tensors `{id}.moments` [2C, T', h, w] and `{id}.text_features`
-                                                 [L, D] in the run's precision, metadata `{id}.caption`
-                                                 and `{id}.padded_frames`
+                                                 [L, D] in the run's precision (for image-to-video models also
+                                                 `{id}.first_frame` [3, H, W], the conditioning frame in pixels),
+                                                 metadata `{id}.caption` and `{id}.padded_frames`
     {cache}/cache.json                           the manifest: the clip count; for each clip its shard, key,
                                                  latent shape and bucket (with buckets); the sources and their weights; the bad samples left
-                                                 out, by reason; and the KEY (all that decides what the cache holds)
-                                                 with its sha256
+                                                 out, by reason; whether it holds first frames; and the KEY (all
+                                                 that decides what the cache holds) with its sha256
 
 `scripts/precompute.py` writes it; under torchrun rank r encodes every world_size-th sample. Rank 0 writes the
 manifest, atomically, only after every rank has finished, so a cache without cache.json is an interrupted one,
 and it is refused. Training from it (`data.target=satvideo.data.CachedDataset`, `args.train_data=[{cache}]`)
-builds neither T5 nor the VAE: the KEY is checked against the config without loading any weights
+builds no T5 (nor, for a text-to-video model, the VAE): the KEY is checked against the config without loading any weights
 (`check_caches`: weight files are fingerprinted, see `file_fingerprint`; parts built from a seed without files are
 identified by their settings), and CachedDataset checks the data params. A refusal names what changed.
 
 Training draws latents from the cached posterior (or takes its mean, as the regularizer is configured) and applies
-caption dropout to the cached features, so it trains as from the videos (tests/test_cache.py: the same losses).
+caption dropout to the cached features; an image-to-video model noises the cached first frame and encodes it at
+every step. So it trains as from the videos (tests/test_cache.py: the same losses).
 """
 
 from __future__ import annotations
@@ -200,15 +202,18 @@ class CacheSource:
 
 
 @torch.no_grad()
-def encode_clip(vae: nn.Module, conditioner: nn.Module, item: dict,
-                chunk_frames: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(moments [2C, T', h, w], text features [L, D]) of a dataset item on the CPU, in the precision they were
-    computed in (the run's: bf16 halves a 5B cache, 6.3 instead of 12.7 MB per 49x480x720 clip)."""
+def encode_clip(vae: nn.Module, conditioner: nn.Module, item: dict, chunk_frames: int | None,
+                first_frame: bool = False) -> dict[str, torch.Tensor]:
+    """{"moments" [2C, T', h, w], "text_features" [L, D], and with `first_frame` "first_frame" [3, H, W]} of a
+    dataset item on the CPU, in the precision they were computed in (the run's: bf16 halves a 5B cache, 6.3
+    instead of 12.7 MB per 49x480x720 clip; a first frame adds 2.1 MB)."""
     parameter = next(vae.parameters())
     video = item["mp4"][None].permute(0, 2, 1, 3, 4).to(parameter.device, parameter.dtype)  # [1, 3, T, H, W]
-    moments = vae.moments(video, chunk_frames)[0]
-    features = conditioner({"txt": [item["txt"]]})["crossattn"][0]
-    return moments.cpu().contiguous(), features.cpu().contiguous()
+    tensors = {"moments": vae.moments(video, chunk_frames)[0],
+               "text_features": conditioner({"txt": [item["txt"]]})["crossattn"][0]}
+    if first_frame:
+        tensors["first_frame"] = item["image"].to(parameter.dtype)
+    return {name: tensor.cpu().contiguous() for name, tensor in tensors.items()}
 
 
 class ShardWriter:
@@ -218,13 +223,14 @@ class ShardWriter:
         self.folder, self.rank, self.clips_per_shard = folder, rank, clips_per_shard
         self.tensors: dict[str, torch.Tensor] = {}
         self.metadata: dict[str, str] = {}
+        self.clips = 0  # in the shard being filled
         self.written = 0
 
-    def add(self, clip_id: int, moments: torch.Tensor, features: torch.Tensor, caption: str,
-            padded_frames: int) -> None:
-        self.tensors.update({f"{clip_id}.moments": moments, f"{clip_id}.text_features": features})
+    def add(self, clip_id: int, tensors: dict[str, torch.Tensor], caption: str, padded_frames: int) -> None:
+        self.tensors.update({f"{clip_id}.{name}": tensor for name, tensor in tensors.items()})
         self.metadata.update({f"{clip_id}.caption": caption, f"{clip_id}.padded_frames": str(padded_frames)})
-        if len(self.tensors) == 2 * self.clips_per_shard:
+        self.clips += 1
+        if self.clips == self.clips_per_shard:
             self.flush()
 
     def flush(self) -> None:
@@ -233,7 +239,7 @@ class ShardWriter:
         save_file(self.tensors, str(self.folder / f"shard-{self.rank:03d}-{self.written:05d}.safetensors"),
                   metadata=self.metadata)
         self.written += 1
-        self.tensors, self.metadata = {}, {}
+        self.tensors, self.metadata, self.clips = {}, {}, 0
 
 
 def clear_cache_folder(folder: Path) -> None:
@@ -254,9 +260,9 @@ def distinct_datasets(sources: list[CacheSource]) -> list[ClipDataset]:
 
 
 def encode_share(vae: nn.Module, conditioner: nn.Module, datasets: list[ClipDataset], writer: ShardWriter,
-                 chunk_frames: int | None) -> list[BadSample]:
+                 chunk_frames: int | None, first_frames: bool) -> list[BadSample]:
     """Encode this rank's share of the samples (every world_size-th, numbered across the datasets in order) into
-    shards; returns the bad samples left out."""
+    shards, with their first frames when `first_frames`; returns the bad samples left out."""
     numbered = [(dataset, index) for dataset in datasets for index in range(len(dataset))]
     rank, world_size = distributed.rank(), distributed.world_size()
     mine = range(rank, len(numbered), world_size)
@@ -269,8 +275,8 @@ def encode_share(vae: nn.Module, conditioner: nn.Module, datasets: list[ClipData
             report(error)
             bad.append(error)
             continue
-        moments, features = encode_clip(vae, conditioner, item, chunk_frames)
-        writer.add(clip_id, moments, features, item["txt"], item["padded_frames"])
+        writer.add(clip_id, encode_clip(vae, conditioner, item, chunk_frames, first_frames), item["txt"],
+                   item["padded_frames"])
         if done % max(1, len(mine) // 10) == 0:  # every tenth of the share
             logger.info("rank %d: %d of its %d samples encoded", rank, done, len(mine))
     writer.flush()
@@ -291,7 +297,7 @@ def clips_in_shards(folder: Path) -> dict[int, tuple[str, list[int]]]:
 
 
 def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths: list[int],
-                skipped: torch.Tensor) -> dict:
+                skipped: torch.Tensor, first_frames: bool) -> dict:
     """The manifest of the shards in `folder`: clips in sample order, each source's range of them."""
     clips = clips_in_shards(folder)
     datasets = distinct_datasets(sources)
@@ -314,26 +320,28 @@ def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths
         start, end = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
         source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end})
     return {"format": FORMAT, "count": len(rows), "key": key, "key_sha256": key_hash(key), "text_widths": text_widths,
-            "sources": source_rows, "skipped": tally_dict(skipped), "shards": shards, "clips": rows}
+            "first_frames": first_frames, "sources": source_rows, "skipped": tally_dict(skipped), "shards": shards,
+            "clips": rows}
 
 
 def write_cache(vae: nn.Module, conditioner: nn.Module, sources: list[CacheSource], out_dir: str | Path, key: dict,
-                clips_per_shard: int = 256, chunk_frames: int | None = None) -> dict:
-    """Encode every distinct sample of `sources` once (this rank: every world_size-th) into shards; then, after
-    every rank has finished, rank 0 writes the manifest (atomically). Every rank takes part and gets the manifest."""
+                clips_per_shard: int = 256, chunk_frames: int | None = None, first_frames: bool = False) -> dict:
+    """Encode every distinct sample of `sources` once (this rank: every world_size-th) into shards, with its first
+    frame for an image-to-video model; then, after every rank has finished, rank 0 writes the manifest (atomically).
+    Every rank takes part and gets the manifest."""
     folder = Path(out_dir)
     if distributed.is_main_process():
         clear_cache_folder(folder)
     distributed.barrier()
     writer = ShardWriter(folder, distributed.rank(), clips_per_shard)
-    bad = encode_share(vae, conditioner, distinct_datasets(sources), writer, chunk_frames)
+    bad = encode_share(vae, conditioner, distinct_datasets(sources), writer, chunk_frames, first_frames)
     skipped = tally_of(bad).to(next(vae.parameters()).device)
     if distributed.world_size() > 1:
         torch.distributed.all_reduce(skipped)
     distributed.barrier()
     if distributed.is_main_process():
         widths = [embedder.encoder.config.d_model for embedder in conditioner.embedders]
-        manifest = manifest_of(folder, key, sources, widths, skipped.cpu())
+        manifest = manifest_of(folder, key, sources, widths, skipped.cpu(), first_frames)
         write_text_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
     distributed.barrier()
     return read_manifest(folder)
@@ -362,15 +370,16 @@ def read_manifest(folder: Path) -> dict:
 
 
 class CachedDataset(Dataset):
-    """Items {"moments", "text_features", "txt", "padded_frames"} of a cache, its sources mixed by the weights it
-    was made with (as WeightedConcat mixes the videos). The data params given (the config's `data.params`) must be
-    those the cache was made with."""
+    """Items {"moments", "text_features", "txt", "padded_frames"} (and "image", the first frame, from a cache made
+    for an image-to-video model) of a cache, its sources mixed by the weights it was made with (as WeightedConcat
+    mixes the videos). The data params given (the config's `data.params`) must be those the cache was made with."""
 
     def __init__(self, data_dir: str, **data_params):
         self.folder = Path(data_dir)
         manifest = read_manifest(self.folder)
         check_key(self.folder, manifest["key"]["data"], data_key(data_params))
         self.shards: list[str] = manifest["shards"]
+        self.first_frames = bool(manifest.get("first_frames"))
         self.clips = PackedList((clip["shard"], clip["key"]) for clip in manifest["clips"])  # [shard, key] each
         sources = manifest["sources"]
         self.order = WeightedConcat([range(source["start"], source["end"]) for source in sources],
@@ -392,9 +401,12 @@ class CachedDataset(Dataset):
         shard_number, key = self.clips[self.order[index]]
         with safe_open(str(self.folder / self.shards[shard_number]), framework="pt") as shard:
             metadata = shard.metadata()
-            return {"moments": shard.get_tensor(f"{key}.moments"),
+            item = {"moments": shard.get_tensor(f"{key}.moments"),
                     "text_features": shard.get_tensor(f"{key}.text_features"),
                     "txt": metadata[f"{key}.caption"], "padded_frames": int(metadata[f"{key}.padded_frames"])}
+            if self.first_frames:
+                item["image"] = shard.get_tensor(f"{key}.first_frame").float()  # as a video dataset gives it
+            return item
 
 
 def trains_from_cache(config: DictConfig) -> bool:
@@ -405,7 +417,8 @@ def trains_from_cache(config: DictConfig) -> bool:
 def check_caches(config: DictConfig, args) -> list[int] | None:
     """For a run whose data target is CachedDataset: checks that each cache of args.train_data and args.valid_data
     was made with the frozen parts of `config.model` (fingerprints of the weight files, nothing loaded) and returns
-    the widths of their text features, per embedder; None for a run that reads videos."""
+    the widths of their text features, per embedder; None for a run that reads videos. An image-to-video model needs
+    caches with first frames."""
     if not trains_from_cache(config):
         return None
     frozen = frozen_parts_key(config.model, args.seed)
@@ -413,5 +426,8 @@ def check_caches(config: DictConfig, args) -> list[int] | None:
     for path in source_paths(args.train_data) + source_paths(args.valid_data):
         manifest = read_manifest(Path(path))
         check_key(Path(path), manifest["key"]["frozen"], frozen)
+        if config.model.get("noised_image_input") and not manifest.get("first_frames"):
+            raise ConfigError(f"the cache {path} holds no first frames (it was made for a text-to-video model), and "
+                              f"model.noised_image_input needs them: {REMAKE} and this config")
         widths = widths or manifest["text_widths"]
     return widths
