@@ -28,7 +28,7 @@ from satvideo.data.cache import check_caches
 from satvideo.diffusion.discretization import noise_std
 from satvideo.diffusion.samplers import Generators, randn
 from satvideo.parallel.cfg import evaluate_halves
-from satvideo.parallel.context_vae import decode_context_parallel
+from satvideo.parallel.context_vae import decode_context_parallel, encode_context_parallel
 from satvideo.vae.autoencoder import LATENT_CHUNK_MULTIPLE, check_chunk_frames, check_tiling
 from satvideo.vae.causal_conv import time_chunks
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
@@ -211,6 +211,8 @@ class VideoDiffusionEngine(nn.Module):
         self.input_key = input_key
         self.latent_input = latent_input
         self.encode_chunk_frames = encode_chunk_frames  # None: one pass, as the original
+        self.encode_group = None  # set under sequence parallelism: see encode_first_stage
+        self._said_encode_group = False
         self.patch_t = network.patch_t
 
     @classmethod
@@ -261,11 +263,23 @@ class VideoDiffusionEngine(nn.Module):
 
         `sample`: a posterior draw or its mean; None follows the VAE's regularizer (`sample: true` by default,
         as the original trains; `first_stage_config.params.regularizer_config.params.sample: false` for the mean).
-        With `model.encode_chunk_frames` the VAE encodes that many frames at a time (memory flat in the length).
+        With `model.encode_chunk_frames` the VAE encodes that many frames at a time (memory flat in the length),
+        and, with `encode_group` (a sequence-parallel group, whose ranks all hold the same video and all call this),
+        the chunks are encoded over its ranks when there are at least as many as ranks: the same latents, in 1/P of
+        the time (satvideo/parallel/context_vae.py).
         """
-        vae_dtype = next(self.first_stage_model.parameters()).dtype
-        video = video.permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, 3, T, H, W]
-        latents = self.first_stage_model.encode(video, sample=sample, chunk_frames=self.encode_chunk_frames)
+        vae, chunk_frames = self.first_stage_model, self.encode_chunk_frames
+        video = video.permute(0, 2, 1, 3, 4).to(next(vae.parameters()).dtype)  # [B, 3, T, H, W]
+        group = self.encode_group
+        if group is not None and chunk_frames is not None and \
+                len(time_chunks(video.shape[2], chunk_frames)) >= torch.distributed.get_world_size(group):
+            if not self._said_encode_group:
+                logger.info("the VAE encodes each video's %d-frame chunks over the %d ranks of its sequence-parallel "
+                            "group", chunk_frames, torch.distributed.get_world_size(group))
+                self._said_encode_group = True
+            latents = encode_context_parallel(vae, video, group, sample=sample, chunk_frames=chunk_frames)
+        else:
+            latents = vae.encode(video, sample=sample, chunk_frames=chunk_frames)
         return (latents * self.scale_factor).permute(0, 2, 1, 3, 4).contiguous()
 
     @torch.no_grad()

@@ -39,6 +39,17 @@ def test_sequence_parallel_training_equals_one_rank_and_resumes_exactly(tmp_path
 
 
 @pytest.mark.slow
+def test_sequence_parallel_ranks_share_the_chunked_encode_and_train_as_one_rank(tmp_path, toy_data):
+    chunked = ("args.train_iters=3", "args.log_interval=1", "args.batch_size=2", "model.encode_chunk_frames=4")
+    train(str(tmp_path / "one"), toy_data, *chunked)
+    output = train(str(tmp_path / "sp"), toy_data, *chunked, "args.sequence_parallel_size=2", nproc=2)
+    # 9 frames in chunks of 5 and 4, one per rank; the posterior draw is the group's first rank's
+    assert "the VAE encodes each video's 4-frame chunks over the 2 ranks of its sequence-parallel group" in output
+    losses = [[record["loss"] for record in metrics(tmp_path / name)] for name in ("one", "sp")]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_two_by_two_data_and_sequence_parallel_run_resumes_exactly(tmp_path, toy_data):
     save = interrupted_and_resumed(tmp_path, toy_data, "args.sequence_parallel_size=2", nproc=4)
     assert [r["samples"] for r in metrics(save)] == [4] * 6

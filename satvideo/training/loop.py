@@ -173,6 +173,7 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None or has_lora)
     if layout.sequence_group is not None:
         enable_sequence_parallel(model.module.network, layout.sequence_group)
+        model.module.encode_group = layout.sequence_group
         stratify_timesteps_by_replica(model.module, layout)
     lora = adapter_record(model.module.network, args)
     ema = EMA(model.module.network, args.ema_decay) if args.ema_decay else None
