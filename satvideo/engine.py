@@ -265,8 +265,8 @@ class VideoDiffusionEngine(nn.Module):
         as the original trains; `first_stage_config.params.regularizer_config.params.sample: false` for the mean).
         With `model.encode_chunk_frames` the VAE encodes that many frames at a time (memory flat in the length),
         and, with `encode_group` (a sequence-parallel group, whose ranks all hold the same video and all call this),
-        the chunks are encoded over its ranks when there are at least as many as ranks: the same latents, in 1/P of
-        the time (satvideo/parallel/context_vae.py).
+        the chunks are encoded over its ranks when there are at least as many as ranks: the same latents, each rank
+        running the encoder on 1/P of the chunks (satvideo/parallel/context_vae.py).
         """
         vae, chunk_frames = self.first_stage_model, self.encode_chunk_frames
         video = video.permute(0, 2, 1, 3, 4).to(next(vae.parameters()).dtype)  # [B, 3, T, H, W]
