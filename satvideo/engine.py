@@ -28,9 +28,8 @@ from satvideo.data.cache import check_caches
 from satvideo.diffusion.discretization import noise_std
 from satvideo.diffusion.samplers import Generators, randn
 from satvideo.parallel.cfg import evaluate_halves
-from satvideo.parallel.context_vae import decode_context_parallel, encode_context_parallel
+from satvideo.parallel.context_vae import decode_context_parallel, encode_context_parallel, gives_every_rank_a_chunk
 from satvideo.vae.autoencoder import LATENT_CHUNK_MULTIPLE, check_chunk_frames, check_tiling
-from satvideo.vae.causal_conv import time_chunks
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 
 logger = logging.getLogger(__name__)
@@ -271,8 +270,7 @@ class VideoDiffusionEngine(nn.Module):
         vae, chunk_frames = self.first_stage_model, self.encode_chunk_frames
         video = video.permute(0, 2, 1, 3, 4).to(next(vae.parameters()).dtype)  # [B, 3, T, H, W]
         group = self.encode_group
-        if group is not None and chunk_frames is not None and \
-                len(time_chunks(video.shape[2], chunk_frames)) >= torch.distributed.get_world_size(group):
+        if gives_every_rank_a_chunk(video.shape[2], chunk_frames, group):
             if not self._said_encode_group:
                 logger.info("the VAE encodes each video's %d-frame chunks over the %d ranks of its sequence-parallel "
                             "group", chunk_frames, torch.distributed.get_world_size(group))
@@ -292,8 +290,7 @@ class VideoDiffusionEngine(nn.Module):
         decodes in one pass on every rank."""
         vae_dtype = next(self.first_stage_model.parameters()).dtype
         z = (latents / self.scale_factor).permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, C, T', h, w]
-        if context_group is not None and not tile and chunk_frames is not None and \
-                len(time_chunks(z.shape[2], chunk_frames)) >= torch.distributed.get_world_size(context_group):
+        if not tile and gives_every_rank_a_chunk(z.shape[2], chunk_frames, context_group):
             return decode_context_parallel(self.first_stage_model, z, context_group,
                                            chunk_frames).permute(0, 2, 1, 3, 4).float()
         if tile:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from satvideo.data.frames import whole_number
 from satvideo.data.health import BadSample
 
@@ -56,6 +58,11 @@ def choose_bucket(info: "VideoInfo", buckets: list[Shape], fps: int, skip: int) 
     return min(candidates, key=lambda i: (buckets[i][0], -buckets[i][1] * buckets[i][2]))
 
 
+def members_of_buckets(bucket_of: np.ndarray, count: int) -> list[np.ndarray]:
+    """The indices in each of `count` buckets, ascending, from the bucket of every index [N]."""
+    return [np.flatnonzero(bucket_of == bucket) for bucket in range(count)]
+
+
 def assign_buckets(dataset: "ClipDataset", buckets: list[Shape]) -> list[int]:
     """Each sample's bucket; a sample whose container cannot be read goes to bucket 0 (it is passed over, and
     counted, when drawn). Sets the dataset's per-sample shapes and stand-in groups."""
@@ -67,6 +74,6 @@ def assign_buckets(dataset: "ClipDataset", buckets: list[Shape]) -> list[int]:
             assigned.append(0)
             continue
         assigned.append(choose_bucket(info, buckets, dataset.fps, dataset.skip_frms_num))
-    groups = [[index for index, bucket in enumerate(assigned) if bucket == b] for b in range(len(buckets))]
+    groups = members_of_buckets(np.asarray(assigned, dtype=np.int64), len(buckets))
     dataset.set_groups([buckets[bucket] for bucket in assigned], groups)
     return assigned

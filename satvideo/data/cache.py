@@ -7,16 +7,17 @@ transformer: the VAE posterior moments (mean and log-variance, unscaled) and the
                                                  `{id}.first_frame` [3, H, W], the conditioning frame in pixels),
                                                  metadata `{id}.caption` and `{id}.padded_frames`
     {cache}/cache.json                           the manifest: the clip count; for each clip its shard, key,
-                                                 latent shape and bucket (with buckets); the sources and their weights; the bad samples left
-                                                 out, by reason; whether it holds first frames; and the KEY (all
-                                                 that decides what the cache holds) with its sha256
+                                                 latent shape and bucket (with buckets); the sources and their
+                                                 weights; the bad samples left out, by reason; whether it holds
+                                                 first frames; and the KEY (all that decides what the cache
+                                                 holds) with its sha256
 
 `scripts/precompute.py` writes it; under torchrun rank r encodes every world_size-th sample. Rank 0 writes the
 manifest, atomically, only after every rank has finished, so a cache without cache.json is an interrupted one,
 and it is refused. Training from it (`data.target=satvideo.data.CachedDataset`, `args.train_data=[{cache}]`)
-builds no T5 (nor, for a text-to-video model, the VAE): the KEY is checked against the config without loading any weights
-(`check_caches`: weight files are fingerprinted, see `file_fingerprint`; parts built from a seed without files are
-identified by their settings), and CachedDataset checks the data params. A refusal names what changed.
+builds no T5 (nor, for a text-to-video model, the VAE): the KEY is checked against the config without loading any
+weights (`check_caches`: weight files are fingerprinted, see `file_fingerprint`; parts built from a seed without
+files are identified by their settings), and CachedDataset checks the data params. A refusal names what changed.
 
 Training draws latents from the cached posterior (or takes its mean, as the regularizer is configured) and applies
 caption dropout to the cached features; an image-to-video model noises the cached first frame and encodes it at
@@ -44,6 +45,7 @@ from torch.utils.data import Dataset
 from satvideo import distributed
 from satvideo.checkpoint import write_text_atomically
 from satvideo.config import ConfigError, check_parameters, get_obj_from_str, resolve_target, to_plain
+from satvideo.data.buckets import members_of_buckets
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
 from satvideo.data.packed import PackedList
@@ -392,7 +394,7 @@ class CachedDataset(Dataset):
             source_of, local = self.order.slots()
             starts = np.asarray([source["start"] for source in sources], dtype=np.int64)
             self.bucket_of = np.asarray(buckets, dtype=np.int64)[starts[source_of] + local]
-            self.groups = [np.flatnonzero(self.bucket_of == number) for number in range(len(data_params["buckets"]))]
+            self.groups = members_of_buckets(self.bucket_of, len(data_params["buckets"]))
 
     def __len__(self) -> int:
         return len(self.order)

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from satvideo.config import (ConfigError, check_parameters, drop_keys_without_effect, get_obj_from_str,
                              instantiate_from_config, resolve_target, to_plain)
-from satvideo.data.buckets import assign_buckets
+from satvideo.data.buckets import assign_buckets, members_of_buckets
 from satvideo.data.clips import ClipDataset
 from satvideo.data.manifest import ManifestDataset
 from satvideo.data.shards import TarShardDataset
@@ -134,4 +134,4 @@ def bucket_groups(dataset: Dataset) -> list[np.ndarray] | None:
     for number, source in enumerate(sources):
         mine = source_of == number
         bucket[mine] = source.bucket_of[local[mine]]
-    return [np.flatnonzero(bucket == number) for number in range(len(sources[0].groups))]
+    return members_of_buckets(bucket, len(sources[0].groups))

@@ -117,6 +117,13 @@ def default_chunk_frames(num_frames: int, multiple: int, ranks: int) -> int:
     return multiple * (num_frames // (ranks * multiple))
 
 
+def gives_every_rank_a_chunk(num_frames: int, chunk_frames: int | None, group: dist.ProcessGroup | None) -> bool:
+    """Whether `group` (None: no group) can share a chunked pass over `num_frames` frames: `chunk_frames` set and
+    at least one of its chunks per rank (else the caller runs the pass on every rank, with the same result)."""
+    return group is not None and chunk_frames is not None and \
+        len(time_chunks(num_frames, chunk_frames)) >= dist.get_world_size(group)
+
+
 def context_chunks(num_frames: int, multiple: int, ranks: int, chunk_frames: int | None, unit: str) -> list[slice]:
     """`time_chunks(num_frames, chunk_frames)`, at least one per rank (chunk_frames None: `default_chunk_frames`)."""
     if chunk_frames is None:
