@@ -36,6 +36,14 @@ def precompute(out: Path, *overrides: str, nproc: int = 1, clips_per_shard: int 
                            "--base", *TINY, *overrides])
 
 
+def assert_same_losses(live: Path, cached: Path) -> None:
+    """The run from the cache logged the losses of the run from the videos: 4 training, 2 validation."""
+    for key, count in (("loss", 4), ("valid_loss", 2)):
+        expected = [record[key] for record in metrics(live) if key in record]
+        got = [record[key] for record in metrics(cached) if key in record]
+        assert len(got) == count and got == pytest.approx(expected, rel=1e-5), key
+
+
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("toy")
@@ -70,10 +78,7 @@ def test_two_ranks_write_shards_and_training_from_them_loses_what_training_from_
     cached = train(tmp_path / "cached", cache, *common, f"args.valid_data=[{cache}]", FROM_CACHE)
     assert BUILT_FROZEN_PARTS in live and NOT_BUILT not in live
     assert BUILT_FROZEN_PARTS not in cached and NOT_BUILT in cached
-    for key in ("loss", "valid_loss"):
-        expected = [record[key] for record in metrics(tmp_path / "live") if key in record]
-        got = [record[key] for record in metrics(tmp_path / "cached") if key in record]
-        assert len(got) == (4 if key == "loss" else 2) and got == pytest.approx(expected, rel=1e-5), key
+    assert_same_losses(tmp_path / "live", tmp_path / "cached")
 
 
 @pytest.mark.slow
@@ -186,10 +191,7 @@ def test_a_bucketed_mix_trains_from_its_cache_by_bucket_with_the_losses_of_the_v
               "args.eval_interval=2", "args.eval_iters=3", "args.eval_batch_size=3", BUCKETS, POSTERIOR_MEAN)
     train(tmp_path / "live", two_shapes, *common, *mix[:2], f"args.valid_data=[{two_shapes}]")
     train(tmp_path / "cached", cache, *common, f"args.valid_data=[{cache}]", FROM_CACHE)
-    for key in ("loss", "valid_loss"):
-        expected = [record[key] for record in metrics(tmp_path / "live") if key in record]
-        got = [record[key] for record in metrics(tmp_path / "cached") if key in record]
-        assert len(got) == (4 if key == "loss" else 2) and got == pytest.approx(expected, rel=1e-5), key
+    assert_same_losses(tmp_path / "live", tmp_path / "cached")
 
 
 @pytest.mark.slow
@@ -209,10 +211,7 @@ def test_an_image_to_video_model_trains_from_a_cache_of_first_frames_with_the_lo
     train(tmp_path / "live", toy_data, *common, f"args.valid_data=[{toy_data}]")
     output = train(tmp_path / "cached", cache, *common, f"args.valid_data=[{cache}]", FROM_CACHE)
     assert "T5 is not built; the VAE (" in output and BUILT_FROZEN_PARTS not in output
-    for key in ("loss", "valid_loss"):
-        expected = [record[key] for record in metrics(tmp_path / "live") if key in record]
-        got = [record[key] for record in metrics(tmp_path / "cached") if key in record]
-        assert len(got) == (4 if key == "loss" else 2) and got == pytest.approx(expected, rel=1e-5), key
+    assert_same_losses(tmp_path / "live", tmp_path / "cached")
 
     text_to_video, _ = sharded_cache
     with pytest.raises(ConfigError, match=rf"^the cache {text_to_video} holds no first frames \(it was made for a "
