@@ -71,7 +71,7 @@ def guard_deepspeed_loads(engine) -> None:
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `path` through a temporary file and a rename: readers see the old text or the new, never half."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 
@@ -94,7 +94,7 @@ def read_latest(save_dir: str | Path) -> int | None:
         return None
     text = latest.read_text().strip()
     if not text.isdigit():
-        raise ValueError(f"{latest} should hold an iteration number, found {text!r}")
+        raise CheckpointError(f"{latest} should hold an iteration number, found {text[:40]!r}")
     return int(text)
 
 
@@ -107,7 +107,10 @@ def resolve_model_states(path: str | Path) -> Path:
         raise CheckpointNotFound(f"checkpoint path {path} does not exist")
     iteration = read_latest(path)
     if iteration is not None:
-        path = path / str(iteration)
+        candidate = path / str(iteration) / MODEL_STATES
+        if not candidate.is_file():
+            raise CheckpointNotFound(f"{path / 'latest'} names iteration {iteration}, but {candidate} does not exist")
+        return candidate
     candidate = path / MODEL_STATES
     if not candidate.is_file():
         raise CheckpointNotFound(f"no {MODEL_STATES} in {path} (and no 'latest' file naming an iteration folder)")
@@ -195,9 +198,15 @@ def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: s
     """load_state_dict with the problems listed; `subset` expects only some keys (adapters, EMA weights)."""
     if "mixins.pos_embed.pos_embedding" in weights and not hasattr(network.mixins.pos_embed, "pos_embedding"):
         weights = {k: v for k, v in weights.items() if k != "mixins.pos_embed.pos_embedding"}  # recomputed sin-cos
+    own = network.state_dict()
+    resized = [f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in weights.items()
+               if key in own and value.shape != own[key].shape]
+    weights = {key: value for key, value in weights.items() if key not in own or value.shape == own[key].shape}
     result = network.load_state_dict(weights, strict=False)
     missing = [] if subset else [key for key in result.missing_keys if not is_lora_matrix(key)]
     problems = []
+    if resized:
+        problems.append(f"shapes differ (checkpoint vs model) ({len(resized)}): {', '.join(resized[:10])}")
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
     if result.unexpected_keys:
@@ -205,8 +214,8 @@ def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: s
     if problems:
         message = f"checkpoint {source} does not match the model config: " + "; ".join(problems)
         if strict:
-            raise ValueError(message + " (set args.strict_load=false to load anyway)")
-        logger.warning(message)
+            raise CheckpointError(message + " (set args.strict_load=false to load the rest anyway)")
+        logger.warning(message + "; those weights keep their initial values")
 
 
 def scale_lora(network: nn.Module, scale: float) -> None:

@@ -9,7 +9,7 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from satvideo.config import SatvideoError, load_config
+from satvideo.config import SECTIONS, SatvideoError, load_config
 
 
 def parse_config(description: str, argv: list[str] | None = None) -> DictConfig:
@@ -25,6 +25,10 @@ def parse_config(description: str, argv: list[str] | None = None) -> DictConfig:
 
 
 def is_config_file(item: str) -> bool:
+    """A YAML path, not a `section.key=value` override (whose value may end in .yaml too) nor a `section.key`
+    that lacks its value (load_config says so)."""
+    if item.split(".", 1)[0] in SECTIONS and "/" not in item.split("=", 1)[0]:
+        return False
     return item.endswith((".yaml", ".yml")) or "=" not in item
 
 

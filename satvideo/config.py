@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -90,6 +91,75 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "lora": None,  # sampling: adapters merged over `load`: paths (satvideo checkpoints or diffusers files) or {path, scale}
     "offload_text_encoder": True,  # sampling: T5 goes to the CPU once every prompt is encoded
 }
+
+DECAY_STYLES = ("constant", "linear", "cosine", "exponential")
+
+
+def is_whole_number(value: object) -> bool:
+    """An int from a config, not a bool (YAML's `true` is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each `args` value must be: (test, what the error says is expected). Checked when the config loads, so a bad
+# value fails before any data or weight is read; keys not listed take strings or paths.
+ArgRule = tuple[Callable[[Any], bool], str]
+
+
+def whole(minimum: int, maximum: int | None = None) -> ArgRule:
+    def test(value):
+        return is_whole_number(value) and value >= minimum and (maximum is None or value <= maximum)
+    return test, f"a whole number >= {minimum}" if maximum is None else f"a whole number from {minimum} to {maximum}"
+
+
+def number(minimum: float, maximum: float | None = None, exclusive: bool = False) -> ArgRule:
+    def test(value):
+        return (is_number(value) and (value > minimum if exclusive else value >= minimum)
+                and (maximum is None or value <= maximum))
+    bound = f"> {minimum}" if exclusive else f">= {minimum}"
+    return test, f"a number {bound}" + (f" and <= {maximum}" if maximum is not None else "")
+
+
+def one_of(*choices: Any) -> ArgRule:
+    return (lambda value: not isinstance(value, bool) and value in choices), f"one of {', '.join(map(str, choices))}"
+
+
+def optional(rule: ArgRule) -> ArgRule:
+    test, expected = rule
+    return (lambda value: value is None or test(value)), f"{expected} (or null)"
+
+
+BOOLEAN: ArgRule = (lambda value: isinstance(value, bool), "true or false")
+ANY_NUMBER: ArgRule = (is_number, "a number")
+IMAGE_SIZE: ArgRule = (lambda value: value is None or (isinstance(value, (list, tuple)) and len(value) == 2
+                                                       and all(is_whole_number(v) and v > 0 for v in value)),
+                       "[height, width] in pixels (or null)")
+
+ARGS_RULES: dict[str, ArgRule] = {
+    "mode": one_of("pretrain", "finetune", "inference"),
+    "seed": whole(0, 2**32 - 1),  # numpy's range
+    "train_iters": whole(1), "log_interval": whole(1), "save_interval": whole(1), "keep_last": optional(whole(1)),
+    "max_nonfinite_steps": whole(1), "lock_timeout": number(0, exclusive=True),
+    "eval_interval": optional(whole(1)), "eval_iters": whole(1), "eval_batch_size": whole(1),
+    "ema_decay": optional((lambda value: is_number(value) and 0 < value < 1, "a number between 0 and 1, e.g. 0.9999")),
+    "lora_scale": ANY_NUMBER,
+    "lr_decay_style": one_of(*DECAY_STYLES), "warmup": number(0), "lr_decay_iters": optional(whole(1)),
+    "lr_decay_ratio": number(0, 1),
+    "zero_stage": optional(one_of(0, 1, 2, 3)), "sequence_parallel_size": whole(1), "cfg_parallel_size": one_of(1, 2),
+    "num_workers": whole(0), "prefetch_factor": whole(1), "batch_size": optional(whole(1)),
+    "input_type": one_of("txt", "cli"), "sampling_num_frames": optional(whole(1)), "sampling_image_size": IMAGE_SIZE,
+    "sampling_fps": number(0, exclusive=True), "latent_channels": whole(1), "num_samples": whole(1),
+    **{key: BOOLEAN for key, default in ARGS_DEFAULTS.items() if isinstance(default, bool)},
+}
+
+# `args` keys people write that live in another section.
+MOVED_ARGS = {"lr": "deepspeed.optimizer.params.lr", "weight_decay": "deepspeed.optimizer.params.weight_decay",
+              "gradient_clipping": "deepspeed.gradient_clipping",
+              "train_micro_batch_size_per_gpu": "args.batch_size (or deepspeed.train_micro_batch_size_per_gpu)"}
+
 
 # Keys of the official CogVideoX SAT configs that change nothing in satvideo, by section or by the satvideo
 # target they are given to. They are dropped before use and logged once; any other unknown key is an error.
@@ -173,11 +243,6 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """A checkpoint path that does not exist or holds no model states."""
 
 
-def is_whole_number(value: object) -> bool:
-    """An int from a config, not a bool (YAML's `true` is an int to isinstance)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:
     """Merge YAML files in order, apply `key=value` overrides, and validate the `args` section."""
     config = OmegaConf.create()
@@ -188,7 +253,9 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
         try:
             loaded = OmegaConf.load(path)
         except Exception as error:  # omegaconf raises several YAML error types
-            raise ConfigError(f"cannot parse config file {path}: {error}") from error
+            raise ConfigError(f"cannot parse config file {path}: {yaml_problem(error)}") from error
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path}: expected sections ({', '.join(SECTIONS)}) at the top, found a list")
         config = OmegaConf.merge(config, loaded)
         _last_precision_wins(config, loaded, str(path))
     for item in overrides:
@@ -203,6 +270,9 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
                 _last_precision_wins(config, OmegaConf.from_dotlist([item]), f"override {item!r}")
         except OmegaConfBaseException as error:
             raise ConfigError(f"cannot apply override {item!r}: {error}") from error
+        except yaml.YAMLError as error:  # the value is parsed as YAML: `[shards-{0..9}.tar]` needs quotes
+            raise ConfigError(f"cannot apply override {item!r}: {yaml_problem(error)}; quote a value that holds "
+                              "braces, commas or colons ('...')") from error
     for section in config:
         if section not in SECTIONS:
             close = difflib.get_close_matches(str(section), SECTIONS, n=1)
@@ -212,6 +282,14 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
     if "deepspeed" in config:
         config.deepspeed = _validated_deepspeed(config.deepspeed)
     return config
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML parse error in one line: what is wrong and where."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
 
 
 def _last_precision_wins(config: DictConfig, source: DictConfig, where: str) -> None:
@@ -230,8 +308,13 @@ def _last_precision_wins(config: DictConfig, source: DictConfig, where: str) -> 
 def _validated_args(args: DictConfig) -> DictConfig:
     args = drop_keys_without_effect("args", to_plain(args))
     for key in args:
+        if key in MOVED_ARGS:
+            raise ConfigError(f"unknown key args.{key}; it is set as {MOVED_ARGS[key]}")
         if key not in ARGS_DEFAULTS:
             raise unknown_key_error(key, "args", ARGS_DEFAULTS)
+        test, expected = ARGS_RULES.get(key, (lambda value: True, ""))
+        if not test(args[key]):
+            raise ConfigError(f"args.{key}={args[key]!r}: expected {expected}")
     return OmegaConf.merge(OmegaConf.create(ARGS_DEFAULTS), args)
 
 

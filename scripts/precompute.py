@@ -10,6 +10,7 @@ rank has finished. Then train with `data.target=satvideo.data.CachedDataset args
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,10 @@ def main() -> None:
     parser.add_argument("--clips-per-shard", type=int, default=256, help="clips in each shard file (default 256)")
     parser.add_argument("--debug", action="store_true")
     options = parser.parse_args()
+    if options.clips_per_shard < 1:
+        raise ConfigError(f"--clips-per-shard={options.clips_per_shard}: expected a whole number >= 1")
+    if Path(options.out).exists() and not Path(options.out).is_dir():
+        raise ConfigError(f"--out {options.out} is a file, not a folder")
     config = load_config([item for item in options.base if is_config_file(item)],
                          [item for item in options.base if not is_config_file(item)])
     args = args_namespace(config)
@@ -63,6 +68,22 @@ def main() -> None:
         print(f"cached {manifest['count']} clips{frames} in {options.out} ({len(manifest['shards'])} shards by "
               f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples left out: "
               f"{sum(skipped.values())} ({left_out})", flush=True)
+    check_bad_share(manifest["count"], manifest["skipped"], config.data.get("max_bad_share", 0.05), options.out)
+
+
+def check_bad_share(good: int, bad: dict[str, int], max_bad_share: float, out: str) -> None:
+    """As training from the videos would stop: no clip at all, or more bad ones than data.max_bad_share, is an
+    error (the cache of the good clips stays complete)."""
+    total_bad = sum(bad.values())
+    reasons = ", ".join(f"{reason} {count}" for reason, count in bad.items())
+    if good == 0:
+        raise ConfigError(f"no clip of args.train_data could be cached ({reasons}); scripts/check_dataset.py lists "
+                          "the files")
+    if total_bad > max_bad_share * (good + total_bad):
+        raise ConfigError(f"{total_bad} of {good + total_bad} clips could not be used "
+                          f"({total_bad / (good + total_bad):.1%}, above data.max_bad_share={max_bad_share:g}): "
+                          f"{reasons}; the cache in {out} holds the {good} others; scripts/check_dataset.py lists "
+                          "the files")
 
 
 if __name__ == "__main__":

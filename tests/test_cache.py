@@ -120,6 +120,14 @@ def test_an_unfinished_cache_is_refused_in_one_line(tmp_path, sharded_cache):
     with pytest.raises(ConfigError, match=rf"^{tmp_path} is not a cache \(no cache.json\)"):
         CachedDataset(str(tmp_path), **PARAMS)
 
+    damaged = tmp_path / "damaged"
+    shutil.copytree(cache, damaged)
+    shard = sorted(damaged.glob("shard-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ConfigError, match=rf"^the cache {damaged}: shard {shard.name} is damaged \(.*\): make it "
+                                          "again with scripts/precompute.py"):
+        CachedDataset(str(damaged), **PARAMS)
+
 
 def test_a_bad_encode_chunk_frames_stops_precompute_before_it_clears_the_old_cache(tmp_path, toy_data, sharded_cache):
     cache, _ = sharded_cache
@@ -147,7 +155,7 @@ def mixed_cache(tmp_path_factory) -> dict:
     vae_file = folder / "vae.pt"
     torch.save({"state_dict": vae.state_dict()}, vae_file)
     overrides = [f"args.train_data=[{bad},{clean}]", "args.train_data_weights=[1,2]",
-                 f"model.first_stage_config.params.ckpt_path={vae_file}"]
+                 f"model.first_stage_config.params.ckpt_path={vae_file}", "data.max_bad_share=1"]
     output = precompute(folder / "cache", *overrides)
     return {"cache": folder / "cache", "output": output, "vae": vae, "vae_file": vae_file, "overrides": overrides}
 
@@ -164,6 +172,20 @@ def test_bad_clips_are_left_out_and_counted_and_each_sample_of_a_mix_is_cached_o
     labels = [(mixed_cache["cache"].parent / source / "labels" / f"0000{i}.txt").read_text().strip()
               for source, count in (("bad", 3), ("clean", 2)) for i in range(count)]
     assert [dataset[index]["txt"] for index in range(len(dataset))] == labels + labels[3:]
+
+
+def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_ones(tmp_path):
+    import runpy
+
+    from satvideo.config import ConfigError
+
+    check_bad_share = runpy.run_path(str(Path(ROOT) / "scripts" / "precompute.py"))["check_bad_share"]
+    check_bad_share(95, {"empty_file": 5}, 0.05, "cache/")  # at the limit, not above
+    with pytest.raises(ConfigError, match=r"^6 of 100 clips could not be used \(6.0%, above data.max_bad_share=0.05\): "
+                                          r"empty_file 6; the cache in cache/ holds the 94 others"):
+        check_bad_share(94, {"empty_file": 6}, 0.05, "cache/")
+    with pytest.raises(ConfigError, match=r"^no clip of args.train_data could be cached \(missing_caption 8\)"):
+        check_bad_share(0, {"missing_caption": 8}, 1.0, "cache/")
 
 
 @pytest.mark.slow

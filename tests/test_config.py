@@ -97,3 +97,55 @@ def test_command_line_tells_files_from_overrides(tmp_path):
     assert config.args.train_iters == 7 and config.args.seed == 3
     with pytest.raises(ConfigError, match=r"override 'modle.x=1': unknown section 'modle'; expected one of args, model"):
         parse_config("test", ["--base", odd_name, "modle.x=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("args.seed=abc", "args.seed='abc': expected a whole number from 0 to 4294967295"),
+    ("args.seed=-1", "args.seed=-1: expected a whole number from 0 to 4294967295"),
+    ("args.batch_size=0", "args.batch_size=0: expected a whole number >= 1 (or null)"),
+    ("args.zero_stage=7", "args.zero_stage=7: expected one of 0, 1, 2, 3 (or null)"),
+    ("args.lr_decay_style=step", "args.lr_decay_style='step': expected one of constant, linear, cosine, exponential"),
+    ("args.lr_decay_ratio=-1", "args.lr_decay_ratio=-1: expected a number >= 0 and <= 1"),
+    ("args.warmup=-1", "args.warmup=-1: expected a number >= 0"),
+    ("args.sampling_fps=-3", "args.sampling_fps=-3: expected a number > 0"),
+    ("args.sampling_fps=0", "args.sampling_fps=0: expected a number > 0"),
+    ("args.sampling_num_frames=abc", "args.sampling_num_frames='abc': expected a whole number >= 1 (or null)"),
+    ("args.sampling_image_size=32", "args.sampling_image_size=32: expected [height, width] in pixels (or null)"),
+    ("args.sampling_image_size=[32]", "args.sampling_image_size=[32]: expected [height, width] in pixels (or null)"),
+    ("args.num_samples=0", "args.num_samples=0: expected a whole number >= 1"),
+    ("args.input_type=foo", "args.input_type='foo': expected one of txt, cli"),
+    ("args.overwrite=maybe", "args.overwrite='maybe': expected true or false"),
+    ("args.lr=-1", "unknown key args.lr; it is set as deepspeed.optimizer.params.lr"),
+])
+def test_args_values_are_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(["configs/tiny/model.yaml"], [override])
+    assert str(error.value) == message
+
+
+def test_yaml_problems_are_one_line_naming_the_file_and_place(tmp_path):
+    bad = write(tmp_path, "bad.yaml", "args:\n  train_iters: [1, 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config([bad])
+    assert str(error.value) == f"cannot parse config file {bad}: did not find expected ',' or ']' (line 3, column 1)"
+    listed = write(tmp_path, "list.yaml", "- a\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: expected sections \(args, model, data, deepspeed\) at the top"):
+        load_config([listed])
+
+
+def test_an_override_whose_value_ends_in_yaml_is_an_override():
+    from satvideo.cli import parse_config
+
+    config = parse_config("test", ["--base", "configs/tiny/model.yaml", "args.experiment_name=exp.yaml"])
+    assert config.args.experiment_name == "exp.yaml"
+    with pytest.raises(ConfigError, match="override 'args.train_iters' is not of the form key=value"):
+        parse_config("test", ["--base", "configs/tiny/model.yaml", "args.train_iters"])
+
+
+def test_an_override_that_is_not_yaml_says_to_quote_it():
+    with pytest.raises(ConfigError) as error:
+        load_config([], ["args.train_data=[shards/x-{0..2}.tar]"])
+    assert str(error.value) == ("cannot apply override 'args.train_data=[shards/x-{0..2}.tar]': did not find expected "
+                                "',' or ']' (line 1, column 11); quote a value that holds braces, commas or colons "
+                                "('...')")
+    assert load_config([], ["args.train_data=['shards/x-{0..2}.tar']"]).args.train_data == ["shards/x-{0..2}.tar"]

@@ -115,6 +115,42 @@ def test_overwrite_replaces_files_and_their_manifest_lines(tmp_path, base):
     assert [(line["file"], line["seed"]) for line in manifest] == [("000_0_a-red-square-moving-left.mp4", 9)]
 
 
+def test_no_two_videos_of_a_run_share_a_seed(tmp_path):
+    from argparse import Namespace
+
+    from satvideo.sampling.inputs import read_requests
+
+    prompts, requests = tmp_path / "prompts.txt", tmp_path / "requests.jsonl"
+    prompts.write_text("a\nb\nc\n")
+    requests.write_text('{"prompt": "a"}\n{"prompt": "b", "seed": 7}\n{"prompt": "c"}\n')
+    for path, expected in ((prompts, [40, 42, 44]), (requests, [40, 7, 44])):
+        args = Namespace(input_file=str(path), seed=40, num_samples=2)
+        assert [request.seed for request in read_requests(args)] == expected  # videos: seed and seed + 1
+
+
+def test_an_mp4_is_written_whole_or_not_at_all(tmp_path):
+    frames = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="fps must be positive, got 0"):
+        write_mp4(frames, tmp_path / "a.mp4", fps=0)
+    assert list(tmp_path.iterdir()) == []
+    write_mp4(frames, tmp_path / "a.mp4", fps=8)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"] and read_mp4(tmp_path / "a.mp4")[0].shape == (3, 32, 32, 3)
+
+
+def test_overwriting_keeps_a_damaged_manifest_line_and_replaces_the_files_own(tmp_path):
+    from satvideo.sampling.outputs import OutputWriter
+
+    writer = OutputWriter(tmp_path, overwrite=True, contact_sheets=False)
+    video = torch.zeros(3, 3, 16, 16)
+    writer.write("v", {"prompt": "p", "seed": 1}, video=video)
+    with open(tmp_path / "manifest.jsonl", "a") as manifest:
+        manifest.write('{"file": "x.mp4", "prompt": "cut by a kil\n')
+    writer.write("v", {"prompt": "p", "seed": 2}, video=video)
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    assert lines == ['{"file": "x.mp4", "prompt": "cut by a kil', '{"file": "v.mp4", "prompt": "p", "seed": 2}']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "v.json", "v.mp4"]
+
+
 # --- inputs checked before weights load --------------------------------------------------------------------
 
 def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
@@ -127,6 +163,8 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     (tmp_path / "file").write_text("")
     frames = tmp_path / "frames.jsonl"
     frames.write_text('{"prompt": "a cat", "num_frames": 12}\n')
+    text_seed = tmp_path / "seed.jsonl"
+    text_seed.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "seed": "abc"}\n')
     no_t5 = ("model.conditioner_config.params.emb_models=[{target: sgm.modules.encoders.modules.FrozenT5Embedder, "
              f"params: {{model_dir: {tmp_path / 'no_t5'}}}}}]")
     return [
@@ -135,9 +173,12 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([f"args.input_file={empty}"], "holds no prompt"),
         ([f"args.input_file={latin1}"], "is not UTF-8 text"),
         ([f"args.input_file={bad_json}"], "unknown key 'sed'; did you mean 'seed'?"),
+        ([f"args.input_file={text_seed}"], "seed.jsonl:2: \"seed\": 'abc': expected a whole number"),
+        ([f"args.input_file={tmp_path}"], "is a folder, not a file"),
+        (["args.sampling_fps=-3"], "args.sampling_fps=-3: expected a number > 0"),
         ([f"args.input_file={video}"], "missing.mp4 cannot be decoded"),
         (["args.sampling_num_frames=4"], "13 output frames (4 latent); this family needs 8N+1 frames"),
-        (["args.sampling_num_frames=0"], "args.sampling_num_frames=0: give a positive number"),
+        (["args.sampling_num_frames=0"], "args.sampling_num_frames=0: expected a whole number >= 1"),
         (["args.sampling_image_size=[40,40]"], "both must be multiples of 16"),
         (["args.decode_chunk_frames=3"], "args.decode_chunk_frames must be a positive multiple of 2, got 3"),
         (["args.vae_tiling=2", "args.vae_tile_overlap=-1"], "args.vae_tiling=2 with args.vae_tile_overlap=-1"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from satvideo.config import ConfigError
+from satvideo.config import CheckpointError, ConfigError
 from satvideo.data.toy import make_toy_dataset
 from satvideo.checkpoint import (MODEL_STATES, load_network, network_state_dict, read_latest,
                                  write_latest)
@@ -179,7 +179,7 @@ def test_latest_is_only_written_after_a_complete_save(tmp_path):
         save_checkpoint(FailingEngine(), Namespace(save=str(tmp_path), keep_last=None), 200, torch.device("cpu"))
     assert read_latest(tmp_path) == 100
     (tmp_path / "latest").write_text("garbage")
-    with pytest.raises(ValueError, match="latest should hold an iteration number, found 'garbage'"):
+    with pytest.raises(CheckpointError, match="latest should hold an iteration number, found 'garbage'"):
         read_latest(tmp_path)
 
 
@@ -199,9 +199,21 @@ def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_ext
     del module["model.diffusion_model.time_embed.0.weight"]
     module["model.diffusion_model.extra.weight"] = torch.zeros(1)
     torch.save({"module": module}, tmp_path / "ckpt" / "7" / MODEL_STATES)
-    with pytest.raises(ValueError, match=r"missing keys \(1\): time_embed\.0\.weight; unexpected keys \(1\): extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): time_embed\.0\.weight; unexpected keys \(1\): extra\.weight"):
         load_network(network, tmp_path / "ckpt" / "7")
     load_network(network, tmp_path / "ckpt" / "7" / MODEL_STATES, strict=False)
+
+    # a weight of another shape is named with both shapes; without strict the rest loads and it keeps its value
+    bias = "model.diffusion_model.time_embed.0.bias"
+    module[bias] = torch.ones(module[bias].shape[0] + 1)
+    torch.save({"module": module}, tmp_path / "ckpt" / "7" / MODEL_STATES)
+    expected_bias = network.time_embed[0].bias.detach().clone()
+    width = expected_bias.shape[0]
+    with pytest.raises(CheckpointError, match=rf"shapes differ \(checkpoint vs model\) \(1\): time_embed\.0\.bias "
+                                              rf"\({width + 1},\) vs \({width},\)"):
+        load_network(network, tmp_path / "ckpt" / "7")
+    load_network(network, tmp_path / "ckpt" / "7", strict=False)
+    assert torch.equal(network.time_embed[0].bias, expected_bias)
     with pytest.raises(FileNotFoundError, match="checkpoint path .*nowhere does not exist"):
         load_network(network, tmp_path / "nowhere")
 

@@ -206,6 +206,35 @@ def test_counts_and_intervals_are_checked_first(override, message):
         check_training_args(args_namespace(load_config(TINY, [override])))
 
 
+def test_a_start_that_fails_its_checks_leaves_the_run_folder_as_it_was(tmp_path, data, monkeypatch):
+    from satvideo.config import CheckpointNotFound
+    from satvideo.training import loop
+
+    monkeypatch.chdir(ROOT)
+
+    def start(save, *overrides) -> None:
+        loop.train(load_config(TINY, [f"args.save={save}", f"args.train_data=[{data}]", "args.num_workers=0",
+                                      *overrides]))
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "training_config.yaml").write_text("the earlier run's\n")
+    for save in (earlier, tmp_path / "new"):
+        with pytest.raises(ConfigError, match=r"args.train_data .*no_data"):
+            start(save, f"args.train_data=[{tmp_path / 'no_data'}]")
+        with pytest.raises(ConfigError, match=r"^deepspeed.optimizer.params.lr=-1: expected a number >= 0$"):
+            start(save, "deepspeed.optimizer.params.lr=-1")
+    assert (earlier / "training_config.yaml").read_text() == "the earlier run's\n"
+    assert not (tmp_path / "new").exists()  # a folder the failed start created is gone again
+
+    (earlier / "latest").write_text("5")
+    with pytest.raises(CheckpointNotFound, match=r"earlier/latest names iteration 5, but .*earlier/5/mp_rank_00"):
+        start(earlier)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"^args.save=.*a_file: cannot be the run folder"):
+        start(tmp_path / "a_file")
+
+
 def test_a_worker_whose_launcher_is_gone_stops(monkeypatch):
     from satvideo.training.guards import LauncherWatch
 

@@ -41,17 +41,20 @@ def check_buckets(buckets: list) -> list[Shape]:
     return shapes
 
 
-def fillable_frames(info: "VideoInfo", fps: int, skip: int) -> int:
-    """How many frames at `fps` the clip holds after skipping `skip` frames at both ends."""
-    return max(0, math.floor((info.num_frames - 2 * skip) * fps / info.fps))
+def fillable_frames(info: "VideoInfo", fps: int, skip: int, repeats_frames: bool = True) -> int:
+    """How many frames at `fps` the clip holds after skipping `skip` frames at both ends; without
+    `repeats_frames` (stride sampling) a clip slower than `fps` holds no more than its own frames."""
+    frames = info.num_frames - 2 * skip
+    at_fps = math.floor(frames * fps / info.fps)
+    return max(0, at_fps if repeats_frames else min(frames, at_fps))
 
 
-def choose_bucket(info: "VideoInfo", buckets: list[Shape], fps: int, skip: int) -> int:
+def choose_bucket(info: "VideoInfo", buckets: list[Shape], fps: int, skip: int, repeats_frames: bool = True) -> int:
     """The index of the clip's bucket (see the module docstring)."""
     distance = [abs(math.log(info.height / info.width) - math.log(h / w)) for _, h, w in buckets]
     nearest = min(distance)
     candidates = [i for i, d in enumerate(distance) if d - nearest < 1e-9]
-    available = fillable_frames(info, fps, skip)
+    available = fillable_frames(info, fps, skip, repeats_frames)
     fits = [i for i in candidates if buckets[i][0] <= available]
     if fits:
         return max(fits, key=lambda i: (buckets[i][0], buckets[i][1] * buckets[i][2]))
@@ -64,16 +67,22 @@ def members_of_buckets(bucket_of: np.ndarray, count: int) -> list[np.ndarray]:
 
 
 def assign_buckets(dataset: "ClipDataset", buckets: list[Shape]) -> list[int]:
-    """Each sample's bucket; a sample whose container cannot be read goes to bucket 0 (it is passed over, and
-    counted, when drawn). Sets the dataset's per-sample shapes and stand-in groups."""
-    assigned = []
+    """Each sample's bucket; a sample whose container cannot be read goes to the bucket with the most readable
+    samples (it is passed over, and counted, when drawn, and one of them stands in). Sets the dataset's per-sample
+    shapes and stand-in groups."""
+    assigned, unreadable = [], []
     for index in range(len(dataset)):
         try:
             info = dataset.probe(index)
         except BadSample:
-            assigned.append(0)
+            unreadable.append(index)
+            assigned.append(-1)
             continue
-        assigned.append(choose_bucket(info, buckets, dataset.fps, dataset.skip_frms_num))
-    groups = members_of_buckets(np.asarray(assigned, dtype=np.int64), len(buckets))
+        assigned.append(choose_bucket(info, buckets, dataset.fps, dataset.skip_frms_num,
+                                      repeats_frames=dataset.frame_sampling == "fps"))
+    bucket_of = np.asarray(assigned, dtype=np.int64)
+    bucket_of[unreadable] = np.bincount(bucket_of[bucket_of >= 0], minlength=len(buckets)).argmax()
+    assigned = bucket_of.tolist()
+    groups = members_of_buckets(bucket_of, len(buckets))
     dataset.set_groups([buckets[bucket] for bucket in assigned], groups)
     return assigned

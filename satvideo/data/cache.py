@@ -368,6 +368,13 @@ def read_manifest(folder: Path) -> dict:
     missing = [shard for shard in manifest["shards"] if not (folder / shard).is_file()]
     if missing:
         raise ConfigError(f"the cache {folder} lacks {len(missing)} of its shards ({missing[0]} ...): {REMAKE}")
+    for shard in manifest["shards"]:  # a damaged one would otherwise stop a data worker mid-run
+        try:
+            with safe_open(str(folder / shard), framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise ConfigError(f"the cache {folder}: shard {shard} is damaged ({str(error).splitlines()[0][:120]}): "
+                              f"{REMAKE}") from None
     return manifest
 
 

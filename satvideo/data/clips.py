@@ -3,8 +3,9 @@
 A source (SFT folder, JSONL manifest, tar shards) lists its samples and says how to read each one's video bytes,
 caption and optional first-frame image; `ClipDataset` turns a sample into an item. A sample that cannot be used
 raises `BadSample` inside `load`; `__getitem__` then takes the next sample of the same group (the same bucket,
-when buckets are configured) and the item carries the tally of what it passed over (`health.SKIPPED`), so that no
-data worker ever dies of a bad file and the training loop can count them.
+when buckets are configured) and the item carries the reason the drawn sample was passed over (`health.SKIPPED`;
+a stand-in that is bad too is counted when it is drawn itself, so each bad sample counts once per epoch), so that
+no data worker ever dies of a bad file and the training loop can count them.
 
 Items: {"mp4": [T, 3, H, W] in [-1, 1], "txt", "num_frames" (real frames), "padded_frames" (copies of the last
 frame appended), "fps", "skipped": [len(REASONS)], "image": [3, H, W] in [-1, 1]} where "image" is the
@@ -25,10 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from satvideo.config import is_number, is_whole_number
 from satvideo.data.buckets import check_buckets
 from satvideo.data.frames import FRAME_SAMPLING, resampled_indices, resize_cover_center_crop, strided_indices, \
     whole_number
-from satvideo.data.health import SKIPPED, BadSample, FirstOfEachReason, classify_decode_error, tally_of
+from satvideo.data.health import (SKIPPED, BadSample, FirstOfEachReason, UnusableData, classify_decode_error,
+                                  tally_of)
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +58,17 @@ class VideoInfo:
 def open_video(data: bytes | Path, name: str) -> decord.VideoReader:
     """A reader of a video file or of its bytes; every failure is a BadSample naming why."""
     if isinstance(data, Path):
-        if not data.is_file():
+        if not data.exists():
             raise BadSample("missing_video", name)
-        with open(data, "rb") as file:
-            head = file.read(16)
-        source = str(data)
+        try:
+            with open(data, "rb") as file:
+                head = file.read(16)
+            source = str(data)
+            source.encode("utf-8")  # decord takes UTF-8 paths: a name that is not UTF-8 is read into memory
+        except UnicodeEncodeError:
+            source = io.BytesIO(data.read_bytes())
+        except OSError as error:
+            raise BadSample("unreadable_file", name, error.strerror or type(error).__name__) from None
     else:
         head, source = data[:16], io.BytesIO(data)
     if not head:
@@ -109,10 +118,17 @@ class ClipDataset(Dataset):
                                     ("missing_caption", missing_caption, MISSING_CAPTIONS)):
             if value not in choices:
                 raise ValueError(f"data.params.{key}={value!r}: expected one of {choices}")
+        if not (isinstance(video_size, Sequence) and len(video_size) == 2
+                and all(is_whole_number(side) and side > 0 for side in video_size)):
+            raise ValueError(f"data.params.video_size={video_size!r}: expected [height, width] in pixels")
+        if not (is_number(fps) and fps > 0):
+            raise ValueError(f"data.params.fps={fps!r}: expected a number > 0")
         self.video_size = (int(video_size[0]), int(video_size[1]))
         self.fps = fps
         self.max_num_frames = max_num_frames
         self.skip_frms_num = whole_number("skip_frms_num", skip_frms_num)
+        if self.skip_frms_num < 0:
+            raise ValueError(f"data.params.skip_frms_num={skip_frms_num}: expected a whole number >= 0")
         self.frame_sampling = frame_sampling
         self.whole_caption = caption == "whole_file"
         self.short_clips = short_clips
@@ -125,6 +141,7 @@ class ClipDataset(Dataset):
         self.groups: list[np.ndarray] | None = None  # the sample indices of each bucket
         self.bucket_of: np.ndarray | None = None  # [N]: the bucket (group) of each sample
         self._position_in_group: np.ndarray | None = None  # [N]: its place among the bucket's samples
+        self.reads_images = True  # False: a sample's own image is neither read nor checked (text-to-video)
         self._report = FirstOfEachReason()
         self._warned_short_clip = False
 
@@ -182,19 +199,23 @@ class ClipDataset(Dataset):
         members = self.groups[self.bucket_of[index]]
         return int(members[(self._position_in_group[index] + attempt) % len(members)])
 
+    def group_size(self, index: int) -> int:
+        return len(self) if self.groups is None else len(self.groups[self.bucket_of[index]])
+
     def __getitem__(self, index: int) -> dict:
         passed_over: list[BadSample] = []
-        for attempt in range(min(MAX_CONSECUTIVE_BAD, len(self))):
+        for attempt in range(min(MAX_CONSECUTIVE_BAD, self.group_size(index))):
             try:
                 item = self.load(self.stand_in(index, attempt))
             except BadSample as error:
                 self._report(error)
                 passed_over.append(error)
                 continue
-            item[SKIPPED] = tally_of(passed_over)
+            item[SKIPPED] = tally_of(passed_over[:1])  # the drawn sample's reason; stand-ins count when drawn
             return item
         reasons = ", ".join(sorted({error.reason for error in passed_over}))
-        raise RuntimeError(f"{len(passed_over)} samples in a row cannot be used ({reasons}), the first "
+        where = "" if self.groups is None else f" of shape {list(self.shape(index))}"
+        raise UnusableData(f"{len(passed_over)} samples in a row{where} cannot be used ({reasons}), the first "
                            f"{passed_over[0].path}: check the data with scripts/check_dataset.py")
 
     def load(self, index: int) -> dict:
@@ -217,7 +238,7 @@ class ClipDataset(Dataset):
             "padded_frames": frames_wanted - num_real,
             "fps": self.fps,
         }
-        image = self.image_bytes(index)
+        image = self.image_bytes(index) if self.reads_images else None
         item["image"] = self.load_image(image, name, (height, width)) if image is not None else item["mp4"][0]
         return item
 
@@ -242,7 +263,7 @@ class ClipDataset(Dataset):
             indices = choose(num_source, source_fps, self.fps, self.skip_frms_num, num_frames)
         except ValueError as error:
             raise BadSample("too_few_frames", name, str(error)) from None
-        too_short = len(indices) < (num_frames if self.short_clips == "skip" else MIN_REAL_FRAMES)
+        too_short = len(indices) < (num_frames if self.short_clips == "skip" else min(MIN_REAL_FRAMES, num_frames))
         if too_short:
             raise BadSample("too_few_frames", name, f"{len(indices)} usable of {num_source} frames, {num_frames} "
                                                     f"wanted at {self.fps} fps")
@@ -268,6 +289,8 @@ class ClipDataset(Dataset):
 
         try:
             with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
+                if image.mode.startswith("I"):  # 16-bit grey (PNG): to 8 bits first, RGB conversion would clip it
+                    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
                 pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())  # [h, w, 3] uint8
         except (OSError, UnidentifiedImageError) as error:
             raise BadSample("bad_image", name, str(error).splitlines()[0][:200]) from None

@@ -28,10 +28,10 @@ def largest_4k_plus_1(n: int) -> int:
 def strided_indices(num_source: int, source_fps: float, fps: int, skip: int, num_frames: int) -> np.ndarray:
     """The original's frame choice (see the module docstring); at most num_frames indices, fewer when a clip
     is short. Where the original would fail (a stride of 0 for a source slower than `fps`, indices past the
-    clip's end) the stride is at least 1 and indices stay inside the clip."""
+    clip's end) consecutive frames are taken and indices stay inside the clip."""
     if num_source / source_fps * fps > num_frames:
         start = skip
-        end = int(start + num_frames / fps * source_fps)
+        end = max(int(start + num_frames / fps * source_fps), start + num_frames)  # slower source: consecutive
         indices = np.arange(start, end, max((end - start) // num_frames, 1))
     elif num_source > num_frames:
         start, end = skip, num_source - skip

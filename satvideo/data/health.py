@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from satvideo.config import SatvideoError
+
 logger = logging.getLogger(__name__)
 
 REASONS: dict[str, str] = {
@@ -26,12 +28,25 @@ REASONS: dict[str, str] = {
     "empty_caption": "the caption is empty",
     "caption_not_utf8": "the caption is not valid UTF-8",
     "bad_image": "the conditioning image is missing or cannot be decoded",
+    "unreadable_file": "a file that exists but cannot be read (a folder, or no permission)",
 }
 SKIPPED = "skipped"  # batch key: LongTensor [B, len(REASONS)], bad samples passed over before each item
 
 # Container signatures: (byte offset, magic). ISO media (mp4/mov) boxes carry their type at offset 4.
 CONTAINER_MAGIC = ((4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"), (0, b"\x1a\x45\xdf\xa3"),
                    (0, b"RIFF"), (0, b"OggS"), (0, b"FLV"))
+
+
+class UnusableData(SatvideoError):
+    """So many samples in a row cannot be used that the data, not a file, is at fault: the run stops.
+
+    Raised in a data worker, it reaches the main process through the DataLoader, which rebuilds it with the
+    worker's traceback as its message; `str` keeps only the original line."""
+
+    def __str__(self) -> str:
+        text = super().__str__().strip()
+        last = text.splitlines()[-1] if text else text
+        return last.removeprefix(f"{type(self).__module__}.{type(self).__qualname__}: ")
 
 
 class BadSample(Exception):
@@ -64,7 +79,7 @@ def classify_decode_error(path: str | Path, head: bytes, error: Exception) -> Ba
 def decode_caption(data: bytes, path: str | Path, whole_file: bool) -> str:
     """The caption in a label's bytes: its first line (or all of it, stripped) as UTF-8, never empty."""
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the caption
     except UnicodeDecodeError as error:
         raise BadSample("caption_not_utf8", path, f"byte {error.start}") from None
     caption = text.strip() if whole_file else (text.splitlines() or [""])[0].strip()
@@ -78,6 +93,8 @@ def read_caption_file(path: Path, whole_file: bool) -> str:
         data = path.read_bytes()
     except FileNotFoundError:
         raise BadSample("missing_caption", path) from None
+    except OSError as error:
+        raise BadSample("unreadable_file", path, error.strerror or type(error).__name__) from None
     return decode_caption(data, path, whole_file)
 
 

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from satvideo.config import is_number, is_whole_number
 from satvideo.data.clips import ClipDataset, VideoInfo
 from satvideo.data.health import BadSample
 from satvideo.data.packed import PackedList
@@ -36,10 +37,27 @@ def read_manifest(path: Path) -> list[dict]:
                 raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
             if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
                 raise ValueError(f"{path}:{number}: expected an object with a \"video\" path")
+            problem = entry_problem(entry)
+            if problem:
+                raise ValueError(f"{path}:{number}: {problem}")
             entries.append(entry)
     if not entries:
         raise ValueError(f"manifest {path} lists no clips")
     return entries
+
+
+def entry_problem(entry: dict) -> str | None:
+    """What is wrong with an entry's optional fields (which the dataset would otherwise meet in a data worker)."""
+    image, fps = entry.get("image"), entry.get("fps")
+    if image is not None and not isinstance(image, str):
+        return f"\"image\" must be a path, got {image!r}"
+    if fps is not None and not (is_number(fps) and fps > 0):
+        return f"\"fps\" must be a number > 0, got {fps!r}"
+    for key in ("frames", "height", "width"):
+        value = entry.get(key)
+        if value is not None and not (is_whole_number(value) and value > 0):
+            return f"\"{key}\" must be a whole number > 0, got {value!r}"
+    return None
 
 
 class ManifestDataset(ClipDataset):

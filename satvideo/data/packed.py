@@ -22,7 +22,9 @@ class PackedList(Sequence):
     tuple comes back as a list and each access returns a fresh object."""
 
     def __init__(self, values: Iterable[Any]):
-        encoded = [json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for value in values]
+        # surrogatepass: a file name that is not UTF-8 reaches Python as lone surrogates, which must come back
+        encoded = [json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+                   for value in values]
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(item) for item in encoded], out=self._offsets[1:])
         self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
@@ -37,4 +39,4 @@ class PackedList(Sequence):
         if not 0 <= position < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} entries")
         start, end = self._offsets[position], self._offsets[position + 1]
-        return json.loads(self._data[start:end].tobytes())
+        return json.loads(self._data[start:end].tobytes().decode("utf-8", "surrogatepass"))

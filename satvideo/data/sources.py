@@ -98,7 +98,10 @@ def build_dataset(config: DictConfig, paths: str | list[str] | None, key: str, w
     for path in paths:
         try:
             if isinstance(configured, type) and issubclass(configured, ClipDataset):
-                datasets.append(clip_source(path, configured, clip_params(part)))
+                source = clip_source(path, configured, clip_params(part))
+                # only an image-to-video model reads a sample's own first-frame image (a bad one is then a bad sample)
+                source.reads_images = bool((config.get("model") or {}).get("noised_image_input"))
+                datasets.append(source)
             else:
                 datasets.append(instantiate_from_config(part, data_dir=path))
         except (FileNotFoundError, ValueError) as error:  # ConfigError included: name the path

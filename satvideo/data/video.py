@@ -1,5 +1,6 @@
 """Reading and writing mp4 files as uint8 frame arrays of shape [T, H, W, 3]."""
 
+import os
 from pathlib import Path
 
 import decord
@@ -10,16 +11,21 @@ import numpy as np
 H264_CRF = 12
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
-    """Encode uint8 RGB frames [T, H, W, 3] as h264/yuv420p, the format every player accepts."""
+def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> None:
+    """Encode uint8 RGB frames [T, H, W, 3] as h264/yuv420p, the format every player accepts. The file appears
+    whole or not at all: ffmpeg writes a temporary file beside it, renamed once it is complete."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames of shape [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
     num_frames, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise ValueError(f"yuv420p needs an even height and width, got {height}x{width} for {path}")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps} for {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # ffmpeg takes the container from the suffix
     writer = imageio_ffmpeg.write_frames(
-        str(path),
+        str(partial),
         size=(width, height),
         fps=fps,
         codec="libx264",
@@ -29,10 +35,16 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
         macro_block_size=1,  # sizes are checked above; never let ffmpeg rescale
         ffmpeg_log_level="error",
     )
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    try:
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        if not partial.is_file() or partial.stat().st_size == 0:
+            raise OSError(f"ffmpeg wrote nothing for {path}")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:

@@ -18,13 +18,18 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from satvideo.config import ConfigError
+from satvideo.config import ArgRule, ConfigError, number, whole
 from satvideo.data.frames import resize_cover_center_crop
 
 VAE_SPATIAL = 8  # the CogVideoX VAE's spatial compression
 VAE_TEMPORAL = 4
 MAX_SIDE = 2048  # pixels: beyond the sizes any CogVideoX family was trained near
-REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "image", "video", "strength", "continue_frames", "num_frames")
+TEXT: ArgRule = (lambda value: isinstance(value, str), "a string")
+# What each JSONL key's value must be (ranges that depend on the model are VideoPlan.check's).
+REQUEST_RULES: dict[str, ArgRule] = {"prompt": TEXT, "negative_prompt": TEXT, "seed": whole(0, 2**63 - 1),
+                                     "image": TEXT, "video": TEXT, "strength": number(0, 1), "continue_frames": whole(1),
+                                     "num_frames": whole(1)}
+REQUEST_KEYS = tuple(REQUEST_RULES)
 
 
 @dataclass
@@ -51,7 +56,7 @@ class VideoRequest:
 
 def read_text(path: str, key: str) -> str:
     if not Path(path).is_file():
-        raise ConfigError(f"{key}: {path} does not exist")
+        raise ConfigError(f"{key}: {path} " + ("is a folder, not a file" if Path(path).is_dir() else "does not exist"))
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -81,8 +86,9 @@ def request_from_line(line: str, index: int, seed: int) -> VideoRequest:
     return VideoRequest(index=index, prompt=prompt.strip(), seed=seed, image=image.strip() or None)
 
 
-def read_jsonl_requests(path: str, seed: int) -> list[VideoRequest]:
-    """One JSON object per line with `prompt` and optionally the other REQUEST_KEYS; seed defaults to seed + i."""
+def read_jsonl_requests(path: str, seed: int, seeds_per_request: int = 1) -> list[VideoRequest]:
+    """One JSON object per line with `prompt` and optionally the other REQUEST_KEYS; request i's seed defaults to
+    seed + i * seeds_per_request (its videos take that seed and the next ones)."""
     requests = []
     for number, line in enumerate(read_text(path, "args.input_file").splitlines(), start=1):
         if not line.strip():
@@ -94,12 +100,15 @@ def read_jsonl_requests(path: str, seed: int) -> list[VideoRequest]:
             raise ConfigError(f"{where}: not a JSON object ({error.msg})") from error
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise ConfigError(f"{where}: needs a non-empty \"prompt\" string")
-        for key in record:
+        for key, value in record.items():
             if key not in REQUEST_KEYS:
                 close = difflib.get_close_matches(key, REQUEST_KEYS, n=1)
                 raise ConfigError(f"{where}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+            test, expected = REQUEST_RULES[key]
+            if not test(value):
+                raise ConfigError(f"{where}: \"{key}\": {value!r}: expected {expected}")
         index = len(requests)
-        requests.append(VideoRequest(index=index, seed=record.get("seed", seed + index),
+        requests.append(VideoRequest(index=index, seed=record.get("seed", seed + index * seeds_per_request),
                                      **{key: value for key, value in record.items() if key != "seed"}))
     return requests
 
@@ -109,9 +118,10 @@ def read_requests(args) -> list[VideoRequest]:
     if not args.input_file:
         raise ConfigError("args.input_file: give a prompt file (one per line, or .jsonl) or set args.input_type=cli")
     if str(args.input_file).endswith(".jsonl"):
-        requests = read_jsonl_requests(args.input_file, args.seed)
+        requests = read_jsonl_requests(args.input_file, args.seed, args.num_samples)
     else:
-        requests = [request_from_line(line, i, args.seed + i) for i, line in enumerate(read_prompts(args.input_file))]
+        requests = [request_from_line(line, i, args.seed + i * args.num_samples)
+                    for i, line in enumerate(read_prompts(args.input_file))]
     if not requests:
         raise ConfigError(f"args.input_file: {args.input_file} holds no prompt")
     return requests
@@ -165,8 +175,6 @@ def latent_frame_count(args, network) -> int:
     patch_t = temporal_patch(network)
     if args.sampling_num_frames is None:
         return (network.num_frames - 1) // network.time_compressed_rate + 1
-    if args.sampling_num_frames < 1:
-        raise ConfigError(f"args.sampling_num_frames={args.sampling_num_frames}: give a positive number of latent frames")
     if patch_t == 1:
         return args.sampling_num_frames
     if args.sampling_num_frames % patch_t:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from satvideo.checkpoint import write_text_atomically
 from satvideo.config import ConfigError
 from satvideo.data.video import write_mp4
 
@@ -102,20 +104,33 @@ class OutputWriter:
 
         path = self.path_for(stem, ".mp4" if latents is None else ".safetensors")
         if latents is not None:
-            save_file(latents, str(path), metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
+            partial = path.with_name(f".{path.name}.partial")
+            save_file(latents, str(partial), metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
+            os.replace(partial, path)
         else:
             frames = to_uint8(video)
             write_mp4(frames, path, fps)
             if self.contact_sheets:
                 contact_sheet([(frames, record["prompt"])], path.with_suffix(".png"))
-        path.with_suffix(".json").write_text(json.dumps({"file": path.name, **record}, indent=2))
+        write_text_atomically(path.with_suffix(".json"), json.dumps({"file": path.name, **record}, indent=2))
         self.add_to_manifest({"file": path.name, "prompt": record["prompt"], "seed": record["seed"]})
         return path
 
     def add_to_manifest(self, line: dict) -> None:
+        """Append `line`; when overwriting, first drop the line of the file it replaces (a line that is not JSON,
+        cut by an earlier kill, is kept as it is)."""
         manifest = self.folder / MANIFEST_NAME
         if self.overwrite and manifest.is_file():
             kept = [text for text in manifest.read_text(encoding="utf-8").splitlines()
-                    if text.strip() and json.loads(text).get("file") != line["file"]]
-            manifest.write_text("".join(text + "\n" for text in kept), encoding="utf-8")
+                    if text.strip() and manifest_file(text) != line["file"]]
+            write_text_atomically(manifest, "".join(text + "\n" for text in kept))
         write_manifest_line(str(self.folder), line)
+
+
+def manifest_file(text: str) -> str | None:
+    """The `file` of a manifest line; None for a line that is not a JSON object."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return record.get("file") if isinstance(record, dict) else None

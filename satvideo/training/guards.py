@@ -16,7 +16,7 @@ import os
 import torch
 
 from satvideo import distributed
-from satvideo.config import ConfigError, TrainingError, is_whole_number
+from satvideo.config import ConfigError, TrainingError
 from satvideo.data.health import REASONS
 from satvideo.engine import check_decode_args
 
@@ -26,22 +26,8 @@ MIN_DRAWS_JUDGED = 100
 
 
 def check_training_args(args) -> None:
-    """Counts and intervals must be positive, decoding options valid; a bad one is a ConfigError before any model
-    or data loads."""
-    for key in ("train_iters", "log_interval", "save_interval", "max_nonfinite_steps", "eval_iters",
-                "eval_batch_size", "num_workers", "prefetch_factor"):
-        value = getattr(args, key)
-        minimum = 0 if key == "num_workers" else 1
-        if not is_whole_number(value) or value < minimum:
-            raise ConfigError(f"args.{key}={value!r}: expected a whole number >= {minimum}")
-    for key in ("keep_last", "eval_interval"):
-        value = getattr(args, key)
-        if value is not None and (not is_whole_number(value) or value < 1):
-            raise ConfigError(f"args.{key}={value!r}: expected a whole number >= 1 (or null)")
-    if not isinstance(args.lock_timeout, (int, float)) or isinstance(args.lock_timeout, bool) or args.lock_timeout <= 0:
-        raise ConfigError(f"args.lock_timeout={args.lock_timeout!r}: expected a number of seconds > 0")
-    if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
-        raise ConfigError(f"args.ema_decay={args.ema_decay!r}: expected a number between 0 and 1 (e.g. 0.9999)")
+    """What the config's per-key rules (config.ARGS_RULES) cannot see: validation needs something to validate,
+    decoding options must fit each other. A bad one is a ConfigError before any model or data loads."""
     if args.eval_interval and not (args.valid_data or args.validation_prompts):
         raise ConfigError("args.eval_interval is set but there is nothing to validate: give args.valid_data "
                           "and/or args.validation_prompts")

@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from satvideo import distributed
-from satvideo.checkpoint import (guard_deepspeed_loads, load_network, read_latest, safe_load, write_latest,
-                                 write_zero3_model_states)
+from satvideo.checkpoint import (guard_deepspeed_loads, load_network, read_latest, resolve_model_states, safe_load,
+                                 write_latest, write_zero3_model_states)
 from satvideo.config import ConfigError, args_namespace
 from satvideo.data.health import REASONS, SKIPPED
 from satvideo.data.sources import bucket_groups, build_dataset
@@ -110,6 +110,9 @@ def batch_order(dataset: Dataset, micro_batch: int, args, layout: Layout) -> Mic
     """This rank's resumable micro-batch order (that of its data-parallel replica): by bucket when the data has
     buckets."""
     rank, world_size = layout.data_rank, layout.data_size
+    if len(dataset) < world_size:
+        raise ConfigError(f"args.train_data holds {len(dataset)} samples (with args.train_data_weights), fewer than "
+                          f"the {world_size} data-parallel ranks")
     groups = bucket_groups(dataset)
     if groups is None:
         order = MicroBatches(len(dataset), micro_batch, rank, world_size, args.seed)
@@ -151,7 +154,6 @@ def train(config: DictConfig) -> None:
     lock = RunLock(Path(args.save), args.lock_timeout) if args.save and distributed.is_main_process() else None
     if lock is not None:
         lock.acquire()
-        save_config(Path(args.save), config)
     try:
         run(config, args, device, lock)
     finally:
@@ -168,6 +170,8 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     validator = Validator(config, args, device, layout) if args.eval_interval else None
     ds = deepspeed_config(config, args, device.type == "cuda")
     resume_iteration = read_latest(args.save) if args.save else None
+    if resume_iteration is not None:
+        resolve_model_states(args.save)  # `latest` names a folder holding the model states
     # a resume restores every saved weight; LoRA checkpoints hold only the adapters, so their base loads first
     has_lora = "lora_config" in config.model.network_config.params.modules
     model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None or has_lora)
@@ -177,15 +181,17 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
         stratify_timesteps_by_replica(model.module, layout)
     lora = adapter_record(model.module.network, args)
     ema = EMA(model.module.network, args.ema_decay) if args.ema_decay else None
-    torch.manual_seed(args.seed + layout.data_rank)  # replicas draw different noise and timesteps
-    random.seed(args.seed + layout.data_rank)
-    np.random.seed(args.seed + layout.data_rank)
+    replica_seed = (args.seed + layout.data_rank) % 2**32  # replicas draw different noise and timesteps
+    torch.manual_seed(replica_seed)
+    random.seed(replica_seed)
+    np.random.seed(replica_seed)
     micro_batch, accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
 
     start_iteration = 0
     if resume_iteration is not None:
         start_iteration = resume(model, args, resume_iteration, device, ema, adapters_only=lora is not None)
-    if lock is not None:
+    if lock is not None:  # everything checked and loaded: this run's config may replace an earlier one's
+        save_config(Path(args.save), config)
         truncate_metrics(Path(args.save), start_iteration)  # lines logged after the checkpoint we resume from
 
     order = batch_order(dataset, micro_batch, args, layout)

@@ -17,7 +17,7 @@ from typing import Callable
 from sat.ops.layernorm import LayerNorm, RMSNorm
 from torch import nn
 
-DECAY_STYLES = ("constant", "linear", "cosine", "exponential")
+from satvideo.config import DECAY_STYLES, ConfigError
 AUTO_WARMUP_ITERS, AUTO_WARMUP_RATE = 100, 0.05  # SAT's get_learning_rate_scheduler defaults
 NO_WEIGHT_DECAY_MODULES = (nn.LayerNorm, LayerNorm, RMSNorm)  # SAT's NO_WD_MODULES
 
@@ -26,7 +26,7 @@ def lr_multiplier(style: str, warmup_iters: float, decay_iters: int, decay_ratio
                   auto_warmup: bool = False) -> Callable[[int], float]:
     """step (0-based, as torch's LambdaLR counts) -> factor on the optimizer's lr."""
     if style not in DECAY_STYLES:
-        raise ValueError(f"args.lr_decay_style={style!r}: expected one of {', '.join(DECAY_STYLES)}")
+        raise ConfigError(f"args.lr_decay_style={style!r}: expected one of {', '.join(DECAY_STYLES)}")
     decay_iters = max(1, decay_iters)
 
     def multiplier(step: int) -> float:

@@ -20,7 +20,7 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from satvideo.checkpoint import write_text_atomically
-from satvideo.config import TrainingError
+from satvideo.config import ConfigError, TrainingError
 
 LOCK = "run.lock"
 LOCK_GUARD = ".run.lock.guard"
@@ -51,10 +51,16 @@ class RunLock:
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "slurm_job": os.environ.get("SLURM_JOB_ID")}
         self._stop = threading.Event()
+        self.created_folder = False
 
     def acquire(self) -> None:
         """Take the lock, or TrainingError naming the live run that holds it; then keep it fresh in the background."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        self.created_folder = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"args.save={folder}: cannot be the run folder ({error.strerror})") from error
         with self.takeover_guard():  # two starters must not both judge the same lock stale and both run
             try:
                 descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -109,9 +115,13 @@ class RunLock:
             pass
 
     def release(self) -> None:
+        """Give the lock up; a run folder this start created and left without a file of its own goes too."""
         self._stop.set()
         if self.holder() == self.record:
             self.path.unlink(missing_ok=True)
+        folder = self.path.parent
+        if self.created_folder and {path.name for path in folder.iterdir()} <= {LOCK_GUARD}:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_config(folder: Path, config: DictConfig) -> None:
