@@ -212,6 +212,7 @@ def test_each_bad_input_fails_before_weights_load_with_one_line(tmp_path, base, 
         assert "Traceback" not in stderr, overrides
         if "no_t5" not in message:
             assert "network parameters" not in stderr + caplog.text, overrides
+    assert not (tmp_path / "out").exists()  # the output folder comes with the first video
 
 
 # --- negative prompts, video-to-video, continuation -----------------------------------------------------------

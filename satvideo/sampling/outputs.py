@@ -3,10 +3,12 @@ describes how to make it again, one `manifest.jsonl` line per file, and optional
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +81,17 @@ class OutputWriter:
     every file gets a `.json` sidecar and a manifest line (replacing the old line when overwritten)."""
 
     def __init__(self, folder: str | Path, overwrite: bool, contact_sheets: bool):
+        """Checks that `folder` can be written; it is created with the first file, so a run that fails before
+        leaves nothing behind."""
         self.folder, self.overwrite, self.contact_sheets = Path(folder), overwrite, contact_sheets
+        existing = self.folder
+        while not existing.exists():
+            existing = existing.parent
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / ".write_test"
-            probe.write_text("")
-            probe.unlink()
+            if not existing.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            with tempfile.TemporaryFile(dir=existing):
+                pass
         except OSError as error:
             raise ConfigError(f"args.output_dir={folder}: not writable ({error.strerror})") from error
 
@@ -102,6 +109,7 @@ class OutputWriter:
         """Save a video [T, 3, H, W] (or a dict of latent tensors) and its sidecar; returns the file's path."""
         from safetensors.torch import save_file
 
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path_for(stem, ".mp4" if latents is None else ".safetensors")
         if latents is not None:
             partial = path.with_name(f".{path.name}.partial")
