@@ -269,5 +269,5 @@ def test_bad_sampling_num_frames_are_refused():
         latent_frame_count(SimpleNamespace(sampling_num_frames=21), one_five)
     one = SimpleNamespace(patch_size=2, num_frames=49, time_compressed_rate=4)
     assert latent_frame_count(SimpleNamespace(sampling_num_frames=13), one) == 13
-    with pytest.raises(ConfigError, match=r"args.sampling_num_frames=0"):
-        latent_frame_count(SimpleNamespace(sampling_num_frames=0), one)
+    with pytest.raises(ConfigError, match=r"^args.sampling_num_frames=0: expected a whole number >= 1 \(or null\)$"):
+        load_config([], ["args.sampling_num_frames=0"])  # refused when the config loads
