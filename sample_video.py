@@ -118,8 +118,9 @@ def main() -> None:
             texts[request.index] = engine.encode_prompts([request.prompt], [request.negative_prompt])
         if args.offload_text_encoder:
             engine.conditioner.to("cpu")
-    typed = (request_from_line(line, i, args.seed + i * args.num_samples) for i, line in enumerate(interactive_prompts()))
-    source = typed if interactive else batches(requests, args.batch_size or 1)
+    typed_requests = (request_from_line(line, i, args.seed + i * args.num_samples)
+                      for i, line in enumerate(interactive_prompts()))
+    source = typed_requests if interactive else batches(requests, args.batch_size or 1)
     start, written, run_peak = time.perf_counter(), [], 0.0
     bar = tqdm(total=len(requests), desc="prompts", disable=interactive or not requests)
     for group in source:

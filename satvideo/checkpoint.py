@@ -15,7 +15,6 @@ plus an explicit allow-list of the classes DeepSpeed pickles into its own files)
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,6 +22,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from satvideo.atomic_files import write_text_atomically
 from satvideo.config import CheckpointError, CheckpointNotFound
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -66,13 +66,6 @@ def guard_deepspeed_loads(engine) -> None:
     """Make a DeepSpeed engine read its checkpoint files (model and optimizer states) through `safe_load`."""
     allowed = deepspeed_safe_globals()
     engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location or "cpu", allowed)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename: readers see the old text or the new, never half."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def write_latest(save_dir: str | Path, iteration: int) -> None:
@@ -206,7 +199,7 @@ def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: s
     missing = [] if subset else [key for key in result.missing_keys if not is_lora_matrix(key)]
     problems = []
     if resized:
-        problems.append(f"shapes differ (checkpoint vs model) ({len(resized)}): {', '.join(resized[:10])}")
+        problems.append(f"shapes differ, checkpoint vs model ({len(resized)}): {', '.join(resized[:10])}")
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
     if result.unexpected_keys:
@@ -215,7 +208,7 @@ def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: s
         message = f"checkpoint {source} does not match the model config: " + "; ".join(problems)
         if strict:
             raise CheckpointError(message + " (set args.strict_load=false to load the rest anyway)")
-        logger.warning(message + "; those weights keep their initial values")
+        logger.warning(message + ("; those weights keep their initial values" if resized or missing else ""))
 
 
 def scale_lora(network: nn.Module, scale: float) -> None:

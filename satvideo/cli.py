@@ -25,11 +25,13 @@ def parse_config(description: str, argv: list[str] | None = None) -> DictConfig:
 
 
 def is_config_file(item: str) -> bool:
-    """A YAML path, not a `section.key=value` override (whose value may end in .yaml too) nor a `section.key`
-    that lacks its value (load_config says so)."""
-    if item.split(".", 1)[0] in SECTIONS and "/" not in item.split("=", 1)[0]:
+    """A YAML path, not a `section.key=value` override (whose value may end in .yaml too) nor a `section.key` that
+    lacks its value (load_config says so); `model.yaml` stays a file."""
+    key, has_value, _ = item.partition("=")
+    names_a_key = key.split(".", 1)[0] in SECTIONS and "." in key
+    if has_value and names_a_key:
         return False
-    return item.endswith((".yaml", ".yml")) or "=" not in item
+    return item.endswith((".yaml", ".yml")) or not (has_value or names_a_key)
 
 
 def run_entrypoint(main: Callable[[], None]) -> None:

@@ -104,18 +104,17 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# What each `args` value must be: (test, what the error says is expected). Checked when the config loads, so a bad
-# value fails before any data or weight is read; keys not listed take strings or paths.
-ArgRule = tuple[Callable[[Any], bool], str]
+# A rule for a config value: (test, what the error says is expected).
+Rule = tuple[Callable[[Any], bool], str]
 
 
-def whole(minimum: int, maximum: int | None = None) -> ArgRule:
+def whole_rule(minimum: int, maximum: int | None = None) -> Rule:
     def test(value):
         return is_whole_number(value) and value >= minimum and (maximum is None or value <= maximum)
     return test, f"a whole number >= {minimum}" if maximum is None else f"a whole number from {minimum} to {maximum}"
 
 
-def number(minimum: float, maximum: float | None = None, exclusive: bool = False) -> ArgRule:
+def number_rule(minimum: float, maximum: float | None = None, exclusive: bool = False) -> Rule:
     def test(value):
         return (is_number(value) and (value > minimum if exclusive else value >= minimum)
                 and (maximum is None or value <= maximum))
@@ -123,35 +122,44 @@ def number(minimum: float, maximum: float | None = None, exclusive: bool = False
     return test, f"a number {bound}" + (f" and <= {maximum}" if maximum is not None else "")
 
 
-def one_of(*choices: Any) -> ArgRule:
-    return (lambda value: not isinstance(value, bool) and value in choices), f"one of {', '.join(map(str, choices))}"
+def choice_rule(*choices: Any) -> Rule:
+    """One of `choices`, of the same type (2.0 is not the ZeRO stage 2)."""
+    def test(value):
+        return any(value == choice and type(value) is type(choice) for choice in choices)
+    return test, f"one of {', '.join(map(str, choices))}"
 
 
-def optional(rule: ArgRule) -> ArgRule:
+def nullable(rule: Rule) -> Rule:
     test, expected = rule
     return (lambda value: value is None or test(value)), f"{expected} (or null)"
 
 
-BOOLEAN: ArgRule = (lambda value: isinstance(value, bool), "true or false")
-ANY_NUMBER: ArgRule = (is_number, "a number")
-IMAGE_SIZE: ArgRule = (lambda value: value is None or (isinstance(value, (list, tuple)) and len(value) == 2
-                                                       and all(is_whole_number(v) and v > 0 for v in value)),
-                       "[height, width] in pixels (or null)")
+BOOLEAN: Rule = (lambda value: isinstance(value, bool), "true or false")
+TEXT: Rule = (lambda value: isinstance(value, str), "a string")
+ANY_NUMBER: Rule = (is_number, "a number")
+PIXEL_SIZE: Rule = (lambda value: isinstance(value, (list, tuple, ListConfig)) and len(value) == 2
+                    and all(is_whole_number(side) and side > 0 for side in value), "[height, width] in pixels")
 
-ARGS_RULES: dict[str, ArgRule] = {
-    "mode": one_of("pretrain", "finetune", "inference"),
-    "seed": whole(0, 2**32 - 1),  # numpy's range
-    "train_iters": whole(1), "log_interval": whole(1), "save_interval": whole(1), "keep_last": optional(whole(1)),
-    "max_nonfinite_steps": whole(1), "lock_timeout": number(0, exclusive=True),
-    "eval_interval": optional(whole(1)), "eval_iters": whole(1), "eval_batch_size": whole(1),
-    "ema_decay": optional((lambda value: is_number(value) and 0 < value < 1, "a number between 0 and 1, e.g. 0.9999")),
+# What each `args` value must be, checked when the config loads, so that a bad value fails before any data or
+# weight is read. Keys not listed are paths and strings, or are checked where their meaning is known
+# (decode_chunk_frames and the VAE tiling with the VAE, train_data_weights with the sources).
+ARGS_RULES: dict[str, Rule] = {
+    "mode": choice_rule("pretrain", "finetune", "inference"),
+    "seed": whole_rule(0, 2**32 - 1),  # numpy's range
+    "train_iters": whole_rule(1), "log_interval": whole_rule(1), "save_interval": whole_rule(1),
+    "keep_last": nullable(whole_rule(1)), "max_nonfinite_steps": whole_rule(1),
+    "lock_timeout": number_rule(0, exclusive=True),
+    "eval_interval": nullable(whole_rule(1)), "eval_iters": whole_rule(1), "eval_batch_size": whole_rule(1),
+    "ema_decay": nullable((lambda value: is_number(value) and 0 < value < 1, "a number between 0 and 1, e.g. 0.9999")),
     "lora_scale": ANY_NUMBER,
-    "lr_decay_style": one_of(*DECAY_STYLES), "warmup": number(0), "lr_decay_iters": optional(whole(1)),
-    "lr_decay_ratio": number(0, 1),
-    "zero_stage": optional(one_of(0, 1, 2, 3)), "sequence_parallel_size": whole(1), "cfg_parallel_size": one_of(1, 2),
-    "num_workers": whole(0), "prefetch_factor": whole(1), "batch_size": optional(whole(1)),
-    "input_type": one_of("txt", "cli"), "sampling_num_frames": optional(whole(1)), "sampling_image_size": IMAGE_SIZE,
-    "sampling_fps": number(0, exclusive=True), "latent_channels": whole(1), "num_samples": whole(1),
+    "lr_decay_style": choice_rule(*DECAY_STYLES), "warmup": number_rule(0), "lr_decay_iters": nullable(whole_rule(1)),
+    "lr_decay_ratio": number_rule(0, 1),
+    "zero_stage": nullable(choice_rule(0, 1, 2, 3)), "sequence_parallel_size": whole_rule(1),
+    "cfg_parallel_size": choice_rule(1, 2),
+    "num_workers": whole_rule(0), "prefetch_factor": whole_rule(1), "batch_size": nullable(whole_rule(1)),
+    "input_type": choice_rule("txt", "cli"), "sampling_num_frames": nullable(whole_rule(1)),
+    "sampling_image_size": nullable(PIXEL_SIZE), "sampling_fps": number_rule(0, exclusive=True),
+    "latent_channels": whole_rule(1), "num_samples": whole_rule(1),
     **{key: BOOLEAN for key, default in ARGS_DEFAULTS.items() if isinstance(default, bool)},
 }
 

@@ -18,21 +18,22 @@ from satvideo.config import ConfigError, load_config, to_plain
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import REASONS, BadSample
 from satvideo.data.sft import SFTDataset
-from satvideo.data.sources import clip_params, clip_source
+from satvideo.data.sources import clip_params, clip_source, model_reads_images
 
 
-def data_params(options) -> tuple[dict, tuple | None]:
-    """(dataset params, (tokenizer, max_length) or None) from --base or the command line."""
+def data_params(options) -> tuple[dict, tuple | None, bool]:
+    """(dataset params, (tokenizer, max_length) or None, whether samples' own images are read) from --base or the
+    command line (which checks images too)."""
     if not options.base:
         params = {"video_size": options.size, "fps": options.fps, "max_num_frames": options.frames,
                   "skip_frms_num": options.skip}
-        return params, None
+        return params, None, True
     config = load_config([item for item in options.base if is_config_file(item)],
                          [item for item in options.base if not is_config_file(item)])
     if "data" not in config:
         raise ConfigError("the config has no `data` section (target/params of the dataset)")
     tokenizer = caption_tokenizer(to_plain(config.model.conditioner_config)) if "model" in config else None
-    return clip_params(to_plain(config.data)), tokenizer
+    return clip_params(to_plain(config.data)), tokenizer, model_reads_images(config)
 
 
 def caption_length(caption: str, tokenizer: tuple | None) -> str:
@@ -65,11 +66,11 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="frames skipped at both ends (skip_frms_num)")
     parser.add_argument("--debug", action="store_true")
     options = parser.parse_args()
-    params, tokenizer = data_params(options)
+    params, tokenizer, reads_images = data_params(options)
     counts: Counter = Counter()
     for path in options.paths:
         try:
-            dataset = clip_source(path, SFTDataset, params)
+            dataset = clip_source(path, SFTDataset, params, reads_images)
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"{path}: {error}") from error
         check(dataset, tokenizer, counts)

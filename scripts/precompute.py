@@ -22,6 +22,7 @@ from satvideo.data.clips import ClipDataset
 from satvideo.data.sources import build_dataset, check_weights, leaf_datasets
 from satvideo.engine import build_frozen_parts, check_encode_chunk_frames, place_frozen_parts
 from satvideo.training.deepspeed_setup import deepspeed_config, training_dtype
+from satvideo.training.guards import DEFAULT_MAX_BAD_SHARE, BadDataGuard
 
 
 def cache_sources(config, args) -> list[CacheSource]:
@@ -68,22 +69,20 @@ def main() -> None:
         print(f"cached {manifest['count']} clips{frames} in {options.out} ({len(manifest['shards'])} shards by "
               f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples left out: "
               f"{sum(skipped.values())} ({left_out})", flush=True)
-    check_bad_share(manifest["count"], manifest["skipped"], config.data.get("max_bad_share", 0.05), options.out)
+    check_bad_share(manifest["count"], manifest["skipped"], config.data.get("max_bad_share", DEFAULT_MAX_BAD_SHARE),
+                    options.out)
 
 
 def check_bad_share(good: int, bad: dict[str, int], max_bad_share: float, out: str) -> None:
-    """As training from the videos would stop: no clip at all, or more bad ones than data.max_bad_share, is an
-    error (the cache of the good clips stays complete)."""
-    total_bad = sum(bad.values())
-    reasons = ", ".join(f"{reason} {count}" for reason, count in bad.items())
+    """As training from the videos would stop (BadDataGuard): no clip at all, or more bad ones than
+    data.max_bad_share, is an error; the cache of the good clips stays complete."""
     if good == 0:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in bad.items())
         raise ConfigError(f"no clip of args.train_data could be cached ({reasons}); scripts/check_dataset.py lists "
                           "the files")
-    if total_bad > max_bad_share * (good + total_bad):
-        raise ConfigError(f"{total_bad} of {good + total_bad} clips could not be used "
-                          f"({total_bad / (good + total_bad):.1%}, above data.max_bad_share={max_bad_share:g}): "
-                          f"{reasons}; the cache in {out} holds the {good} others; scripts/check_dataset.py lists "
-                          "the files")
+    guard = BadDataGuard(max_bad_share)
+    guard.add(good, bad)
+    guard.check(f"precompute ({good} clips cached in {out})")
 
 
 if __name__ == "__main__":

@@ -174,18 +174,21 @@ def test_bad_clips_are_left_out_and_counted_and_each_sample_of_a_mix_is_cached_o
     assert [dataset[index]["txt"] for index in range(len(dataset))] == labels + labels[3:]
 
 
-def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_ones(tmp_path):
+def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_ones():
     import runpy
 
-    from satvideo.config import ConfigError
+    from satvideo.config import SatvideoError
 
     check_bad_share = runpy.run_path(str(Path(ROOT) / "scripts" / "precompute.py"))["check_bad_share"]
     check_bad_share(95, {"empty_file": 5}, 0.05, "cache/")  # at the limit, not above
-    with pytest.raises(ConfigError, match=r"^6 of 100 clips could not be used \(6.0%, above data.max_bad_share=0.05\): "
-                                          r"empty_file 6; the cache in cache/ holds the 94 others"):
+    check_bad_share(18, {"empty_file": 2}, 0.05, "cache/")  # judged over at least 100, as training judges it
+    with pytest.raises(SatvideoError, match=r"^precompute \(94 clips cached in cache/\): 6 of 100 samples drawn could "
+                                            r"not be used \(6.0%, above data.max_bad_share=0.05\): empty_file 6"):
         check_bad_share(94, {"empty_file": 6}, 0.05, "cache/")
-    with pytest.raises(ConfigError, match=r"^no clip of args.train_data could be cached \(missing_caption 8\)"):
+    with pytest.raises(SatvideoError, match=r"^no clip of args.train_data could be cached \(missing_caption 8\)"):
         check_bad_share(0, {"missing_caption": 8}, 1.0, "cache/")
+    with pytest.raises(SatvideoError, match=r"^data.max_bad_share='abc': expected a share between 0 and 1"):
+        check_bad_share(8, {}, "abc", "cache/")
 
 
 @pytest.mark.slow

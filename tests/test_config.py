@@ -100,6 +100,12 @@ def test_command_line_tells_files_from_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
+    ("args.train_iters=0", "args.train_iters=0: expected a whole number >= 1"),
+    ("args.save_interval=0", "args.save_interval=0: expected a whole number >= 1"),
+    ("args.log_interval=-1", "args.log_interval=-1: expected a whole number >= 1"),
+    ("args.keep_last=0", "args.keep_last=0: expected a whole number >= 1 (or null)"),
+    ("args.ema_decay=1.5", "args.ema_decay=1.5: expected a number between 0 and 1, e.g. 0.9999 (or null)"),
+    ("args.zero_stage=2.0", "args.zero_stage=2.0: expected one of 0, 1, 2, 3 (or null)"),
     ("args.seed=abc", "args.seed='abc': expected a whole number from 0 to 4294967295"),
     ("args.seed=-1", "args.seed=-1: expected a whole number from 0 to 4294967295"),
     ("args.batch_size=0", "args.batch_size=0: expected a whole number >= 1 (or null)"),
@@ -133,11 +139,14 @@ def test_yaml_problems_are_one_line_naming_the_file_and_place(tmp_path):
         load_config([listed])
 
 
-def test_an_override_whose_value_ends_in_yaml_is_an_override():
+def test_an_override_whose_value_ends_in_yaml_is_an_override_and_model_yaml_a_file(tmp_path, monkeypatch):
     from satvideo.cli import parse_config
 
     config = parse_config("test", ["--base", "configs/tiny/model.yaml", "args.experiment_name=exp.yaml"])
     assert config.args.experiment_name == "exp.yaml"
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "args.yaml", "args: {train_iters: 7}\n")
+    assert parse_config("test", ["--base", "args.yaml"]).args.train_iters == 7
     with pytest.raises(ConfigError, match="override 'args.train_iters' is not of the form key=value"):
         parse_config("test", ["--base", "configs/tiny/model.yaml", "args.train_iters"])
 

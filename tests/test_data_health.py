@@ -78,7 +78,8 @@ def test_too_many_bad_samples_stop_the_run_with_the_reasons(tmp_path, bad_data):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: iteration 4: ") and "above data.max_bad_share=0.05" in error, error
+    # one epoch of 16 (8 bad) by iteration 8: 8 bad > 5% of at least 100 draws
+    assert error.startswith("error: iteration 8: 8 of 24 samples drawn") and "above data.max_bad_share=0.05" in error, error
     assert "scripts/check_dataset.py" in error and "empty_file" in error
     assert "Traceback" not in result.stderr
     assert not (save / "latest").exists()

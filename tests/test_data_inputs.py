@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 
 from satvideo.config import ConfigError, SatvideoError, load_config
 from satvideo.data import SFTDataset
+from satvideo.data.buckets import fillable_frames
+from satvideo.data.clips import VideoInfo
 from satvideo.data.frames import strided_indices
 from satvideo.data.health import SKIPPED, BadSample, UnusableData, tally_dict
 from satvideo.data.manifest import ManifestDataset
@@ -81,6 +83,10 @@ def test_a_source_slower_than_the_data_fps_gives_consecutive_frames():
     # 100 frames at 4 fps read at 8 fps: the original's stride would be 0 (it raises); satvideo takes 9 in a row
     assert strided_indices(100, 4.0, 8, 3, 9).tolist() == list(range(3, 12))
     assert strided_indices(300, 30.0, 8, 3, 9).tolist() == list(range(3, 30, 3))  # the original's stride, as before
+    # buckets judge such a clip alike: with stride sampling it fills only its own frames
+    slow = VideoInfo(num_frames=100, fps=4.0, height=32, width=32)
+    assert fillable_frames(slow, 8, 3, repeats_frames=False) == 94
+    assert fillable_frames(slow, 8, 3, repeats_frames=True) == 188  # frame_sampling fps reads each frame twice
 
 
 def test_one_frame_clips_for_a_one_frame_model(toy):
@@ -113,10 +119,10 @@ def test_label_files_with_a_byte_order_mark_or_that_are_folders(toy, tmp_path):
 
 
 @pytest.mark.parametrize("field, message", [
-    ('"fps": "abc"', '"fps" must be a number > 0, got \'abc\''),
-    ('"fps": -8', '"fps" must be a number > 0, got -8'),
-    ('"image": 5', '"image" must be a path, got 5'),
-    ('"width": 0', '"width" must be a whole number > 0, got 0'),
+    ('"fps": "abc"', '"fps": "abc": expected a number > 0 (or null)'),
+    ('"fps": -8', '"fps": -8: expected a number > 0 (or null)'),
+    ('"image": 5', '"image": 5: expected a string (or null)'),
+    ('"width": 0', '"width": 0: expected a whole number >= 1 (or null)'),
 ])
 def test_manifest_fields_are_checked_when_it_is_read(tmp_path, field, message):
     manifest = tmp_path / "clips.jsonl"
@@ -170,5 +176,6 @@ def test_a_dataset_smaller_than_the_ranks_is_one_line(toy):
     from satvideo.training.loop import batch_order
 
     layout = SimpleNamespace(data_rank=0, data_size=8)
-    with pytest.raises(ConfigError, match=r"^args.train_data holds 4 samples .*, fewer than the 8 data-parallel ranks"):
+    with pytest.raises(ConfigError, match=r"^args.train_data holds 4 samples \(with args.train_data_weights\): no "
+                                          r"micro-batch of args.batch_size=1 for each of 8 data-parallel ranks$"):
         batch_order(SFTDataset(str(toy), **PARAMS), 1, SimpleNamespace(seed=0), layout)

@@ -122,19 +122,36 @@ def test_no_two_videos_of_a_run_share_a_seed(tmp_path):
 
     prompts, requests = tmp_path / "prompts.txt", tmp_path / "requests.jsonl"
     prompts.write_text("a\nb\nc\n")
-    requests.write_text('{"prompt": "a"}\n{"prompt": "b", "seed": 7}\n{"prompt": "c"}\n')
+    # null is "not given", as exporters write absent fields
+    requests.write_text('{"prompt": "a"}\n{"prompt": "b", "seed": 7}\n'
+                        '{"prompt": "c", "seed": null, "image": null, "negative_prompt": null}\n')
     for path, expected in ((prompts, [40, 42, 44]), (requests, [40, 7, 44])):
         args = Namespace(input_file=str(path), seed=40, num_samples=2)
-        assert [request.seed for request in read_requests(args)] == expected  # videos: seed and seed + 1
+        read = read_requests(args)
+        assert [request.seed for request in read] == expected  # videos: seed and seed + 1
+        assert read[2].image is None and read[2].negative_prompt == ""
 
 
-def test_an_mp4_is_written_whole_or_not_at_all(tmp_path):
+def test_an_mp4_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import imageio_ffmpeg
+
     frames = np.zeros((3, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="fps must be positive, got 0"):
         write_mp4(frames, tmp_path / "a.mp4", fps=0)
     assert list(tmp_path.iterdir()) == []
     write_mp4(frames, tmp_path / "a.mp4", fps=8)
-    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"] and read_mp4(tmp_path / "a.mp4")[0].shape == (3, 32, 32, 3)
+    before = digest(tmp_path / "a.mp4")
+
+    def writer_that_fails_midway(path, **options):
+        Path(path).write_bytes(b"the first frames")
+        yield
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", writer_that_fails_midway)
+    with pytest.raises(OSError, match="No space left"):
+        write_mp4(frames + 100, tmp_path / "a.mp4", fps=8)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp4"] and digest(tmp_path / "a.mp4") == before
+    assert read_mp4(tmp_path / "a.mp4")[0].shape == (3, 32, 32, 3)
 
 
 def test_overwriting_keeps_a_damaged_manifest_line_and_replaces_the_files_own(tmp_path):
@@ -144,11 +161,17 @@ def test_overwriting_keeps_a_damaged_manifest_line_and_replaces_the_files_own(tm
     video = torch.zeros(3, 3, 16, 16)
     writer.write("v", {"prompt": "p", "seed": 1}, video=video)
     with open(tmp_path / "manifest.jsonl", "a") as manifest:
-        manifest.write('{"file": "x.mp4", "prompt": "cut by a kil\n')
+        manifest.write('{"file": "x.mp4", "prompt": "cut by a kil')
     writer.write("v", {"prompt": "p", "seed": 2}, video=video)
     lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
     assert lines == ['{"file": "x.mp4", "prompt": "cut by a kil', '{"file": "v.mp4", "prompt": "p", "seed": 2}']
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "v.json", "v.mp4"]
+    writer.overwrite = False  # appending after a line cut short starts a line of its own
+    with open(tmp_path / "manifest.jsonl", "a") as manifest:
+        manifest.write('{"file": "y.mp4"')
+    writer.write("w", {"prompt": "q", "seed": 3}, video=video)
+    assert (tmp_path / "manifest.jsonl").read_text().splitlines()[-2:] == [
+        '{"file": "y.mp4"', '{"file": "w.mp4", "prompt": "q", "seed": 3}']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "v.json", "v.mp4", "w.json", "w.mp4"]
 
 
 # --- inputs checked before weights load --------------------------------------------------------------------

@@ -199,7 +199,8 @@ def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_ext
     del module["model.diffusion_model.time_embed.0.weight"]
     module["model.diffusion_model.extra.weight"] = torch.zeros(1)
     torch.save({"module": module}, tmp_path / "ckpt" / "7" / MODEL_STATES)
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): time_embed\.0\.weight; unexpected keys \(1\): extra\.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing keys \(1\): time_embed\.0\.weight; unexpected keys \(1\): extra\.weight"):
         load_network(network, tmp_path / "ckpt" / "7")
     load_network(network, tmp_path / "ckpt" / "7" / MODEL_STATES, strict=False)
 
@@ -209,7 +210,7 @@ def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_ext
     torch.save({"module": module}, tmp_path / "ckpt" / "7" / MODEL_STATES)
     expected_bias = network.time_embed[0].bias.detach().clone()
     width = expected_bias.shape[0]
-    with pytest.raises(CheckpointError, match=rf"shapes differ \(checkpoint vs model\) \(1\): time_embed\.0\.bias "
+    with pytest.raises(CheckpointError, match=rf"shapes differ, checkpoint vs model \(1\): time_embed\.0\.bias "
                                               rf"\({width + 1},\) vs \({width},\)"):
         load_network(network, tmp_path / "ckpt" / "7")
     load_network(network, tmp_path / "ckpt" / "7", strict=False)

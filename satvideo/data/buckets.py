@@ -41,7 +41,7 @@ def check_buckets(buckets: list) -> list[Shape]:
     return shapes
 
 
-def fillable_frames(info: "VideoInfo", fps: int, skip: int, repeats_frames: bool = True) -> int:
+def fillable_frames(info: "VideoInfo", fps: int, skip: int, repeats_frames: bool) -> int:
     """How many frames at `fps` the clip holds after skipping `skip` frames at both ends; without
     `repeats_frames` (stride sampling) a clip slower than `fps` holds no more than its own frames."""
     frames = info.num_frames - 2 * skip
@@ -49,8 +49,8 @@ def fillable_frames(info: "VideoInfo", fps: int, skip: int, repeats_frames: bool
     return max(0, at_fps if repeats_frames else min(frames, at_fps))
 
 
-def choose_bucket(info: "VideoInfo", buckets: list[Shape], fps: int, skip: int, repeats_frames: bool = True) -> int:
-    """The index of the clip's bucket (see the module docstring)."""
+def choose_bucket(info: "VideoInfo", buckets: list[Shape], fps: int, skip: int, repeats_frames: bool) -> int:
+    """The index of the clip's bucket (see the module docstring); `repeats_frames`: frame_sampling fps."""
     distance = [abs(math.log(info.height / info.width) - math.log(h / w)) for _, h, w in buckets]
     nearest = min(distance)
     candidates = [i for i, d in enumerate(distance) if d - nearest < 1e-9]

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from satvideo import distributed
-from satvideo.checkpoint import write_text_atomically
+from satvideo.atomic_files import write_text_atomically
 from satvideo.config import ConfigError, check_parameters, get_obj_from_str, resolve_target, to_plain
 from satvideo.data.buckets import members_of_buckets
 from satvideo.data.clips import ClipDataset

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from satvideo.config import is_number, is_whole_number
+from satvideo.config import is_number
 from satvideo.data.buckets import check_buckets
 from satvideo.data.frames import FRAME_SAMPLING, resampled_indices, resize_cover_center_crop, strided_indices, \
     whole_number
@@ -118,12 +118,13 @@ class ClipDataset(Dataset):
                                     ("missing_caption", missing_caption, MISSING_CAPTIONS)):
             if value not in choices:
                 raise ValueError(f"data.params.{key}={value!r}: expected one of {choices}")
-        if not (isinstance(video_size, Sequence) and len(video_size) == 2
-                and all(is_whole_number(side) and side > 0 for side in video_size)):
+        if not (isinstance(video_size, Sequence) and len(video_size) == 2):
+            raise ValueError(f"data.params.video_size={video_size!r}: expected [height, width] in pixels")
+        self.video_size = tuple(whole_number("video_size", side, "pixels") for side in video_size)
+        if min(self.video_size) < 1:
             raise ValueError(f"data.params.video_size={video_size!r}: expected [height, width] in pixels")
         if not (is_number(fps) and fps > 0):
             raise ValueError(f"data.params.fps={fps!r}: expected a number > 0")
-        self.video_size = (int(video_size[0]), int(video_size[1]))
         self.fps = fps
         self.max_num_frames = max_num_frames
         self.skip_frms_num = whole_number("skip_frms_num", skip_frms_num)
@@ -141,7 +142,7 @@ class ClipDataset(Dataset):
         self.groups: list[np.ndarray] | None = None  # the sample indices of each bucket
         self.bucket_of: np.ndarray | None = None  # [N]: the bucket (group) of each sample
         self._position_in_group: np.ndarray | None = None  # [N]: its place among the bucket's samples
-        self.reads_images = True  # False: a sample's own image is neither read nor checked (text-to-video)
+        self.reads_images = True  # a sample's own first-frame image is read (and checked); sources.clip_source
         self._report = FirstOfEachReason()
         self._warned_short_clip = False
 

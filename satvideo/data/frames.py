@@ -71,10 +71,10 @@ def resize_cover_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> tor
     return frames[..., top : top + height, left : left + width]
 
 
-def whole_number(key: str, value: int | float) -> int:
-    """A frame count as an int; official configs write some as floats (`skip_frms_num: 3.`)."""
+def whole_number(key: str, value: int | float, unit: str = "frames") -> int:
+    """A count of frames (or pixels) as an int; official configs write some as floats (`skip_frms_num: 3.`)."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if not is_whole_number(value):
-        raise ValueError(f"data.params.{key} must be a whole number of frames, got {value!r}")
+        raise ValueError(f"data.params.{key} must be a whole number of {unit}, got {value!r}")
     return value

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from satvideo.config import is_number, is_whole_number
+from satvideo.config import TEXT, Rule, nullable, number_rule, whole_rule
 from satvideo.data.clips import ClipDataset, VideoInfo
 from satvideo.data.health import BadSample
 from satvideo.data.packed import PackedList
@@ -46,17 +46,15 @@ def read_manifest(path: Path) -> list[dict]:
     return entries
 
 
+# What an entry's optional fields must be (a data worker would otherwise meet a bad one mid-run).
+ENTRY_RULES: dict[str, Rule] = {"image": nullable(TEXT), "fps": nullable(number_rule(0, exclusive=True)),
+                                **{key: nullable(whole_rule(1)) for key in ("frames", "height", "width")}}
+
+
 def entry_problem(entry: dict) -> str | None:
-    """What is wrong with an entry's optional fields (which the dataset would otherwise meet in a data worker)."""
-    image, fps = entry.get("image"), entry.get("fps")
-    if image is not None and not isinstance(image, str):
-        return f"\"image\" must be a path, got {image!r}"
-    if fps is not None and not (is_number(fps) and fps > 0):
-        return f"\"fps\" must be a number > 0, got {fps!r}"
-    for key in ("frames", "height", "width"):
-        value = entry.get(key)
-        if value is not None and not (is_whole_number(value) and value > 0):
-            return f"\"{key}\" must be a whole number > 0, got {value!r}"
+    for key, (test, expected) in ENTRY_RULES.items():
+        if not test(entry.get(key)):
+            return f"\"{key}\": {json.dumps(entry[key])}: expected {expected}"
     return None
 
 
@@ -89,7 +87,7 @@ class ManifestDataset(ClipDataset):
 
     def source_fps(self, index: int) -> float | None:
         fps = self.entries[index].get("fps")
-        return float(fps) if fps else None
+        return float(fps) if fps is not None else None
 
     def probe(self, index: int) -> VideoInfo:
         entry = self.entries[index]

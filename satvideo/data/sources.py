@@ -35,9 +35,15 @@ def clip_reader_for(path: str, configured: type) -> type:
     return configured
 
 
-def clip_source(path: str, configured: type, params: dict) -> ClipDataset:
+def model_reads_images(config: DictConfig) -> bool:
+    """Whether the model reads a sample's own first-frame image (image-to-video); for others a bad one is no harm."""
+    return bool((config.get("model") or {}).get("noised_image_input"))
+
+
+def clip_source(path: str, configured: type, params: dict, reads_images: bool = True) -> ClipDataset:
     """The video-caption dataset of one path, its samples assigned to buckets when buckets are configured."""
     dataset = clip_reader_for(path, configured)(path, **params)
+    dataset.reads_images = reads_images
     if dataset.buckets:
         assign_buckets(dataset, dataset.buckets)
     return dataset
@@ -98,10 +104,7 @@ def build_dataset(config: DictConfig, paths: str | list[str] | None, key: str, w
     for path in paths:
         try:
             if isinstance(configured, type) and issubclass(configured, ClipDataset):
-                source = clip_source(path, configured, clip_params(part))
-                # only an image-to-video model reads a sample's own first-frame image (a bad one is then a bad sample)
-                source.reads_images = bool((config.get("model") or {}).get("noised_image_input"))
-                datasets.append(source)
+                datasets.append(clip_source(path, configured, clip_params(part), model_reads_images(config)))
             else:
                 datasets.append(instantiate_from_config(part, data_dir=path))
         except (FileNotFoundError, ValueError) as error:  # ConfigError included: name the path

@@ -1,11 +1,12 @@
 """Reading and writing mp4 files as uint8 frame arrays of shape [T, H, W, 3]."""
 
-import os
 from pathlib import Path
 
 import decord
 import imageio_ffmpeg
 import numpy as np
+
+from satvideo.atomic_files import replaced_atomically
 
 # Constant-rate-factor of libx264 (0 lossless .. 51 worst); 12 keeps flat colours within a few levels.
 H264_CRF = 12
@@ -23,28 +24,24 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> None:
         raise ValueError(f"fps must be positive, got {fps} for {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # ffmpeg takes the container from the suffix
-    writer = imageio_ffmpeg.write_frames(
-        str(partial),
-        size=(width, height),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        output_params=["-crf", str(H264_CRF)],
-        macro_block_size=1,  # sizes are checked above; never let ffmpeg rescale
-        ffmpeg_log_level="error",
-    )
-    try:
+    with replaced_atomically(path) as partial:
+        writer = imageio_ffmpeg.write_frames(
+            str(partial),
+            size=(width, height),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=None,
+            output_params=["-crf", str(H264_CRF)],
+            macro_block_size=1,  # sizes are checked above; never let ffmpeg rescale
+            ffmpeg_log_level="error",
+        )
         writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
         if not partial.is_file() or partial.stat().st_size == 0:
             raise OSError(f"ffmpeg wrote nothing for {path}")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from satvideo.config import ConfigError, is_whole_number
+from satvideo.config import ConfigError
 
 
 @dataclass
@@ -32,13 +32,8 @@ class Layout:
 
 
 def build_layout(sequence_size: int = 1, cfg_size: int = 1) -> Layout:
-    """This rank's place in the job (every rank calls it: creating groups is collective)."""
-    for key, value in (("args.sequence_parallel_size", sequence_size), ("args.cfg_parallel_size", cfg_size)):
-        if not is_whole_number(value) or value < 1:
-            raise ConfigError(f"{key}={value!r}: expected a whole number >= 1")
-    if cfg_size not in (1, 2):
-        raise ConfigError(f"args.cfg_parallel_size={cfg_size}: expected 1 or 2 (the conditional and unconditional "
-                          "branches)")
+    """This rank's place in the job (every rank calls it: creating groups is collective). The sizes are checked
+    when the config loads (config.ARGS_RULES)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     per_replica = sequence_size * cfg_size

@@ -18,17 +18,17 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from satvideo.config import ArgRule, ConfigError, number, whole
+from satvideo.config import TEXT, ConfigError, Rule, nullable, number_rule, whole_rule
 from satvideo.data.frames import resize_cover_center_crop
 
 VAE_SPATIAL = 8  # the CogVideoX VAE's spatial compression
 VAE_TEMPORAL = 4
 MAX_SIDE = 2048  # pixels: beyond the sizes any CogVideoX family was trained near
-TEXT: ArgRule = (lambda value: isinstance(value, str), "a string")
-# What each JSONL key's value must be (ranges that depend on the model are VideoPlan.check's).
-REQUEST_RULES: dict[str, ArgRule] = {"prompt": TEXT, "negative_prompt": TEXT, "seed": whole(0, 2**63 - 1),
-                                     "image": TEXT, "video": TEXT, "strength": number(0, 1), "continue_frames": whole(1),
-                                     "num_frames": whole(1)}
+# What each JSONL key's value must be; null means "not given" (ranges that depend on the model are VideoPlan's).
+REQUEST_RULES: dict[str, Rule] = {
+    "prompt": TEXT, "negative_prompt": nullable(TEXT), "seed": nullable(whole_rule(0, 2**63 - 1)),
+    "image": nullable(TEXT), "video": nullable(TEXT), "strength": nullable(number_rule(0, 1)),
+    "continue_frames": nullable(whole_rule(1)), "num_frames": nullable(whole_rule(1))}
 REQUEST_KEYS = tuple(REQUEST_RULES)
 
 
@@ -106,10 +106,11 @@ def read_jsonl_requests(path: str, seed: int, seeds_per_request: int = 1) -> lis
                 raise ConfigError(f"{where}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
             test, expected = REQUEST_RULES[key]
             if not test(value):
-                raise ConfigError(f"{where}: \"{key}\": {value!r}: expected {expected}")
+                raise ConfigError(f"{where}: \"{key}\": {json.dumps(value)}: expected {expected}")
         index = len(requests)
-        requests.append(VideoRequest(index=index, seed=record.get("seed", seed + index * seeds_per_request),
-                                     **{key: value for key, value in record.items() if key != "seed"}))
+        given = {key: value for key, value in record.items() if value is not None}
+        requests.append(VideoRequest(index=index, seed=given.pop("seed", seed + index * seeds_per_request),
+                                     **given))
     return requests
 
 
@@ -251,9 +252,8 @@ class VideoPlan:
         if request.video:
             if request.strength is None and request.continue_frames is None:
                 raise ConfigError(f"{where}: a video needs strength (video-to-video) or continue_frames (continuation)")
-            if request.strength is not None and not 0.0 <= request.strength <= 1.0:
-                raise ConfigError(f"{where}: strength={request.strength} is not in [0, 1]")
-            if request.continue_frames is not None and not 1 <= request.continue_frames < latent_frames:
+            # continue_frames >= 1 by REQUEST_RULES
+            if request.continue_frames is not None and request.continue_frames >= latent_frames:
                 raise ConfigError(f"{where}: continue_frames={request.continue_frames} must be between 1 and "
                                   f"{latent_frames - 1} latent frames")
             needed = self.clip_frames(request, latent_frames)

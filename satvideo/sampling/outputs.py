@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from satvideo.checkpoint import write_text_atomically
+from satvideo.atomic_files import replaced_atomically, write_text_atomically
 from satvideo.config import ConfigError
 from satvideo.data.video import write_mp4
 
@@ -24,7 +24,7 @@ MANIFEST_KEYS = ("file", "prompt", "seed")
 SHEET_FRAMES = 8  # frames per row of a contact sheet
 
 
-def save_video(frames: torch.Tensor, path: str, fps: int) -> None:
+def save_video(frames: torch.Tensor, path: str, fps: float) -> None:
     """Write frames [T, 3, H, W] in [-1, 1] as an h264 mp4 (H and W must be even)."""
     write_mp4(to_uint8(frames), path, fps)
 
@@ -47,9 +47,11 @@ def write_manifest_line(output_dir: str, record: dict) -> None:
     missing = [key for key in MANIFEST_KEYS if key not in record]
     if missing:
         raise ValueError(f"manifest record lacks {missing}: {record}")
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(output_dir) / MANIFEST_NAME, "a", encoding="utf-8") as manifest:
-        manifest.write(json.dumps(record) + "\n")
+    path = Path(output_dir) / MANIFEST_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut_short = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")  # by a kill
+    with open(path, "a", encoding="utf-8") as manifest:
+        manifest.write(("\n" if cut_short else "") + json.dumps(record) + "\n")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -104,7 +106,7 @@ class OutputWriter:
             path, number = self.folder / f"{stem}-{number}{suffix}", number + 1
         return path
 
-    def write(self, stem: str, record: dict, video: torch.Tensor | None = None, fps: int = 8,
+    def write(self, stem: str, record: dict, video: torch.Tensor | None = None, fps: float = 8,
               latents: dict[str, torch.Tensor] | None = None) -> Path:
         """Save a video [T, 3, H, W] (or a dict of latent tensors) and its sidecar; returns the file's path."""
         from safetensors.torch import save_file
@@ -112,9 +114,8 @@ class OutputWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path_for(stem, ".mp4" if latents is None else ".safetensors")
         if latents is not None:
-            partial = path.with_name(f".{path.name}.partial")
-            save_file(latents, str(partial), metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
-            os.replace(partial, path)
+            with replaced_atomically(path) as partial:
+                save_file(latents, str(partial), metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
         else:
             frames = to_uint8(video)
             write_mp4(frames, path, fps)

@@ -21,8 +21,6 @@ class ResumableSampler(Sampler[int]):
     """
 
     def __init__(self, dataset_size: int, rank: int, world_size: int, seed: int):
-        if dataset_size < world_size:
-            raise ValueError(f"the dataset has {dataset_size} samples, fewer than the {world_size} ranks")
         self.dataset_size, self.rank, self.world_size, self.seed = dataset_size, rank, world_size, seed
         self.epoch, self.start = 0, 0
 

@@ -23,6 +23,7 @@ from satvideo.engine import check_decode_args
 # The share of bad samples is judged against at least this many draws, so that a few bad files among the first
 # batches do not stop a run.
 MIN_DRAWS_JUDGED = 100
+DEFAULT_MAX_BAD_SHARE = 0.05  # data.max_bad_share
 
 
 def check_training_args(args) -> None:
@@ -98,7 +99,7 @@ class NonFiniteGuard:
 class BadDataGuard:
     """Stops the run when more than `max_bad_share` of the samples drawn so far (all ranks) could not be used."""
 
-    def __init__(self, max_bad_share: float):
+    def __init__(self, max_bad_share: float = DEFAULT_MAX_BAD_SHARE):
         if not isinstance(max_bad_share, (int, float)) or isinstance(max_bad_share, bool) or not 0 <= max_bad_share <= 1:
             raise ConfigError(f"data.max_bad_share={max_bad_share!r}: expected a share between 0 and 1")
         self.max_bad_share = float(max_bad_share)
@@ -106,14 +107,21 @@ class BadDataGuard:
 
     def after_window(self, iteration: int, good: int, bad: dict[str, int]) -> None:
         """Adds a log window's counts (the same on every rank); TrainingError above the share."""
+        self.add(good, bad)
+        self.check(f"iteration {iteration}")
+
+    def add(self, good: int, bad: dict[str, int]) -> None:
         self.good += good
         for reason, count in bad.items():
             self.bad[reason] += count
+
+    def check(self, where: str) -> None:
+        """TrainingError starting with `where` when the bad share so far is above the limit."""
         total_bad = sum(self.bad.values())
         drawn = self.good + total_bad
         if total_bad > self.max_bad_share * max(drawn, MIN_DRAWS_JUDGED):
             reasons = ", ".join(f"{reason} {count}" for reason, count in self.bad.items() if count)
-            raise TrainingError(f"iteration {iteration}: {total_bad} of {drawn} samples drawn could not be used "
+            raise TrainingError(f"{where}: {total_bad} of {drawn} samples drawn could not be used "
                                 f"({total_bad / drawn:.1%}, above data.max_bad_share={self.max_bad_share:g}): "
                                 f"{reasons}; scripts/check_dataset.py lists the files")
 

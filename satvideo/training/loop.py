@@ -31,8 +31,8 @@ from satvideo.training.data_order import BucketBatches, MicroBatches
 from satvideo.training.deepspeed_setup import (build_optimizer, deepspeed_config, fit_buckets_to_model,
                                                skip_allreduce_over_one_rank, training_dtype)
 from satvideo.training.ema import EMA
-from satvideo.training.guards import (BadDataGuard, LauncherWatch, NonFiniteGuard, check_training_args,
-                                      check_weights_finite)
+from satvideo.training.guards import (DEFAULT_MAX_BAD_SHARE, BadDataGuard, LauncherWatch, NonFiniteGuard,
+                                      check_training_args, check_weights_finite)
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
 from satvideo.training.metrics import MetricsLog, Window
 from satvideo.training.run_folder import RunLock, prune_checkpoints, save_config, truncate_metrics
@@ -110,17 +110,15 @@ def batch_order(dataset: Dataset, micro_batch: int, args, layout: Layout) -> Mic
     """This rank's resumable micro-batch order (that of its data-parallel replica): by bucket when the data has
     buckets."""
     rank, world_size = layout.data_rank, layout.data_size
-    if len(dataset) < world_size:
-        raise ConfigError(f"args.train_data holds {len(dataset)} samples (with args.train_data_weights), fewer than "
-                          f"the {world_size} data-parallel ranks")
     groups = bucket_groups(dataset)
     if groups is None:
         order = MicroBatches(len(dataset), micro_batch, rank, world_size, args.seed)
     else:
         order = BucketBatches(groups, micro_batch, rank, world_size, args.seed)
     if order.batches_per_epoch == 0:
-        raise ConfigError(f"args.batch_size={micro_batch}: no epoch holds one micro-batch per rank "
-                          f"({len(dataset)} samples, {world_size} ranks" + (", by bucket)" if groups else ")"))
+        raise ConfigError(f"args.train_data holds {len(dataset)} samples (with args.train_data_weights): no "
+                          f"micro-batch of args.batch_size={micro_batch} for each of {world_size} data-parallel ranks"
+                          + (" within one bucket" if groups else ""))
     return order
 
 
@@ -166,7 +164,7 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     layout = build_layout(args.sequence_parallel_size)
     # a bad path should not wait for the model
     dataset = build_dataset(config, args.train_data, "args.train_data", args.train_data_weights)
-    bad_data = BadDataGuard(config.data.get("max_bad_share", 0.05))
+    bad_data = BadDataGuard(config.data.get("max_bad_share", DEFAULT_MAX_BAD_SHARE))
     validator = Validator(config, args, device, layout) if args.eval_interval else None
     ds = deepspeed_config(config, args, device.type == "cuda")
     resume_iteration = read_latest(args.save) if args.save else None

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from satvideo.checkpoint import write_text_atomically
+from satvideo.atomic_files import write_text_atomically
 from satvideo.config import ConfigError, TrainingError
 
 LOCK = "run.lock"
@@ -119,9 +119,12 @@ class RunLock:
         self._stop.set()
         if self.holder() == self.record:
             self.path.unlink(missing_ok=True)
-        folder = self.path.parent
-        if self.created_folder and {path.name for path in folder.iterdir()} <= {LOCK_GUARD}:
-            shutil.rmtree(folder, ignore_errors=True)
+        if self.created_folder:
+            try:
+                (self.path.parent / LOCK_GUARD).unlink(missing_ok=True)
+                self.path.parent.rmdir()  # only when empty: a run that wrote anything keeps its folder
+            except OSError:
+                pass
 
 
 def save_config(folder: Path, config: DictConfig) -> None:
