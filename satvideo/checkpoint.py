@@ -15,7 +15,6 @@ plus an explicit allow-list of the classes DeepSpeed pickles into its own files)
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -56,7 +55,11 @@ def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable[typ
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as error:
+    except FileNotFoundError as error:
+        raise CheckpointNotFound(f"{path} does not exist") from error
+    except IsADirectoryError as error:
+        raise CheckpointError(f"{path}: refused to load: a folder, not a file") from error
+    except Exception as error:  # whatever a file that is not torch's makes the unpickler raise (KeyError, ...)
         reason = str(error).strip().splitlines()
         detail = next((line.strip() for line in reason if "Unsupported" in line or "GLOBAL" in line), reason[0] if reason else "")
         raise CheckpointError(f"{path}: refused to load: not a plain tensor file ({detail[:200]})") from error

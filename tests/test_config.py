@@ -144,11 +144,11 @@ def test_an_override_whose_value_ends_in_yaml_is_an_override_and_model_yaml_a_fi
 
     config = parse_config("test", ["--base", "configs/tiny/model.yaml", "args.experiment_name=exp.yaml"])
     assert config.args.experiment_name == "exp.yaml"
+    with pytest.raises(ConfigError, match="override 'args.train_iters' is not of the form key=value"):
+        parse_config("test", ["--base", "configs/tiny/model.yaml", "args.train_iters"])
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "args.yaml", "args: {train_iters: 7}\n")
     assert parse_config("test", ["--base", "args.yaml"]).args.train_iters == 7
-    with pytest.raises(ConfigError, match="override 'args.train_iters' is not of the form key=value"):
-        parse_config("test", ["--base", "configs/tiny/model.yaml", "args.train_iters"])
 
 
 def test_an_override_that_is_not_yaml_says_to_quote_it():

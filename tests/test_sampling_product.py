@@ -196,7 +196,7 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         ([f"args.input_file={empty}"], "holds no prompt"),
         ([f"args.input_file={latin1}"], "is not UTF-8 text"),
         ([f"args.input_file={bad_json}"], "unknown key 'sed'; did you mean 'seed'?"),
-        ([f"args.input_file={text_seed}"], "seed.jsonl:2: \"seed\": 'abc': expected a whole number"),
+        ([f"args.input_file={text_seed}"], "seed.jsonl:2: \"seed\": \"abc\": expected a whole number"),
         ([f"args.input_file={tmp_path}"], "is a folder, not a file"),
         (["args.sampling_fps=-3"], "args.sampling_fps=-3: expected a number > 0"),
         ([f"args.input_file={video}"], "missing.mp4 cannot be decoded"),

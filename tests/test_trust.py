@@ -93,6 +93,18 @@ def test_a_planted_pickle_in_any_resume_file_does_not_run(clean_run, tmp_path, n
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", [b"hello\n", b"]\x00\x01", b"\x85 not torch"])
+def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path, content):
+    from satvideo.checkpoint import safe_load
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"weights.pt: refused to load: not a plain tensor file"):
+        safe_load(path)
+    with pytest.raises(CheckpointError, match=r"refused to load: a folder, not a file$"):
+        safe_load(tmp_path)
+
+
 def test_the_clean_checkpoint_resumes_in_process(clean_run, tmp_path):
     save = tmp_path / "run"
     shutil.copytree(clean_run, save)
@@ -201,15 +213,23 @@ def test_validation_and_decoding_options_are_checked_first(override, message):
         check_training_args(args_namespace(load_config(TINY, [override])))
 
 
+def start_in_process(save: Path, data: Path, *overrides: str) -> None:
+    """train_video.py's train() in this process (the caller is in the repository root)."""
+    from satvideo.training import loop
+
+    files = [item for item in overrides if item.endswith(".yaml")]
+    settings = [item for item in overrides if not item.endswith(".yaml")]
+    loop.train(load_config([*TINY, *files], [f"args.save={save}", f"args.train_data=[{data}]", "args.num_workers=0",
+                                             *settings]))
+
+
 def test_a_start_that_fails_its_checks_leaves_the_run_folder_as_it_was(tmp_path, data, monkeypatch):
     from satvideo.config import CheckpointNotFound
-    from satvideo.training import loop
 
     monkeypatch.chdir(ROOT)
 
     def start(save, *overrides) -> None:
-        loop.train(load_config(TINY, [f"args.save={save}", f"args.train_data=[{data}]", "args.num_workers=0",
-                                      *overrides]))
+        start_in_process(save, data, *overrides)
 
     earlier = tmp_path / "earlier"
     earlier.mkdir()
@@ -219,6 +239,12 @@ def test_a_start_that_fails_its_checks_leaves_the_run_folder_as_it_was(tmp_path,
             start(save, f"args.train_data=[{tmp_path / 'no_data'}]")
         with pytest.raises(ConfigError, match=r"^deepspeed.optimizer.params.lr=-1: expected a number >= 0$"):
             start(save, "deepspeed.optimizer.params.lr=-1")
+        with pytest.raises(ConfigError, match=r"lora_config: LoRA adapters train over a base model; give .* args.load"):
+            start(save, "configs/lora.yaml")
+        with pytest.raises(ConfigError, match=r"^args.validation_prompts: request 0 \('a red square'\): image "
+                                              r"missing.png cannot be read"):
+            start(save, "args.eval_interval=2", "args.validation_prompts=[a red square@@missing.png]",
+                  "model.noised_image_input=true")
     assert (earlier / "training_config.yaml").read_text() == "the earlier run's\n"
     assert not (tmp_path / "new").exists()  # a folder the failed start created is gone again
 
@@ -228,6 +254,40 @@ def test_a_start_that_fails_its_checks_leaves_the_run_folder_as_it_was(tmp_path,
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ConfigError, match=r"^args.save=.*a_file: cannot be the run folder"):
         start(tmp_path / "a_file")
+
+
+def test_a_run_resumes_only_as_it_was_trained_and_a_finished_one_is_left_alone(tmp_path, clean_run, data,
+                                                                                 monkeypatch, caplog):
+    monkeypatch.chdir(ROOT)
+    save = tmp_path / "run"
+    shutil.copytree(clean_run, save)
+    before = {path.name: path.stat().st_mtime_ns for path in save.iterdir() if path.name != ".run.lock.guard"}
+    as_trained = ("args.train_iters=4", *QUICK, "args.ema_decay=0.5")
+    for change, message in (("args.zero_stage=3", r"the ZeRO stage \(args.zero_stage\) = 2, this config has 3"),
+                            ("args.batch_size=1", r"the micro-batch \(args.batch_size\) = 2, this config has 1"),
+                            ("configs/lora.yaml", r"model.network_config.params.modules.lora_config = None, this config "
+                                                  r"has \{'target'"),
+                            ("model.network_config.params.num_layers=3", r"model.network_config.params.num_layers = 2, this "
+                                                                           r"config has 3")):
+        with pytest.raises(ConfigError, match=rf"^args.save={save} holds a run trained with {message}"):
+            start_in_process(save, data, *as_trained, change, f"args.load={clean_run}")
+    start_in_process(save, data, *as_trained[1:], "args.train_iters=2")  # finished: nothing to train, no error
+    assert "is at iteration 2 already, args.train_iters=2: nothing to train" in caplog.text
+    assert {path.name: path.stat().st_mtime_ns for path in save.iterdir() if path.name != ".run.lock.guard"} == before
+
+
+def test_a_failing_validation_costs_no_checkpoint(tmp_path, data, monkeypatch):
+    from satvideo.training.validation import Validator
+
+    def broken(self, engine, iteration, out_dir):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(Validator, "__call__", broken)
+    save = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="validation broke"):
+        start_in_process(save, data, "args.train_iters=2", *QUICK, "args.eval_interval=2", f"args.valid_data=[{data}]")
+    assert read_latest(save) == 2
 
 
 def test_a_worker_whose_launcher_is_gone_stops(monkeypatch):

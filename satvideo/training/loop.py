@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from satvideo import distributed
 from satvideo.checkpoint import (guard_deepspeed_loads, load_network, read_latest, resolve_model_states, safe_load,
                                  write_latest, write_zero3_model_states)
-from satvideo.config import ConfigError, args_namespace
+from satvideo.config import CheckpointError, ConfigError, SatvideoError, args_namespace
 from satvideo.data.health import REASONS, SKIPPED
 from satvideo.data.sources import bucket_groups, build_dataset
 from satvideo.engine import VideoDiffusionEngine
@@ -35,7 +35,8 @@ from satvideo.training.guards import (DEFAULT_MAX_BAD_SHARE, BadDataGuard, Launc
                                       check_training_args, check_weights_finite)
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
 from satvideo.training.metrics import MetricsLog, Window
-from satvideo.training.run_folder import RunLock, prune_checkpoints, save_config, truncate_metrics
+from satvideo.training.run_folder import (RunLock, check_resumable, prune_checkpoints, save_config,
+                                          truncate_metrics)
 from satvideo.training.validation import Validator
 
 logger = logging.getLogger("satvideo.train")
@@ -170,8 +171,16 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     resume_iteration = read_latest(args.save) if args.save else None
     if resume_iteration is not None:
         resolve_model_states(args.save)  # `latest` names a folder holding the model states
+        check_resumable(Path(args.save), config, ds, device.type == "cuda")
+        if resume_iteration >= args.train_iters:  # a finished run started again (a requeued job): not an error
+            logger.warning("args.save=%s is at iteration %d already, args.train_iters=%d: nothing to train (raise "
+                           "args.train_iters to go on)", args.save, resume_iteration, args.train_iters)
+            return
     # a resume restores every saved weight; LoRA checkpoints hold only the adapters, so their base loads first
     has_lora = "lora_config" in config.model.network_config.params.modules
+    if has_lora and not args.load:
+        raise ConfigError("model.network_config.params.modules.lora_config: LoRA adapters train over a base model; "
+                          "give its weights as args.load")
     model, scheduler = build_deepspeed_engine(config, args, ds, device, load_weights=resume_iteration is None or has_lora)
     if layout.sequence_group is not None:
         enable_sequence_parallel(model.module.network, layout.sequence_group)
@@ -222,11 +231,6 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
             window.reset()
             bad_data.after_window(iteration, record["samples"], record["bad_samples"])
 
-        if args.eval_interval and iteration % args.eval_interval == 0:
-            record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)
-            log.write(record)
-            log.log_videos(iteration, videos)
-
         if args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
             if guard.in_row:  # weights unchanged by a skipped step: `latest` stays on the last good checkpoint
                 logger.warning("iteration %d: not saving, the last %d optimizer steps were skipped", iteration,
@@ -234,10 +238,23 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
             else:
                 save_checkpoint(model, args, iteration, device, ema, lora)
 
+        if args.eval_interval and iteration % args.eval_interval == 0:  # after the save: it cannot cost a checkpoint
+            record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)
+            log.write(record)
+            log.log_videos(iteration, videos)
+
 
 def resume(model, args, iteration: int, device: torch.device, ema: EMA | None, adapters_only: bool) -> int:
     """Weights, optimizer, schedule, RNG and EMA of `{save}/{iteration}`; the iteration to continue after."""
-    _, client_state = model.load_checkpoint(args.save, tag=str(iteration), load_module_strict=not adapters_only)
+    try:
+        _, client_state = model.load_checkpoint(args.save, tag=str(iteration), load_module_strict=not adapters_only)
+    except SatvideoError:
+        raise
+    except Exception as error:  # check_resumable compares what the saved config states; this is the rest
+        detail = " ".join(str(error).split())[:160] or type(error).__name__
+        raise CheckpointError(f"args.save={args.save}: iteration {iteration} does not fit this model or ZeRO setup "
+                              f"({detail}); resume it as it was trained, or start a new args.save with "
+                              f"args.load={args.save}") from error
     iteration_dir = Path(args.save) / str(iteration)
     rng_file = iteration_dir / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file() and not args.no_load_rng:

@@ -20,7 +20,8 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from satvideo.atomic_files import write_text_atomically
-from satvideo.config import ConfigError, TrainingError
+from satvideo.config import ConfigError, TrainingError, args_namespace, load_config, to_plain
+from satvideo.training.deepspeed_setup import deepspeed_config, zero_stage
 
 LOCK = "run.lock"
 LOCK_GUARD = ".run.lock.guard"
@@ -131,6 +132,52 @@ def save_config(folder: Path, config: DictConfig) -> None:
     """The merged config of the run, as the original writes it: `{save}/training_config.yaml`."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomically(folder / CONFIG, OmegaConf.to_yaml(config, resolve=True))
+
+
+# Network settings a resume may change: they decide how the same weights are computed, not what they are.
+RESUMABLE_NETWORK_CHANGES = ("checkpoint_activations", "checkpoint_num_layers")
+
+
+def check_resumable(folder: Path, config: DictConfig, ds: dict, on_gpu: bool) -> None:
+    """The checkpoints in `folder` continue only under the ZeRO stage, micro-batch, gradient accumulation and
+    network (LoRA included) they were written with, as the config saved beside them says: a one-line ConfigError
+    naming what changed (not a traceback from DeepSpeed's loader, nor a data position silently shifted)."""
+    saved_file = folder / CONFIG
+    if not saved_file.is_file():
+        return
+    try:
+        saved = load_config([saved_file])
+        saved_ds = deepspeed_config(saved, args_namespace(saved), on_gpu)
+    except ConfigError as error:
+        logger.warning("not comparing with %s, which this version cannot read (%s)", saved_file, error)
+        return
+    changes = [("the ZeRO stage (args.zero_stage)", zero_stage(saved_ds), zero_stage(ds)),
+               ("the micro-batch (args.batch_size)", saved_ds["train_micro_batch_size_per_gpu"],
+                ds["train_micro_batch_size_per_gpu"]),
+               ("deepspeed.gradient_accumulation_steps", saved_ds["gradient_accumulation_steps"],
+                ds["gradient_accumulation_steps"])]
+    network = first_difference(to_plain(saved.model.network_config), to_plain(config.model.network_config),
+                               "model.network_config")
+    if network is not None:
+        changes.append(network)
+    for what, before, now in changes:
+        if before != now:
+            raise ConfigError(f"args.save={folder} holds a run trained with {what} = {before!r}, this config has "
+                              f"{now!r}: it resumes only as it was (or start a new args.save with args.load={folder})")
+
+
+def first_difference(before: object, now: object, path: str) -> tuple[str, object, object] | None:
+    """(key path, old value, new value) of the first difference between two plain configs, skipping
+    RESUMABLE_NETWORK_CHANGES; None when they agree."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for key in sorted(set(before) | set(now), key=str):
+            if key in RESUMABLE_NETWORK_CHANGES:
+                continue
+            found = first_difference(before.get(key), now.get(key), f"{path}.{key}")
+            if found is not None:
+                return found
+        return None
+    return None if before == now else (path, before, now)
 
 
 def truncate_metrics(folder: Path, iteration: int) -> None:

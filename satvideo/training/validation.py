@@ -16,6 +16,7 @@ Validation draws nothing from the global RNG, so a resumed run stays bit-identic
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, ListConfig
 from torch.utils.data import default_collate
 
 from satvideo import distributed
+from satvideo.config import ConfigError
 from satvideo.data.sources import bucket_groups, build_dataset
 from satvideo.parallel.layout import Layout
 from satvideo.sampling import VideoPlan, read_prompts, request_from_line, save_video, slugify
@@ -53,9 +55,23 @@ class Validator:
         groups = bucket_groups(self.dataset) if self.dataset is not None else None
         self.bucketed = single_bucket_batches(groups, args.eval_batch_size) if groups is not None else None
         self.prompts = validation_prompts(args.validation_prompts)
-        self.plan = VideoPlan(args, config.model.network_config.params) if self.prompts else None
+        self.plan = self.checked_plan(config, args) if self.prompts else None
         layout = layout or Layout(data_rank=distributed.rank(), data_size=distributed.world_size())
         self.rank, self.world_size, self.writes = layout.data_rank, layout.data_size, layout.leads_its_group
+
+    def checked_plan(self, config: DictConfig, args) -> VideoPlan:
+        """The sampling plan of the validation videos, every prompt (its image, for an image-to-video model, which
+        needs one) checked now rather than at the first evaluation, hours into the run."""
+        image_to_video = bool(config.model.get("noised_image_input"))
+        plan = VideoPlan(argparse.Namespace(**{**vars(args), "image2video": image_to_video}),
+                         config.model.network_config.params)
+        for index, line in enumerate(self.prompts):
+            request = request_from_line(line, index, args.seed + index)
+            try:
+                plan.check(request)
+            except ConfigError as error:
+                raise ConfigError(f"args.validation_prompts: {error}") from None
+        return plan
 
     def __call__(self, engine, iteration: int, out_dir: Path | None) -> tuple[dict, list[Path]]:
         """(a metrics record, the paths of all validation videos) — every rank calls it."""
