@@ -134,6 +134,13 @@ def nullable(rule: Rule) -> Rule:
     return (lambda value: value is None or test(value)), f"{expected} (or null)"
 
 
+def check_value(name: str, value: Any, rule: Rule) -> None:
+    """ConfigError `name=value: expected ...` unless `value` passes `rule`."""
+    test, expected = rule
+    if not test(value):
+        raise ConfigError(f"{name}={value!r}: expected {expected}")
+
+
 BOOLEAN: Rule = (lambda value: isinstance(value, bool), "true or false")
 TEXT: Rule = (lambda value: isinstance(value, str), "a string")
 ANY_NUMBER: Rule = (is_number, "a number")
@@ -320,9 +327,8 @@ def _validated_args(args: DictConfig) -> DictConfig:
             raise ConfigError(f"unknown key args.{key}; it is set as {MOVED_ARGS[key]}")
         if key not in ARGS_DEFAULTS:
             raise unknown_key_error(key, "args", ARGS_DEFAULTS)
-        test, expected = ARGS_RULES.get(key, (lambda value: True, ""))
-        if not test(args[key]):
-            raise ConfigError(f"args.{key}={args[key]!r}: expected {expected}")
+        if key in ARGS_RULES:
+            check_value(f"args.{key}", args[key], ARGS_RULES[key])
     return OmegaConf.merge(OmegaConf.create(ARGS_DEFAULTS), args)
 
 

@@ -49,7 +49,7 @@ from satvideo.data.buckets import members_of_buckets
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
 from satvideo.data.packed import PackedList
-from satvideo.data.sources import WeightedConcat
+from satvideo.data.sources import WeightedConcat, model_reads_images
 
 logger = logging.getLogger(__name__)
 
@@ -368,14 +368,18 @@ def read_manifest(folder: Path) -> dict:
     missing = [shard for shard in manifest["shards"] if not (folder / shard).is_file()]
     if missing:
         raise ConfigError(f"the cache {folder} lacks {len(missing)} of its shards ({missing[0]} ...): {REMAKE}")
-    for shard in manifest["shards"]:  # a damaged one would otherwise stop a data worker mid-run
+    return manifest
+
+
+def check_shard_headers(folder: Path, shards: list[str]) -> None:
+    """Each shard's header opens: a damaged shard is refused at start, not met by a data worker mid-run."""
+    for shard in shards:
         try:
             with safe_open(str(folder / shard), framework="pt"):
                 pass
         except Exception as error:  # safetensors raises its own SafetensorError
             raise ConfigError(f"the cache {folder}: shard {shard} is damaged ({str(error).splitlines()[0][:120]}): "
                               f"{REMAKE}") from None
-    return manifest
 
 
 class CachedDataset(Dataset):
@@ -388,6 +392,7 @@ class CachedDataset(Dataset):
         manifest = read_manifest(self.folder)
         check_key(self.folder, manifest["key"]["data"], data_key(data_params))
         self.shards: list[str] = manifest["shards"]
+        check_shard_headers(self.folder, self.shards)
         self.first_frames = bool(manifest.get("first_frames"))
         self.clips = PackedList((clip["shard"], clip["key"]) for clip in manifest["clips"])  # [shard, key] each
         sources = manifest["sources"]
@@ -435,7 +440,7 @@ def check_caches(config: DictConfig, args) -> list[int] | None:
     for path in source_paths(args.train_data) + source_paths(args.valid_data):
         manifest = read_manifest(Path(path))
         check_key(Path(path), manifest["key"]["frozen"], frozen)
-        if config.model.get("noised_image_input") and not manifest.get("first_frames"):
+        if model_reads_images(config) and not manifest.get("first_frames"):
             raise ConfigError(f"the cache {path} holds no first frames (it was made for a text-to-video model), and "
                               f"model.noised_image_input needs them: {REMAKE} and this config")
         widths = widths or manifest["text_widths"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from satvideo.config import is_number
+from satvideo.config import check_value, number_rule, whole_rule
 from satvideo.data.buckets import check_buckets
 from satvideo.data.frames import FRAME_SAMPLING, resampled_indices, resize_cover_center_crop, strided_indices, \
     whole_number
@@ -123,13 +123,11 @@ class ClipDataset(Dataset):
         self.video_size = tuple(whole_number("video_size", side, "pixels") for side in video_size)
         if min(self.video_size) < 1:
             raise ValueError(f"data.params.video_size={video_size!r}: expected [height, width] in pixels")
-        if not (is_number(fps) and fps > 0):
-            raise ValueError(f"data.params.fps={fps!r}: expected a number > 0")
+        check_value("data.params.fps", fps, number_rule(0, exclusive=True))
         self.fps = fps
         self.max_num_frames = max_num_frames
         self.skip_frms_num = whole_number("skip_frms_num", skip_frms_num)
-        if self.skip_frms_num < 0:
-            raise ValueError(f"data.params.skip_frms_num={skip_frms_num}: expected a whole number >= 0")
+        check_value("data.params.skip_frms_num", self.skip_frms_num, whole_rule(0))
         self.frame_sampling = frame_sampling
         self.whole_caption = caption == "whole_file"
         self.short_clips = short_clips

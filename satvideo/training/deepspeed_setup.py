@@ -19,7 +19,7 @@ from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT  # 1.0: DeepSp
 from omegaconf import DictConfig
 
 from satvideo import distributed
-from satvideo.config import ConfigError, check_parameters, get_obj_from_str, is_number, to_plain
+from satvideo.config import ConfigError, check_parameters, check_value, get_obj_from_str, number_rule, to_plain
 from satvideo.training.guards import SkipsNonFiniteSteps, skipping_nonfinite_steps
 
 # DeepSpeed's own optimizer names; any other `deepspeed.optimizer.type` is imported as a class path.
@@ -119,8 +119,8 @@ def check_optimizer(optimizer: dict) -> None:
                           f"class path (module.Name){hint}")
     params = optimizer.get("params") or {}
     lr = params.get("lr")
-    if lr is not None and not (is_number(lr) and lr >= 0):
-        raise ConfigError(f"deepspeed.optimizer.params.lr={lr!r}: expected a number >= 0")
+    if lr is not None:
+        check_value("deepspeed.optimizer.params.lr", lr, number_rule(0))
     if factory is not None:
         params = {key: value for key, value in params.items() if key not in ADAM_EXTRA_KEYS}
         check_parameters(factory, params, "deepspeed.optimizer.params")

@@ -26,7 +26,7 @@ from torch.utils.data import default_collate
 
 from satvideo import distributed
 from satvideo.config import ConfigError
-from satvideo.data.sources import bucket_groups, build_dataset
+from satvideo.data.sources import bucket_groups, build_dataset, model_reads_images
 from satvideo.parallel.layout import Layout
 from satvideo.sampling import VideoPlan, read_prompts, request_from_line, save_video, slugify
 
@@ -62,8 +62,7 @@ class Validator:
     def checked_plan(self, config: DictConfig, args) -> VideoPlan:
         """The sampling plan of the validation videos, every prompt (its image, for an image-to-video model, which
         needs one) checked now rather than at the first evaluation, hours into the run."""
-        image_to_video = bool(config.model.get("noised_image_input"))
-        plan = VideoPlan(argparse.Namespace(**{**vars(args), "image2video": image_to_video}),
+        plan = VideoPlan(argparse.Namespace(**{**vars(args), "image2video": model_reads_images(config)}),
                          config.model.network_config.params)
         for index, line in enumerate(self.prompts):
             request = request_from_line(line, index, args.seed + index)
