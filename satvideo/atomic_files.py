@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -26,3 +27,22 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     """Readers see the old text or the new, never half."""
     with replaced_atomically(path) as partial:
         partial.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def folder_replaced_atomically(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; when the block ends without an error it takes the place of `path`
+    (an earlier `path` is moved aside, then removed), and in any case no partial folder is left behind."""
+    path = Path(path)
+    partial, earlier = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.replaced")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if path.exists():
+            shutil.rmtree(earlier, ignore_errors=True)
+            os.replace(path, earlier)
+        os.replace(partial, path)
+        shutil.rmtree(earlier, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

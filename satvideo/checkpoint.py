@@ -189,29 +189,44 @@ def load_network(network: nn.Module, checkpoint_path: str | Path, strict: bool =
         scale_lora(network, lora_scale)
 
 
-def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: str | Path, strict: bool,
-                 subset: bool = False) -> None:
-    """load_state_dict with the problems listed; `subset` expects only some keys (adapters, EMA weights)."""
-    if "mixins.pos_embed.pos_embedding" in weights and not hasattr(network.mixins.pos_embed, "pos_embedding"):
-        weights = {k: v for k, v in weights.items() if k != "mixins.pos_embed.pos_embedding"}  # recomputed sin-cos
-    own = network.state_dict()
+def weight_problems(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], subset: bool = False) -> list[str]:
+    """What keeps `weights` from loading into a state dict shaped like `own`: shapes that differ, keys missing (none
+    when `subset`: adapters, EMA weights), keys `own` lacks. Empty when they fit."""
     resized = [f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in weights.items()
                if key in own and value.shape != own[key].shape]
-    weights = {key: value for key, value in weights.items() if key not in own or value.shape == own[key].shape}
-    result = network.load_state_dict(weights, strict=False)
-    missing = [] if subset else [key for key in result.missing_keys if not is_lora_matrix(key)]
+    missing = [] if subset else [key for key in own if key not in weights and not is_lora_matrix(key)]
+    unexpected = [key for key in weights if key not in own]
     problems = []
     if resized:
         problems.append(f"shapes differ, checkpoint vs model ({len(resized)}): {', '.join(resized[:10])}")
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys[:20])}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    return problems
+
+
+def without_recomputed_table(network: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` less a stored sin-cos position table the network recomputes (official 2B checkpoints hold one)."""
+    if "mixins.pos_embed.pos_embedding" in weights and not hasattr(network.mixins.pos_embed, "pos_embedding"):
+        return {key: value for key, value in weights.items() if key != "mixins.pos_embed.pos_embedding"}
+    return weights
+
+
+def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: str | Path, strict: bool,
+                 subset: bool = False) -> None:
+    """load_state_dict with the problems listed; `subset` expects only some keys (adapters, EMA weights)."""
+    weights = without_recomputed_table(network, weights)
+    own = network.state_dict()
+    problems = weight_problems(own, weights, subset)
+    fitting = {key: value for key, value in weights.items() if key not in own or value.shape == own[key].shape}
+    network.load_state_dict(fitting, strict=False)
     if problems:
         message = f"checkpoint {source} does not match the model config: " + "; ".join(problems)
         if strict:
             raise CheckpointError(message + " (set args.strict_load=false to load the rest anyway)")
-        logger.warning(message + ("; those weights keep their initial values" if resized or missing else ""))
+        keeps_initial = any(problem.startswith(("shapes", "missing")) for problem in problems)
+        logger.warning(message + ("; those weights keep their initial values" if keeps_initial else ""))
 
 
 def scale_lora(network: nn.Module, scale: float) -> None:

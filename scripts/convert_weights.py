@@ -3,19 +3,31 @@
     sat-to-diffusers   --config cogvideox_5b.yaml --checkpoint CKPT --out DIR [--vae 3d-vae.pt --vae-out DIR]
     diffusers-to-sat   --transformer DIR --out SAT_DIR [--vae DIR]
     lora-to-diffusers  --checkpoint SAT_LORA_CKPT --out DIR [--lora-alpha A]   (alpha: from the checkpoint)
+
+Inputs are read and checked (the weights against the config they are converted with) before anything is written;
+each output folder then appears whole or not at all. An output folder that exists and is not empty is refused
+unless --overwrite, which replaces it. Errors are one line (the traceback with --debug).
 """
 
 import argparse
+import math
+from pathlib import Path
 
-from satvideo.convert.checkpoints import (diffusers_to_sat_checkpoint, sat_lora_to_diffusers_checkpoint,
-                                          sat_to_diffusers_checkpoint)
+from satvideo.cli import run_entrypoint
+from satvideo.config import ConfigError
+from satvideo.convert.checkpoints import (LORA_WEIGHTS_NAME, diffusers_to_sat_checkpoint,
+                                          sat_lora_to_diffusers_checkpoint, sat_to_diffusers_checkpoint)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    common.add_argument("--debug", action="store_true", help="show the traceback of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    to_diffusers = commands.add_parser("sat-to-diffusers", help="SAT transformer (and VAE) -> diffusers folders")
+    to_diffusers = commands.add_parser("sat-to-diffusers", parents=[common],
+                                       help="SAT transformer (and VAE) -> diffusers folders")
     to_diffusers.add_argument("--config", nargs="+", required=True, help="model YAML(s), merged in order")
     to_diffusers.add_argument("--checkpoint", required=True,
                               help="SAT run folder (with `latest`), iteration folder or mp_rank_00_model_states.pt")
@@ -23,12 +35,14 @@ def parse_args() -> argparse.Namespace:
     to_diffusers.add_argument("--vae", help="SAT 3d-vae.pt (optional)")
     to_diffusers.add_argument("--vae-out", help="folder for AutoencoderKLCogVideoX (with --vae)")
 
-    to_sat = commands.add_parser("diffusers-to-sat", help="diffusers folders -> SAT checkpoint and model.yaml")
+    to_sat = commands.add_parser("diffusers-to-sat", parents=[common],
+                                 help="diffusers folders -> SAT checkpoint and model.yaml")
     to_sat.add_argument("--transformer", required=True, help="diffusers CogVideoXTransformer3DModel folder")
     to_sat.add_argument("--out", required=True, help="SAT folder: transformer/, vae/, model.yaml")
     to_sat.add_argument("--vae", help="diffusers AutoencoderKLCogVideoX folder (optional)")
 
-    lora = commands.add_parser("lora-to-diffusers", help="SAT LoRA checkpoint -> pytorch_lora_weights.safetensors")
+    lora = commands.add_parser("lora-to-diffusers", parents=[common],
+                               help="SAT LoRA checkpoint -> pytorch_lora_weights.safetensors")
     lora.add_argument("--checkpoint", required=True, help="SAT checkpoint of a LoRA fine-tune")
     lora.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
     lora.add_argument("--lora-alpha", type=float, default=None,
@@ -36,16 +50,35 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def check_output_folder(folder: str | None, flag: str, overwrite: bool) -> None:
+    """A folder that is about to be replaced whole must hold nothing, unless --overwrite."""
+    if folder is None or overwrite:
+        return
+    path = Path(folder)
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise ConfigError(f"{flag} {folder} exists and is not empty; choose another folder or pass --overwrite")
+
+
 def main() -> None:
     args = parse_args()
     if args.command == "sat-to-diffusers":
+        check_output_folder(args.out, "--out", args.overwrite)
+        check_output_folder(args.vae_out, "--vae-out", args.overwrite)
+        if args.vae_out is not None and Path(args.vae_out).resolve() == Path(args.out).resolve():
+            raise ConfigError(f"--vae-out {args.vae_out} is --out too; the transformer and the VAE need a folder each")
         sat_to_diffusers_checkpoint(args.config, args.checkpoint, args.out, args.vae, args.vae_out)
     elif args.command == "diffusers-to-sat":
+        check_output_folder(args.out, "--out", args.overwrite)
         diffusers_to_sat_checkpoint(args.transformer, args.out, args.vae)
     else:
+        if (Path(args.out) / LORA_WEIGHTS_NAME).exists() and not args.overwrite:
+            raise ConfigError(f"--out {args.out} holds {LORA_WEIGHTS_NAME} already; choose another folder or pass "
+                              "--overwrite")
+        if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+            raise ConfigError(f"--lora-alpha {args.lora_alpha}: expected a number > 0")
         sat_lora_to_diffusers_checkpoint(args.checkpoint, args.out, args.lora_alpha)
     print(f"{args.command}: wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_entrypoint(main)

@@ -69,8 +69,16 @@ def write_sat_checkpoint(save_dir: Path, weights: dict) -> None:
     write_latest(save_dir, 1)
 
 
-def run_cli(*args: str) -> None:
-    """scripts/convert_weights.py in a subprocess, as a user runs it."""
+def run_cli(*args: str, expect_error: bool = False) -> str:
+    """scripts/convert_weights.py in a subprocess, as a user runs it; with `expect_error`, the one-line message it
+    ends with (exit code 2, no traceback)."""
     command = [sys.executable, os.path.join(ROOT, "scripts", "convert_weights.py"), *args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if not expect_error:
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    return last

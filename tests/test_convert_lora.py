@@ -83,6 +83,21 @@ def test_cli_exports_a_sat_lora_checkpoint(tmp_path):
         expected = network(**inputs)
     assert relative_error(diffusers_output(pipeline.transformer, inputs), expected) <= 1e-5
 
+    exported = (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    again = ("lora-to-diffusers", "--checkpoint", str(tmp_path / "sat"), "--out", str(tmp_path / "lora"))
+    assert run_cli(*again, expect_error=True) == (
+        f"error: --out {tmp_path / 'lora'} holds pytorch_lora_weights.safetensors already; choose another folder or "
+        "pass --overwrite")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == exported
+    assert run_cli(*again, "--overwrite", "--lora-alpha", "0", expect_error=True) == \
+        "error: --lora-alpha 0.0: expected a number > 0"
+    base_only = tmp_path / "base"
+    write_sat_checkpoint(base_only, base_weights)
+    message = run_cli("lora-to-diffusers", "--checkpoint", str(base_only), "--out", str(tmp_path / "none"),
+                      expect_error=True)
+    assert message.startswith(f"error: {base_only / '1' / 'mp_rank_00_model_states.pt'}: no LoRA matrices")
+    assert not (tmp_path / "none").exists()
+
 
 def test_state_dict_without_lora_is_an_error():
     weights = instantiate_from_config(parity_network_config("5b")).state_dict()

@@ -11,8 +11,9 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from satvideo.atomic_files import folder_replaced_atomically
 from satvideo.config import instantiate_from_config, load_config, to_plain
-from satvideo.convert.checkpoints import diffusers_to_sat_checkpoint, write_diffusers_folder
+from satvideo.convert.checkpoints import WEIGHTS_NAME, diffusers_to_sat_checkpoint, write_diffusers_folder
 from satvideo.convert.transformer import (diffusers_to_sat_transformer, diffusers_transformer_config,
                                           network_config_from_diffusers, sat_to_diffusers_transformer)
 from satvideo.convert.vae import sat_vae_to_diffusers
@@ -188,3 +189,86 @@ def test_cli_converts_both_ways(tmp_path):
         assert torch.equal(rebuilt(**inputs), expected)
     vae_back = torch.load(tmp_path / "back" / "vae" / "3d-vae.pt", weights_only=True)["state_dict"]
     assert_equal_state_dicts(vae_back, vae.state_dict())
+
+
+def write_sat_run(folder, family: str) -> None:
+    """A tiny random SAT checkpoint of `family` in `folder`/sat and its model config in `folder`/model.yaml."""
+    write_sat_checkpoint(folder / "sat", random_network(family).state_dict())
+    network_config = parity_network_config(family)
+    OmegaConf.save(OmegaConf.create({"model": {"network_config": network_config}}), folder / f"{family}.yaml")
+
+
+def test_cli_checks_the_weights_against_the_config_before_writing(tmp_path):
+    write_sat_run(tmp_path, "5b")
+    write_sat_run(tmp_path / "other", "1.5_5b")
+    message = run_cli("sat-to-diffusers", "--config", str(tmp_path / "other" / "1.5_5b.yaml"), "--checkpoint",
+                      str(tmp_path / "sat"), "--out", str(tmp_path / "out"), expect_error=True)
+    assert message.startswith(f"error: {tmp_path / 'sat'} does not fit model.network_config: shapes differ, "
+                              "checkpoint vs model (3): mixins.patch_embed.proj.weight (64, 16, 2, 2) vs (64, 128)")
+    assert not (tmp_path / "out").exists()
+    message = run_cli("sat-to-diffusers", "--config", str(tmp_path / "5b.yaml"), "--checkpoint", str(tmp_path / "sat"),
+                      "--out", str(tmp_path / "out"), "--vae", str(tmp_path / "sat" / "1" / "mp_rank_00_model_states.pt"),
+                      "--vae-out", str(tmp_path / "vae"), expect_error=True)
+    assert message == f"error: no model.first_stage_config in {tmp_path / '5b.yaml'}"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "vae").exists()
+
+
+def test_cli_refuses_to_replace_an_output_unless_told(tmp_path):
+    write_sat_run(tmp_path, "5b")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    command = ("sat-to-diffusers", "--config", str(tmp_path / "5b.yaml"), "--checkpoint", str(tmp_path / "sat"),
+               "--out", str(tmp_path / "out"))
+    assert run_cli(*command, expect_error=True) == (
+        f"error: --out {tmp_path / 'out'} exists and is not empty; choose another folder or pass --overwrite")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    run_cli(*command, "--overwrite")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["config.json", WEIGHTS_NAME]
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+    message = run_cli("diffusers-to-sat", "--transformer", str(tmp_path / "out"), "--out", str(tmp_path / "sat"),
+                      expect_error=True)
+    assert message.startswith(f"error: --out {tmp_path / 'sat'} exists and is not empty")
+
+
+def test_cli_names_the_diffusers_input_it_cannot_use(tmp_path):
+    vae = tmp_path / "vae"
+    write_diffusers_folder(vae, "AutoencoderKLCogVideoX", {}, {"encoder.conv_in.weight": torch.zeros(2)})
+    out = str(tmp_path / "sat")
+    assert run_cli("diffusers-to-sat", "--transformer", str(vae), "--out", out, expect_error=True) == \
+        f"error: {vae} holds a AutoencoderKLCogVideoX, not a CogVideoXTransformer3DModel"
+
+    config = diffusers_transformer_config(parity_network_config("5b")["params"])
+    model = random_diffusers_model(config)
+    transformer = tmp_path / "transformer"
+    write_diffusers_folder(transformer, "CogVideoXTransformer3DModel", {**config, "num_layers": 3}, model.state_dict())
+    message = run_cli("diffusers-to-sat", "--transformer", str(transformer), "--out", out, expect_error=True)
+    assert message.startswith(f"error: {transformer} does not fit its own config.json: missing keys (")
+    assert "transformer.layers.2.attention.query_key_value.weight" in message
+
+    (transformer / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
+    message = run_cli("diffusers-to-sat", "--transformer", str(transformer), "--out", out, expect_error=True)
+    assert message.startswith(f"error: {transformer / WEIGHTS_NAME} is not a readable safetensors file (")
+    (transformer / "config.json").write_text("{num_layers: 2")
+    message = run_cli("diffusers-to-sat", "--transformer", str(transformer), "--out", out, expect_error=True)
+    assert message.startswith(f"error: {transformer / 'config.json'} is not readable JSON (")
+    assert not (tmp_path / "sat").exists()
+
+
+def test_a_folder_replaced_atomically_is_whole_or_untouched(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with folder_replaced_atomically(target) as partial:
+            (partial / "half.bin").write_bytes(b"x")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with folder_replaced_atomically(target) as partial:
+        (partial / "first.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with folder_replaced_atomically(target) as partial:
+            (partial / "second.txt").write_text("2")
+            raise RuntimeError("killed")
+    assert [path.name for path in target.iterdir()] == ["first.txt"]
+    with folder_replaced_atomically(target) as partial:
+        (partial / "second.txt").write_text("2")
+    assert [path.name for path in target.iterdir()] == ["second.txt"]
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]

@@ -22,7 +22,7 @@ _RENAMES = (
     (".nin_shortcut.", ".conv_shortcut."),
 )
 # Training-only entries of the official checkpoint (the discriminator / LPIPS loss).
-_SAT_ONLY_PREFIXES = ("loss.",)
+SAT_ONLY_PREFIXES = ("loss.",)
 
 
 def _num_up_levels(keys: list[str], pattern: str) -> int:
@@ -43,7 +43,7 @@ def sat_vae_to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     num_levels = _num_up_levels(list(state_dict), r"decoder\.up\.(\d+)\.")
     converted = {}
     for key, value in state_dict.items():
-        if key.startswith(_SAT_ONLY_PREFIXES):
+        if key.startswith(SAT_ONLY_PREFIXES):
             continue
         key = _reverse_up_index(key, "decoder.up", "decoder.up_blocks", num_levels)
         for sat, diffusers in _RENAMES:
