@@ -27,7 +27,7 @@ from satvideo.training.deepspeed_setup import deepspeed_config
 from satvideo.training.ema import EMA
 from satvideo.training.guards import NonFiniteGuard, check_training_args
 from satvideo.training.loop import build_deepspeed_engine, resume
-from satvideo.training.run_folder import RunLock, prune_checkpoints, truncate_metrics
+from satvideo.training.run_folder import RunLock, check_resumable, prune_checkpoints, truncate_metrics
 
 LORA = ["configs/lora.yaml", "model.network_config.params.modules.lora_config.params.r=4",
         "model.network_config.params.modules.lora_config.params.lora_alpha=8"]
@@ -271,6 +271,21 @@ def test_a_run_resumes_only_as_it_was_trained_and_a_finished_one_is_left_alone(t
                                                                            r"config has 3")):
         with pytest.raises(ConfigError, match=rf"^args.save={save} holds a run trained with {message}"):
             start_in_process(save, data, *as_trained, change, f"args.load={clean_run}")
+    two_ranks = tmp_path / "two_ranks"
+    shutil.copytree(clean_run, two_ranks)
+    shutil.copy(two_ranks / "2" / "rng_rank0.pt", two_ranks / "2" / "rng_rank1.pt")  # as a 2-rank run leaves it
+    with pytest.raises(ConfigError, match=rf"^args.save={two_ranks} holds a run of 2 ranks, this job has 1: its "
+                                          r"optimizer and EMA shards, RNG states and data order are per rank, so it "
+                                          rf"resumes on 2 ranks only \(or start a new args.save with "
+                                          rf"args.load={two_ranks}\)$"):
+        start_in_process(two_ranks, data, *as_trained)
+    saved = load_config([save / "training_config.yaml"])
+    two_way = load_config([save / "training_config.yaml"], ["args.sequence_parallel_size=2"])
+    ds = deepspeed_config(saved, args_namespace(saved), on_gpu=False)
+    check_resumable(save, saved, ds, False, iteration=2, world_size=1)
+    with pytest.raises(ConfigError, match=rf"^args.save={save} holds a run trained with args.sequence_parallel_size = "
+                                          "1, this config has 2"):
+        check_resumable(save, two_way, ds, False, iteration=2, world_size=1)
     start_in_process(save, data, *as_trained[1:], "args.train_iters=2")  # finished: nothing to train, no error
     assert "is at iteration 2 already, args.train_iters=2: nothing to train" in caplog.text
     assert {path.name: path.stat().st_mtime_ns for path in save.iterdir() if path.name != ".run.lock.guard"} == before

@@ -35,7 +35,7 @@ from satvideo.training.guards import (DEFAULT_MAX_BAD_SHARE, BadDataGuard, Launc
                                       check_training_args, check_weights_finite)
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
 from satvideo.training.metrics import MetricsLog, Window
-from satvideo.training.run_folder import (RunLock, check_resumable, prune_checkpoints, save_config,
+from satvideo.training.run_folder import (RNG_STATE, RunLock, check_resumable, prune_checkpoints, save_config,
                                           truncate_metrics)
 from satvideo.training.validation import Validator
 
@@ -171,7 +171,8 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     resume_iteration = read_latest(args.save) if args.save else None
     if resume_iteration is not None:
         resolve_model_states(args.save)  # `latest` names a folder holding the model states
-        check_resumable(Path(args.save), config, ds, device.type == "cuda")
+        check_resumable(Path(args.save), config, ds, device.type == "cuda", resume_iteration,
+                        distributed.world_size())
         if resume_iteration >= args.train_iters:  # a finished run started again (a requeued job): not an error
             logger.warning("args.save=%s is at iteration %d already, args.train_iters=%d: nothing to train (raise "
                            "args.train_iters to go on)", args.save, resume_iteration, args.train_iters)
@@ -256,7 +257,7 @@ def resume(model, args, iteration: int, device: torch.device, ema: EMA | None, a
                               f"({detail}); resume it as it was trained, or start a new args.save with "
                               f"args.load={args.save}") from error
     iteration_dir = Path(args.save) / str(iteration)
-    rng_file = iteration_dir / f"rng_rank{distributed.rank()}.pt"
+    rng_file = iteration_dir / RNG_STATE.format(rank=distributed.rank())
     if rng_file.is_file() and not args.no_load_rng:
         set_rng_state(safe_load(rng_file), device)
     if ema is not None:
@@ -286,7 +287,7 @@ def save_checkpoint(model, args, iteration: int, device: torch.device, ema: EMA 
                 trainable = {"model." + name for name, p in model.module.model.named_parameters() if p.requires_grad}
                 weights = {key: value for key, value in weights.items() if key in trainable}
             write_zero3_model_states(iteration_dir, weights)  # client_state comes with rank 0's metadata
-    torch.save(rng_state(device), iteration_dir / f"rng_rank{distributed.rank()}.pt")
+    torch.save(rng_state(device), iteration_dir / RNG_STATE.format(rank=distributed.rank()))
     if ema is not None:
         ema.save_shard(iteration_dir)
         ema.export(iteration_dir)

@@ -27,6 +27,7 @@ LOCK = "run.lock"
 LOCK_GUARD = ".run.lock.guard"
 CONFIG = "training_config.yaml"
 METRICS = "metrics.jsonl"
+RNG_STATE = "rng_rank{rank}.pt"  # one per rank in each iteration folder
 
 logger = logging.getLogger(__name__)
 
@@ -138,16 +139,23 @@ def save_config(folder: Path, config: DictConfig) -> None:
 RESUMABLE_NETWORK_CHANGES = ("checkpoint_activations", "checkpoint_num_layers")
 
 
-def check_resumable(folder: Path, config: DictConfig, ds: dict, on_gpu: bool) -> None:
-    """The checkpoints in `folder` continue only under the ZeRO stage, micro-batch, gradient accumulation and
-    network (LoRA included) they were written with, as the config saved beside them says: a one-line ConfigError
-    naming what changed (not a traceback from DeepSpeed's loader, nor a data position silently shifted)."""
+def check_resumable(folder: Path, config: DictConfig, ds: dict, on_gpu: bool, iteration: int, world_size: int) -> None:
+    """The checkpoints in `folder` continue only on the number of ranks that wrote `iteration` (one RNG state each)
+    and under the ZeRO stage, micro-batch, gradient accumulation, sequence parallelism and network (LoRA included)
+    they were written with, as the config saved beside them says: a one-line ConfigError naming what changed (not a
+    traceback from DeepSpeed's loader, nor a data position silently shifted)."""
+    saved_ranks = len(list((folder / str(iteration)).glob(RNG_STATE.format(rank="*"))))
+    if saved_ranks and saved_ranks != world_size:
+        raise ConfigError(f"args.save={folder} holds a run of {saved_ranks} ranks, this job has {world_size}: its "
+                          "optimizer and EMA shards, RNG states and data order are per rank, so it resumes on "
+                          f"{saved_ranks} ranks only (or start a new args.save with args.load={folder})")
     saved_file = folder / CONFIG
     if not saved_file.is_file():
         return
     try:
         saved = load_config([saved_file])
-        saved_ds = deepspeed_config(saved, args_namespace(saved), on_gpu)
+        saved_args = args_namespace(saved)
+        saved_ds = deepspeed_config(saved, saved_args, on_gpu)
     except ConfigError as error:
         logger.warning("not comparing with %s, which this version cannot read (%s)", saved_file, error)
         return
@@ -155,7 +163,9 @@ def check_resumable(folder: Path, config: DictConfig, ds: dict, on_gpu: bool) ->
                ("the micro-batch (args.batch_size)", saved_ds["train_micro_batch_size_per_gpu"],
                 ds["train_micro_batch_size_per_gpu"]),
                ("deepspeed.gradient_accumulation_steps", saved_ds["gradient_accumulation_steps"],
-                ds["gradient_accumulation_steps"])]
+                ds["gradient_accumulation_steps"]),
+               ("args.sequence_parallel_size", saved_args.sequence_parallel_size,
+                args_namespace(config).sequence_parallel_size)]
     network = first_difference(to_plain(saved.model.network_config), to_plain(config.model.network_config),
                                "model.network_config")
     if network is not None:
