@@ -515,6 +515,11 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     options = parser.parse_args()
+    cases = [case for case in options.only.split(",") if case]
+    unknown = set(cases) - set(CASES)
+    if unknown or not cases:
+        problem = f"unknown case(s) {', '.join(sorted(unknown))}" if unknown else f"no case in {options.only!r}"
+        raise SystemExit(f"--only: {problem}; choose from {', '.join(CASES)}")
 
     size = SIZES["tiny" if options.tiny else "mid" if options.mid else options.full]
     device = init_device(None if options.full else "cpu")
@@ -524,10 +529,6 @@ def main() -> None:
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
-    cases = [case for case in options.only.split(",") if case]
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        raise SystemExit(f"--only: unknown case(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
 
     rows: list[Row] = []
     for case in cases:

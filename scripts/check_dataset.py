@@ -14,17 +14,30 @@ from collections import Counter
 
 from satvideo.cli import is_config_file, run_entrypoint
 from satvideo.conditioner import caption_tokenizer
-from satvideo.config import ConfigError, load_config, to_plain
+from satvideo.config import FRAMES_4K_PLUS_1, PIXEL_SIZE, ConfigError, load_config, number_rule, to_plain, whole_rule
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import REASONS, BadSample
 from satvideo.data.sft import SFTDataset
 from satvideo.data.sources import clip_params, clip_source, model_reads_images
 
 
-def data_params(options) -> tuple[dict, tuple | None, bool]:
+def check_flags(options: argparse.Namespace) -> None:
+    """The data params the flags give, checked by ClipDataset's rules up front so that a message names the flag
+    typed rather than the config key the dataset would name."""
+    for flag, value, (test, expected) in (("--size", options.size, PIXEL_SIZE),
+                                          ("--fps", options.fps, number_rule(0, exclusive=True)),
+                                          ("--frames", options.frames, FRAMES_4K_PLUS_1),
+                                          ("--skip", options.skip, whole_rule(0))):
+        if not test(value):
+            typed = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise ConfigError(f"{flag} {typed}: expected {expected}")
+
+
+def data_params(options: argparse.Namespace) -> tuple[dict, tuple | None, bool]:
     """(dataset params, (tokenizer, max_length) or None, whether samples' own images are read) from --base or the
     command line (which checks images too)."""
     if not options.base:
+        check_flags(options)
         params = {"video_size": options.size, "fps": options.fps, "max_num_frames": options.frames,
                   "skip_frms_num": options.skip}
         return params, None, True

@@ -2,23 +2,36 @@
 
 import argparse
 import time
+from pathlib import Path
 
-from satvideo.data.toy import make_toy_dataset
+from satvideo.atomic_files import folder_replaced_atomically
+from satvideo.cli import run_entrypoint
+from satvideo.config import ConfigError, check_value, whole_rule
+from satvideo.data.toy import MIN_SIZE, check_toy_params, make_toy_dataset
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="dataset folder; videos/ and labels/ are created in it")
+    parser.add_argument("--out", required=True,
+                        help="dataset folder to create (or an empty one); videos/ and labels/ are written in it")
     parser.add_argument("--num", type=int, default=64, help="number of videos")
-    parser.add_argument("--size", type=int, default=64, help="frame height and width in pixels (even)")
+    parser.add_argument("--size", type=int, default=64, help=f"frame height and width in pixels (even, >= {MIN_SIZE})")
     parser.add_argument("--frames", type=int, default=17, help="frames per video")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     args = parser.parse_args()
+    out = Path(args.out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"--out {args.out} exists and is not an empty folder; choose another folder or remove it")
+    check_value("--num", args.num, whole_rule(1))
+    check_toy_params(args.size, args.frames, args.fps, ("--size", "--frames", "--fps"))
     start = time.perf_counter()
-    written = make_toy_dataset(args.out, args.num, args.size, args.frames, args.fps, args.seed)
+    # Resolved, so that a relative --out such as `.` has a name to put the partial folder beside.
+    with folder_replaced_atomically(out.resolve()) as partial:
+        written = make_toy_dataset(partial, args.num, args.size, args.frames, args.fps, args.seed)
     print(f"wrote {len(written)} videos to {args.out} in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    main()
+    run_entrypoint(main)

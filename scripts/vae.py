@@ -15,8 +15,10 @@ encode keeps the first N frames of the video (--frames, 4k+1; default the larges
 frames decode to as many frames, 4k+1 with odd k to 4k+4 as in the official model), resizes and centre-crops
 them to --size (multiples of 8), and writes the safetensors tensor "latents" [C, T', H/8, W/8], float32 and
 UNSCALED (the diffusion model takes them times model.scale_factor, recorded in the metadata) with metadata:
-source, frames, size, fps, config, overrides, posterior, seed, scale_factor. decode reads "latents" and
-writes an mp4 at --fps (default: the metadata's fps, else 8). An existing output is refused unless --overwrite.
+source, frames, size, fps, config, overrides, posterior, seed, scale_factor. decode reads "latents" (refused
+before the VAE is built when a dimension is empty or a value is not finite) and writes an mp4 at --fps (> 0;
+default: the metadata's fps when it is a number > 0, else 8 with a warning). An existing output is refused unless
+--overwrite; an output appears whole or not at all.
 Each command ends with one line giving its time and peak memory (CUDA peak allocated; on the CPU, the peak
 resident set of the process).
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from satvideo import distributed
+from satvideo.atomic_files import replaced_atomically
 from satvideo.cli import is_config_file, run_entrypoint
 from satvideo.config import ConfigError, args_namespace, instantiate_from_config, load_config
 from satvideo.data.frames import largest_4k_plus_1
@@ -80,7 +84,8 @@ def parse_options() -> argparse.Namespace:
     decode.add_argument("--chunk-frames", type=int, default=2, help="latent frames per decoding step, even (2)")
     decode.add_argument("--tile", type=int, help="decode tiles of this many latent pixels square (e.g. 32)")
     decode.add_argument("--overlap", type=int, default=8, help="latent pixels shared by neighbouring tiles (8)")
-    decode.add_argument("--fps", type=int, help=f"default: the fps in the latents' metadata, else {DEFAULT_FPS}")
+    decode.add_argument("--fps", type=int, help="> 0; default: the fps in the latents' metadata when it is a "
+                                                f"number > 0, else {DEFAULT_FPS}")
     return parser.parse_args()
 
 
@@ -175,7 +180,8 @@ def encode(options: argparse.Namespace, config: DictConfig, files: list[str], ov
         "scale_factor": str(config.model.get("scale_factor", 1.0)),
     }
     Path(options.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({LATENTS_KEY: latents.contiguous()}, options.out, metadata=metadata)
+    with replaced_atomically(options.out) as partial:
+        save_file({LATENTS_KEY: latents.contiguous()}, str(partial), metadata=metadata)
     return (f"encoded {options.video} ({num_frames} frames, {height}x{width}) -> {options.out}: unscaled latents "
             f"{list(latents.shape)}")
 
@@ -193,10 +199,38 @@ def read_latents(path: str) -> tuple[torch.Tensor, dict[str, str]]:
         raise ConfigError(f"{path} is not a readable safetensors file ({error})") from error
 
 
-def check_latents(path: str, latents: torch.Tensor, channels: int) -> None:
-    if latents.ndim != 4 or latents.shape[0] != channels:
+def check_latents(path: str, latents: torch.Tensor) -> None:
+    """Latents the VAE can decode, whatever its weights: [C, T', h, w] with no empty dimension, every value finite."""
+    if latents.ndim != 4 or 0 in latents.shape:
+        raise ConfigError(f"{path}: tensor {LATENTS_KEY!r} has shape {list(latents.shape)}; expected [C, T', h, w] "
+                          "with every dimension > 0")
+    nonfinite = int((~torch.isfinite(latents)).sum())
+    if nonfinite:
+        raise ConfigError(f"{path}: tensor {LATENTS_KEY!r} holds {nonfinite} non-finite values (NaN or inf)")
+
+
+def check_channels(path: str, latents: torch.Tensor, channels: int) -> None:
+    if latents.shape[0] != channels:
         raise ConfigError(f"{path}: tensor {LATENTS_KEY!r} has shape {list(latents.shape)}; expected "
                           f"[C, T', h, w] with C = {channels} (the VAE's z_channels)")
+
+
+def output_fps(path: str, requested: int | None, metadata: dict[str, str]) -> float:
+    """--fps, else the fps recorded in the latents' metadata when it is a number > 0, else DEFAULT_FPS."""
+    if requested is not None:
+        if requested <= 0:
+            raise ConfigError(f"--fps {requested}: expected a whole number > 0")
+        return requested
+    recorded = metadata.get("fps")
+    try:
+        fps = float(recorded)
+    except (TypeError, ValueError):
+        fps = math.nan
+    if math.isfinite(fps) and fps > 0:
+        return fps
+    found = "has no fps" if recorded is None else f"fps {recorded!r} is not a number > 0"
+    logger.warning("%s: its metadata %s; writing at %d fps (--fps sets it)", path, found, DEFAULT_FPS)
+    return DEFAULT_FPS
 
 
 def decode(options: argparse.Namespace, config: DictConfig, device: torch.device, seed: int) -> str:
@@ -206,9 +240,10 @@ def decode(options: argparse.Namespace, config: DictConfig, device: torch.device
     check_chunk_frames(options.chunk_frames, LATENT_CHUNK_MULTIPLE, "--chunk-frames")
     if options.tile is not None:
         check_tiling(options.tile, options.overlap, ("--tile", "--overlap"))
-    fps = options.fps or round(float(metadata.get("fps", DEFAULT_FPS)))
+    check_latents(options.latents, latents)
+    fps = output_fps(options.latents, options.fps, metadata)
     vae = build_vae(config, device, seed)
-    check_latents(options.latents, latents, vae.decoder.conv_in.conv.in_channels)
+    check_channels(options.latents, latents, vae.decoder.conv_in.conv.in_channels)
     z = latents[None].to(device, next(vae.parameters()).dtype)  # [1, C, T', h, w]
     with torch.no_grad():
         if options.tile:
@@ -219,7 +254,7 @@ def decode(options: argparse.Namespace, config: DictConfig, device: torch.device
     save_video(frames, options.out, fps)
     tiling = f", tiles of {options.tile} overlapping by {options.overlap}" if options.tile else ""
     return (f"decoded {options.latents} {list(latents.shape)} -> {options.out}: {frames.shape[0]} frames, "
-            f"{frames.shape[2]}x{frames.shape[3]} at {fps} fps{tiling}")
+            f"{frames.shape[2]}x{frames.shape[3]} at {fps:g} fps{tiling}")
 
 
 def main() -> None:

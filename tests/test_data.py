@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,8 @@ from torch.utils.data import DataLoader
 from satvideo.config import ConfigError
 from satvideo.data import SFTDataset
 from satvideo.data.frames import resampled_indices, resize_cover_center_crop, strided_indices
-from satvideo.data.toy import (DIRECTIONS, PALETTE, check_toy_video, dominant_palette_colour, make_toy_dataset,
-                               palette_colour_in, render_toy_video)
+from satvideo.data.toy import (BACKGROUND, DIRECTIONS, MIN_SIZE, PALETTE, SHAPES, check_toy_video,
+                               dominant_palette_colour, make_toy_dataset, palette_colour_in, render_toy_video)
 from satvideo.data.video import read_mp4, write_mp4
 from satvideo.sampling import interactive_prompts, read_prompts, save_video, slugify, write_manifest_line
 
@@ -94,6 +95,77 @@ def test_toy_shape_moves_in_captioned_direction(toy):
         first, last = (np.argwhere(bright[t]).mean(axis=0) for t in (0, -1))  # (y, x) centroids
         dy, dx = DIRECTIONS[caption.split()[-1]]
         assert np.sign(np.round(last - first)).tolist() == [dy, dx], caption
+
+
+def fewest_shape_pixels(size: int) -> int:
+    """The fewest pixels a toy shape covers in any frame, over both shapes, every direction and 50 seeds."""
+    fewest = size * size
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        for shape in SHAPES:
+            for direction in DIRECTIONS:
+                video = render_toy_video("red", shape, direction, size, 9, rng)
+                fewest = min(fewest, int((video != BACKGROUND).any(axis=-1).sum(axis=(1, 2)).min()))
+    return fewest
+
+
+def test_toy_size_bound_is_the_smallest_even_size_that_draws_the_shape_in_every_frame(tmp_path):
+    assert fewest_shape_pixels(MIN_SIZE) >= 1 and fewest_shape_pixels(MIN_SIZE - 2) == 0
+    for size in (MIN_SIZE - 2, MIN_SIZE + 1):
+        with pytest.raises(ConfigError, match=rf"^size={size}: expected an even whole number >= {MIN_SIZE} "):
+            make_toy_dataset(tmp_path / "toy", num=1, size=size)
+    with pytest.raises(ConfigError, match=r"^frames=0: expected a whole number >= 1$"):
+        make_toy_dataset(tmp_path / "toy", num=1, size=MIN_SIZE, frames=0)
+    with pytest.raises(ConfigError, match=r"^fps=0: expected a number > 0$"):
+        make_toy_dataset(tmp_path / "toy", num=1, size=MIN_SIZE, fps=0)
+    assert not (tmp_path / "toy").exists()
+
+
+def run_make_toy_dataset(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "make_toy_dataset.py"), *args], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num", "0"], "--num=0: expected a whole number >= 1"),
+    (["--frames", "0"], "--frames=0: expected a whole number >= 1"),
+    (["--fps", "0"], "--fps=0: expected a number > 0"),
+    (["--fps", "-8"], "--fps=-8: expected a number > 0"),
+    (["--size", str(MIN_SIZE - 2)], f"--size={MIN_SIZE - 2}: expected an even whole number >= {MIN_SIZE} "),
+    (["--size", str(MIN_SIZE + 1)], f"--size={MIN_SIZE + 1}: expected an even whole number >= {MIN_SIZE} "),
+])
+def test_make_toy_dataset_script_refuses_a_bad_value_in_one_line(tmp_path, flags, message):
+    out = tmp_path / "toy"
+    assert one_line_error(run_make_toy_dataset("--out", str(out), *flags)).startswith(f"error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_toy_dataset_script_leaves_an_occupied_out_as_it_was(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for out in (tmp_path, notes):
+        last = one_line_error(run_make_toy_dataset("--out", str(out), "--num", "1", "--size", "8", "--frames", "1"))
+        assert last == f"error: --out {out} exists and is not an empty folder; choose another folder or remove it"
+    assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "mine"
+
+
+def test_make_toy_dataset_script_fills_an_empty_folder_at_the_smallest_size(tmp_path):
+    out = tmp_path / "toy"
+    out.mkdir()
+    result = run_make_toy_dataset("--out", str(out), "--num", "2", "--size", str(MIN_SIZE), "--frames", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote 2 videos to {out} in ")
+    assert list(tmp_path.iterdir()) == [out]  # no partial folder left beside it
+    videos = sorted((out / "videos").glob("*.mp4"))
+    assert [video.name for video in videos] == ["00000.mp4", "00001.mp4"] and len(list(out.glob("labels/*.txt"))) == 2
+    # ffmpeg reads it back (decord misreads some sizes, 6 among them: satvideo's readers call those clips corrupt)
+    frames = imageio_ffmpeg.read_frames(str(videos[0]))
+    assert next(frames)["size"] == (MIN_SIZE, MIN_SIZE) and len(list(frames)) == 3
 
 
 # ---- SFTDataset ----

@@ -57,6 +57,29 @@ def test_check_dataset_passes_clean_data(tmp_path):
     assert result.returncode == 0 and result.stdout.splitlines()[-1] == "2 ok, 0 bad"
 
 
+
+def check_dataset_error(*args: str) -> str:
+    result = subprocess.run([sys.executable, "scripts/check_dataset.py", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fps", "0"], "--fps 0: expected a number > 0"),
+    (["--size", "0", "32"], "--size 0 32: expected [height, width] in pixels"),
+    (["--frames", "10"], "--frames 10: expected 4k+1 frames for the causal VAE (1, 5, 9, ...)"),
+    (["--frames", "-3"], "--frames -3: expected 4k+1 frames for the causal VAE (1, 5, 9, ...)"),
+    (["--skip", "-1"], "--skip -1: expected a whole number >= 0"),
+])
+def test_check_dataset_names_the_flag_a_bad_value_came_from(tmp_path, flags, message):
+    assert check_dataset_error(str(tmp_path), *flags) == f"error: {message}"
+
+
+def test_check_dataset_names_the_config_key_a_bad_value_came_from(tmp_path):
+    last = check_dataset_error(str(tmp_path), "--base", *TINY, "data.params.fps=0")
+    assert last == f"error: {tmp_path}: data.params.fps=0: expected a number > 0"
+
 @pytest.mark.slow
 def test_two_rank_training_on_bad_data_runs_to_the_end_and_counts_each_reason(tmp_path, bad_data):
     save = tmp_path / "run"

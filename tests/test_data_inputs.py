@@ -163,6 +163,10 @@ def test_sixteen_bit_grey_images_keep_their_levels():
     ("data.params.video_size=[32]", "data.params.video_size=[32]: expected [height, width] in pixels"),
     ("data.params.fps=0", "data.params.fps=0: expected a number > 0"),
     ("data.params.skip_frms_num=-2", "data.params.skip_frms_num=-2: expected a whole number >= 0"),
+    ("data.params.max_num_frames=-3", "data.params.max_num_frames=-3: expected 4k+1 frames for the causal VAE (1, 5, "
+                                      "9, ...)"),
+    ("data.params.max_num_frames=8", "data.params.max_num_frames=8: expected 4k+1 frames for the causal VAE (1, 5, "
+                                     "9, ...)"),
 ])
 def test_data_params_are_checked_when_the_dataset_is_built(toy, override, message):
     with pytest.raises(ConfigError) as error:

@@ -93,6 +93,18 @@ def test_benchmark_harness_runs_every_case_and_compares_outputs_first():
     assert "satvideo compiled" in [record["implementation"] for record in by_case["forward"]]
 
 
+@pytest.mark.parametrize("only", ["", ","])
+def test_benchmark_only_without_a_case_is_refused_before_anything_runs(only):
+    # --no-record: were the refusal to regress, the run must not append to benchmarks/RESULTS.md
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--tiny", "--only", only, "--no-record"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"--only: no case in {only!r}; choose from forward, forward_backward, train_step, sampling, vae_decode, "
+        "vae_encode")
+    assert "[benchmark]" not in result.stdout
+
+
 def test_chunked_training_encode_is_the_streamed_encode_with_memory_flat_in_frames():
     from test_engine import tiny_engine
 

@@ -2,6 +2,8 @@
 VideoAutoencoder.encode / decode give in-process for the same weights and frames; the VAE here has random
 weights, saved as a `3d-vae.pt` and loaded through model.first_stage_config.params.ckpt_path as real weights are.
 (A few hundred training steps of the tiny VAE take over 30 s on two CPU cores: too long for this test.)"""
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -163,3 +165,58 @@ def test_bad_chunking_and_tiling_options_are_one_line(setup):
                                *setup.base, "--chunk-frames", "6")
     assert last == "error: --chunk-frames must be a positive multiple of 4, got 6"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fps", ["0", "-2"])
+def test_fps_not_above_zero_is_one_line(setup, fps):
+    latents_file, out = setup.folder / "fps.safetensors", setup.folder / "fps.mp4"
+    save_file({"latents": torch.zeros(16, 1, 2, 2)}, str(latents_file), metadata={"fps": "12"})
+    last = fails_with_one_line("decode", str(latents_file), str(out), "--base", *setup.base, "--fps", fps)
+    assert last == f"error: --fps {fps}: expected a whole number > 0" and not out.exists()
+
+
+@pytest.mark.parametrize("recorded, warned", [("12", False), ("0", True), ("nan", True), ("fast", True)])
+def test_metadata_fps_is_taken_only_when_it_is_a_number_above_zero(setup, recorded, warned):
+    latents_file, out = setup.folder / f"fps_{recorded}.safetensors", setup.folder / f"fps_{recorded}.mp4"
+    save_file({"latents": torch.zeros(16, 1, 4, 4)}, str(latents_file), metadata={"fps": recorded})
+    result = run_tool("decode", str(latents_file), str(out), "--base", *setup.base, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    expected = 8 if warned else 12
+    assert f" at {expected} fps " in result.stdout and read_mp4(out)[1] == expected
+    warning = (f"{latents_file}: its metadata fps {recorded!r} is not a number > 0; writing at 8 fps "
+               "(--fps sets it)")
+    assert (warning in result.stderr) == warned, result.stderr
+
+
+@pytest.mark.parametrize("latents, problem", [
+    (torch.zeros(16, 0, 4, 4), "has shape [16, 0, 4, 4]; expected [C, T', h, w] with every dimension > 0"),
+    (torch.zeros(16, 2, 4, 0), "has shape [16, 2, 4, 0]; expected [C, T', h, w] with every dimension > 0"),
+    (torch.tensor([float("nan"), float("inf"), 0.0, 1.0]).repeat(16, 2, 2, 1),
+     "holds 128 non-finite values (NaN or inf)"),
+])
+def test_empty_or_non_finite_latents_are_refused_before_the_vae_is_built(setup, latents, problem):
+    latents_file, out = setup.folder / "unusable.safetensors", setup.folder / "unusable.mp4"
+    save_file({"latents": latents}, str(latents_file))
+    # weights that do not exist: building the VAE would fail with another message
+    base = [str(VAE_YAML), f"model.first_stage_config.params.ckpt_path={setup.folder / 'absent.pt'}"]
+    last = fails_with_one_line("decode", str(latents_file), str(out), "--base", *base)
+    assert last == f"error: {latents_file}: tensor 'latents' {problem}" and not out.exists()
+
+
+def test_an_encode_stopped_while_writing_leaves_nothing_at_the_output(setup, monkeypatch):
+    spec = importlib.util.spec_from_file_location("vae_tool", ROOT / "scripts" / "vae.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def stopped_half_way(tensors: dict, filename: str, metadata: dict) -> None:
+        Path(filename).write_bytes(b"the first half of a safetensors file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "save_file", stopped_half_way)
+    out = setup.folder / "stopped" / "clip.safetensors"
+    options = argparse.Namespace(video=str(setup.clip), out=str(out), overwrite=False, frames=None, size=None,
+                                 chunk_frames=None, sample=False)
+    config, files, overrides = tool.load_vae_config(setup.base)
+    with pytest.raises(KeyboardInterrupt):
+        tool.encode(options, config, files, overrides, torch.device("cpu"), seed=0)
+    assert list(out.parent.iterdir()) == []

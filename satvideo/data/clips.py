@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from satvideo.config import check_value, number_rule, whole_rule
+from satvideo.config import FRAMES_4K_PLUS_1, check_value, number_rule, whole_rule
 from satvideo.data.buckets import check_buckets
 from satvideo.data.frames import FRAME_SAMPLING, resampled_indices, resize_cover_center_crop, strided_indices, \
     whole_number
@@ -111,8 +111,7 @@ class ClipDataset(Dataset):
                  frame_sampling: str = "stride", caption: str = "first_line", short_clips: str = "pad",
                  buckets: list | None = None, missing_caption: str = "skip"):
         max_num_frames = whole_number("max_num_frames", max_num_frames)
-        if max_num_frames % 4 != 1:
-            raise ValueError(f"data.params.max_num_frames must be 4k+1 for the causal VAE, got {max_num_frames}")
+        check_value("data.params.max_num_frames", max_num_frames, FRAMES_4K_PLUS_1)
         for key, value, choices in (("frame_sampling", frame_sampling, FRAME_SAMPLING),
                                     ("caption", caption, CAPTIONS), ("short_clips", short_clips, SHORT_CLIPS),
                                     ("missing_caption", missing_caption, MISSING_CAPTIONS)):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from satvideo.config import Rule, check_value, is_whole_number, number_rule, whole_rule
 from satvideo.data.video import write_mp4
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -19,6 +20,12 @@ SHAPES = ("square", "circle")
 # Unit motion per direction as (dy, dx) in image coordinates (y grows downwards).
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 BACKGROUND = (16, 16, 24)
+# The shape's radius is size / 8 and its centre may fall anywhere between pixel centres: a circle is drawn in every
+# frame only when its radius reaches half a pixel diagonal (sqrt(2) / 2), so from 4 * sqrt(2) = 5.66 pixels up.
+MIN_SIZE = 6
+# h264 in yuv420p (write_mp4) halves the chroma planes, so both sides must be even.
+TOY_SIZE: Rule = (lambda value: is_whole_number(value) and value >= MIN_SIZE and value % 2 == 0,
+                  f"an even whole number >= {MIN_SIZE} (smaller shapes can miss every pixel; h264 needs even sides)")
 
 
 def toy_caption(colour: str, shape: str, direction: str) -> str:
@@ -52,11 +59,21 @@ def render_toy_video(
     return video
 
 
+def check_toy_params(size: int, frames: int, fps: float,
+                     names: tuple[str, str, str] = ("size", "frames", "fps")) -> None:
+    """ConfigError unless the videos can be drawn and encoded. `names` are the options the values came from, for
+    the message."""
+    rules = (TOY_SIZE, whole_rule(1), number_rule(0, exclusive=True))
+    for name, value, rule in zip(names, (size, frames, fps), rules):
+        check_value(name, value, rule)
+
+
 def make_toy_dataset(
     out: str | Path, num: int = 64, size: int = 64, frames: int = 17, fps: int = 8, seed: int = 0
 ) -> list[tuple[Path, str]]:
     """Write `num` toy videos in the SFT layout (out/videos/*.mp4, out/labels/*.txt); colours cycle
     through the palette so every colour is equally represented. Returns (video path, caption) pairs."""
+    check_toy_params(size, frames, fps)
     rng = np.random.default_rng(seed)
     colours = list(PALETTE)
     out = Path(out)
