@@ -189,13 +189,14 @@ def load_network(network: nn.Module, checkpoint_path: str | Path, strict: bool =
         scale_lora(network, lora_scale)
 
 
-def weight_problems(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], subset: bool = False) -> list[str]:
-    """What keeps `weights` from loading into a state dict shaped like `own`: shapes that differ, keys missing (none
-    when `subset`: adapters, EMA weights), keys `own` lacks. Empty when they fit."""
-    resized = [f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in weights.items()
-               if key in own and value.shape != own[key].shape]
-    missing = [] if subset else [key for key in own if key not in weights and not is_lora_matrix(key)]
-    unexpected = [key for key in weights if key not in own]
+def resized_weights(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The keys of `weights` whose shapes differ from those in `own`, each with both shapes."""
+    return {key: f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}" for key, value in weights.items()
+            if key in own and value.shape != own[key].shape}
+
+
+def mismatch_problems(resized: list[str], missing: list[str], unexpected: list[str]) -> list[str]:
+    """Why a state dict does not fit a model, in words; empty when it fits."""
     problems = []
     if resized:
         problems.append(f"shapes differ, checkpoint vs model ({len(resized)}): {', '.join(resized[:10])}")
@@ -204,6 +205,13 @@ def weight_problems(own: dict[str, torch.Tensor], weights: dict[str, torch.Tenso
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
     return problems
+
+
+def weight_problems(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> list[str]:
+    """Why `weights` would not load into a state dict shaped like `own`, by name and shape alone (no load hooks, as
+    for a model built on meta); empty when they fit."""
+    return mismatch_problems(list(resized_weights(own, weights).values()), [key for key in own if key not in weights],
+                             [key for key in weights if key not in own])
 
 
 def without_recomputed_table(network: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -218,15 +226,17 @@ def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: s
     """load_state_dict with the problems listed; `subset` expects only some keys (adapters, EMA weights)."""
     weights = without_recomputed_table(network, weights)
     own = network.state_dict()
-    problems = weight_problems(own, weights, subset)
-    fitting = {key: value for key, value in weights.items() if key not in own or value.shape == own[key].shape}
-    network.load_state_dict(fitting, strict=False)
+    resized = resized_weights(own, weights)
+    # load_state_dict, not a comparison of names: SAT's LoRA layers take a base `weight` as their `original.weight`
+    result = network.load_state_dict({key: value for key, value in weights.items() if key not in resized},
+                                     strict=False)
+    missing = [] if subset else [key for key in result.missing_keys if key not in resized and not is_lora_matrix(key)]
+    problems = mismatch_problems(list(resized.values()), missing, result.unexpected_keys)
     if problems:
         message = f"checkpoint {source} does not match the model config: " + "; ".join(problems)
         if strict:
             raise CheckpointError(message + " (set args.strict_load=false to load the rest anyway)")
-        keeps_initial = any(problem.startswith(("shapes", "missing")) for problem in problems)
-        logger.warning(message + ("; those weights keep their initial values" if keeps_initial else ""))
+        logger.warning(message + ("; those weights keep their initial values" if resized or missing else ""))
 
 
 def scale_lora(network: nn.Module, scale: float) -> None:
