@@ -29,12 +29,18 @@ def write_text_atomically(path: str | Path, text: str) -> None:
         partial.write_text(text, encoding="utf-8")
 
 
+def partial_folder(path: str | Path) -> Path:
+    """Where folder_replaced_atomically builds `path` (other processes that help fill it write there too)."""
+    path = Path(path).absolute()
+    return path.with_name(f".{path.name}.partial")
+
+
 @contextmanager
 def folder_replaced_atomically(path: str | Path) -> Iterator[Path]:
     """A temporary folder beside `path` to fill; when the block ends without an error it takes the place of `path`
     (an earlier `path` is moved aside, then removed), and in any case no partial folder is left behind."""
-    path = Path(path)
-    partial, earlier = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.replaced")
+    path = Path(path).absolute()
+    partial, earlier = partial_folder(path), path.with_name(f".{path.name}.replaced")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig
 
-from satvideo.config import SECTIONS, SatvideoError, load_config
+from satvideo.config import SECTIONS, ConfigError, SatvideoError, load_config
 
 
 def parse_config(description: str, argv: list[str] | None = None) -> DictConfig:
@@ -32,6 +33,18 @@ def is_config_file(item: str) -> bool:
     if has_value and names_a_key:
         return False
     return item.endswith((".yaml", ".yml")) or not (has_value or names_a_key)
+
+
+def check_output_folder(folder: str, flag: str, overwrite: bool) -> None:
+    """ConfigError unless `folder` can be written whole as an output: not a file nor below one, and absent or empty
+    unless `overwrite` (the --overwrite flag) lets it be replaced."""
+    path = Path(folder)
+    existing = next(candidate for candidate in (path.absolute(), *path.absolute().parents) if candidate.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path.absolute() else f"lies below the file {existing}"
+        raise ConfigError(f"{flag} {folder} {where}; give a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"{flag} {folder} exists and is not empty; choose another folder or pass --overwrite")
 
 
 def run_entrypoint(main: Callable[[], None]) -> None:

@@ -13,7 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-from satvideo.cli import run_entrypoint
+from satvideo.cli import check_output_folder, run_entrypoint
 from satvideo.config import ConfigError
 from satvideo.convert.checkpoints import (LORA_WEIGHTS_NAME, diffusers_to_sat_checkpoint,
                                           sat_lora_to_diffusers_checkpoint, sat_to_diffusers_checkpoint)
@@ -50,22 +50,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def check_output_folder(folder: str | None, flag: str, overwrite: bool) -> None:
-    """A folder that is about to be replaced whole must hold nothing, unless --overwrite."""
-    if folder is None or overwrite:
-        return
-    path = Path(folder)
-    if path.is_file() or (path.is_dir() and any(path.iterdir())):
-        raise ConfigError(f"{flag} {folder} exists and is not empty; choose another folder or pass --overwrite")
-
-
 def main() -> None:
     args = parse_args()
     if args.command == "sat-to-diffusers":
         check_output_folder(args.out, "--out", args.overwrite)
-        check_output_folder(args.vae_out, "--vae-out", args.overwrite)
-        if args.vae_out is not None and Path(args.vae_out).resolve() == Path(args.out).resolve():
-            raise ConfigError(f"--vae-out {args.vae_out} is --out too; the transformer and the VAE need a folder each")
+        if args.vae_out is not None:
+            check_output_folder(args.vae_out, "--vae-out", args.overwrite)
+            if Path(args.vae_out).resolve() == Path(args.out).resolve():
+                raise ConfigError(f"--vae-out {args.vae_out} is --out too; the transformer and the VAE need a folder "
+                                  "each")
         sat_to_diffusers_checkpoint(args.config, args.checkpoint, args.out, args.vae, args.vae_out)
     elif args.command == "diffusers-to-sat":
         check_output_folder(args.out, "--out", args.overwrite)

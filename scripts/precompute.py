@@ -7,17 +7,22 @@
 Each distinct sample of args.train_data (mixed by args.train_data_weights or not) is encoded once, in the run's
 precision; bad samples are left out and counted by reason. The manifest (cache.json) is written last, after every
 rank has finished. Then train with `data.target=satvideo.data.CachedDataset args.train_data=[cache/]`.
+
+The cache is built beside --out and moved into place only when complete and judged as training would judge its
+data (data.max_bad_share): a run that fails or is killed leaves an earlier cache there as it was. An --out that holds
+anything is refused unless --overwrite, and even then only when it is a cache.
 """
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from satvideo import distributed
-from satvideo.cli import is_config_file, run_entrypoint
+from satvideo.cli import check_output_folder, is_config_file, run_entrypoint
 from satvideo.config import ConfigError, args_namespace, load_config
-from satvideo.data.cache import CacheSource, cache_key, source_paths, write_cache
+from satvideo.data.cache import MANIFEST, SHARDS, CacheSource, cache_key, source_paths, write_cache
 from satvideo.data.clips import ClipDataset
 from satvideo.data.sources import build_dataset, check_weights, leaf_datasets
 from satvideo.engine import build_frozen_parts, check_encode_chunk_frames, place_frozen_parts
@@ -40,15 +45,19 @@ def cache_sources(config, args) -> list[CacheSource]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="cache folder to write (a previous cache there is replaced)")
+    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace the cache in --out (once the new one is "
+                                                                  "complete)")
     parser.add_argument("--base", nargs="+", required=True, help="YAML files, then key=value overrides")
     parser.add_argument("--clips-per-shard", type=int, default=256, help="clips in each shard file (default 256)")
     parser.add_argument("--debug", action="store_true")
     options = parser.parse_args()
     if options.clips_per_shard < 1:
         raise ConfigError(f"--clips-per-shard={options.clips_per_shard}: expected a whole number >= 1")
-    if Path(options.out).exists() and not Path(options.out).is_dir():
-        raise ConfigError(f"--out {options.out} is a file, not a folder")
+    check_output_folder(options.out, "--out", options.overwrite)
+    out = Path(options.out)
+    if out.is_dir() and any(out.iterdir()) and not ((out / MANIFEST).exists() or any(out.glob(SHARDS))):
+        raise ConfigError(f"--out {options.out} holds files and is not a cache; --overwrite replaces only a cache")
     config = load_config([item for item in options.base if is_config_file(item)],
                          [item for item in options.base if not is_config_file(item)])
     args = args_namespace(config)
@@ -58,10 +67,13 @@ def main() -> None:
     key = cache_key(config, args, dtype)
     torch.manual_seed(args.seed)  # parts without weight files are built as training builds them
     conditioner, vae = build_frozen_parts(config.model.conditioner_config, config.model.first_stage_config)
-    check_encode_chunk_frames(vae, config.model.get("encode_chunk_frames"))  # before the old cache is cleared
+    check_encode_chunk_frames(vae, config.model.get("encode_chunk_frames"))  # before any clip is encoded
     place_frozen_parts(conditioner, vae, device, dtype)
+    judge = partial(check_bad_share, max_bad_share=config.data.get("max_bad_share", DEFAULT_MAX_BAD_SHARE),
+                    out=options.out)
     manifest = write_cache(vae, conditioner, sources, options.out, key, options.clips_per_shard,
-                           config.model.get("encode_chunk_frames"), bool(config.model.get("noised_image_input")))
+                           config.model.get("encode_chunk_frames"), bool(config.model.get("noised_image_input")),
+                           accept=judge)
     if distributed.is_main_process():
         skipped = manifest["skipped"]
         left_out = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"
@@ -69,20 +81,19 @@ def main() -> None:
         print(f"cached {manifest['count']} clips{frames} in {options.out} ({len(manifest['shards'])} shards by "
               f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples left out: "
               f"{sum(skipped.values())} ({left_out})", flush=True)
-    check_bad_share(manifest["count"], manifest["skipped"], config.data.get("max_bad_share", DEFAULT_MAX_BAD_SHARE),
-                    options.out)
 
 
-def check_bad_share(good: int, bad: dict[str, int], max_bad_share: float, out: str) -> None:
+def check_bad_share(manifest: dict, max_bad_share: float, out: str) -> None:
     """As training from the videos would stop (BadDataGuard): no clip at all, or more bad ones than
-    data.max_bad_share, is an error; the cache of the good clips stays complete."""
+    data.max_bad_share, is an error, and the new cache does not replace what --out holds."""
+    good, bad = manifest["count"], manifest["skipped"]
     if good == 0:
         reasons = ", ".join(f"{reason} {count}" for reason, count in bad.items())
         raise ConfigError(f"no clip of args.train_data could be cached ({reasons}); scripts/check_dataset.py lists "
                           "the files")
     guard = BadDataGuard(max_bad_share)
     guard.add(good, bad)
-    guard.check(f"precompute ({good} clips cached in {out})")
+    guard.check(f"precompute ({good} clips encoded, not written to {out})")
 
 
 if __name__ == "__main__":

@@ -133,9 +133,7 @@ def test_a_bad_encode_chunk_frames_stops_precompute_before_it_clears_the_old_cac
     cache, _ = sharded_cache
     previous = tmp_path / "previous"
     shutil.copytree(cache, previous)
-    result = subprocess.run([sys.executable, "scripts/precompute.py", "--out", str(previous), "--base", *TINY,
-                             f"args.train_data=[{toy_data}]", "model.encode_chunk_frames=6"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_precompute(previous, f"args.train_data=[{toy_data}]", "model.encode_chunk_frames=6", "--overwrite")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: model.encode_chunk_frames must be a positive multiple " \
                                                      "of 4, got 6"
@@ -180,15 +178,71 @@ def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_ones():
     from satvideo.config import SatvideoError
 
     check_bad_share = runpy.run_path(str(Path(ROOT) / "scripts" / "precompute.py"))["check_bad_share"]
-    check_bad_share(95, {"empty_file": 5}, 0.05, "cache/")  # at the limit, not above
-    check_bad_share(18, {"empty_file": 2}, 0.05, "cache/")  # judged over at least 100, as training judges it
-    with pytest.raises(SatvideoError, match=r"^precompute \(94 clips cached in cache/\): 6 of 100 samples drawn could "
-                                            r"not be used \(6.0%, above data.max_bad_share=0.05\): empty_file 6"):
-        check_bad_share(94, {"empty_file": 6}, 0.05, "cache/")
+
+    def judge(good: int, bad: dict, max_bad_share) -> None:
+        check_bad_share({"count": good, "skipped": bad}, max_bad_share, "cache/")
+
+    judge(95, {"empty_file": 5}, 0.05)  # at the limit, not above
+    judge(18, {"empty_file": 2}, 0.05)  # judged over at least 100, as training judges it
+    with pytest.raises(SatvideoError, match=r"^precompute \(94 clips encoded, not written to cache/\): 6 of 100 "
+                                            r"samples drawn could not be used \(6.0%, above data.max_bad_share=0.05\): "
+                                            r"empty_file 6"):
+        judge(94, {"empty_file": 6}, 0.05)
     with pytest.raises(SatvideoError, match=r"^no clip of args.train_data could be cached \(missing_caption 8\)"):
-        check_bad_share(0, {"missing_caption": 8}, 1.0, "cache/")
+        judge(0, {"missing_caption": 8}, 1.0)
     with pytest.raises(SatvideoError, match=r"^data.max_bad_share='abc': expected a share between 0 and 1"):
-        check_bad_share(8, {}, "abc", "cache/")
+        judge(8, {}, "abc")
+
+
+def run_precompute(out: Path, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/precompute.py", "--out", str(out), "--base", *TINY, *arguments],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_an_earlier_cache_survives_a_precompute_that_fails_and_is_replaced_only_when_asked(tmp_path, toy_data,
+                                                                                           sharded_cache):
+    cache, _ = sharded_cache
+    previous = tmp_path / "previous"
+    shutil.copytree(cache, previous)
+    files = {path.name: path.read_bytes() for path in previous.iterdir()}
+    data = f"args.train_data=[{toy_data}]"
+    assert one_line_error(run_precompute(previous, data)) == (
+        f"error: --out {previous} exists and is not empty; choose another folder or pass --overwrite")
+    bad = make_bad_dataset(tmp_path / "bad", good=1)
+    assert one_line_error(run_precompute(previous, f"args.train_data=[{bad}]", "--overwrite")).startswith(
+        f"error: precompute (1 clips encoded, not written to {previous}): 8 of 9 samples drawn could not be used")
+    nan_vae = tmp_path / "nan_vae.pt"
+    vae = instantiate_from_config(load_config(TINY).model.first_stage_config)
+    torch.save({"state_dict": {key: torch.full_like(value, float("nan")) for key, value in vae.state_dict().items()}},
+               nan_vae)
+    assert one_line_error(run_precompute(previous, data, f"model.first_stage_config.params.ckpt_path={nan_vae}",
+                                         "--overwrite")) == (
+        f"error: {toy_data / 'videos' / '00000.mp4'}: the moments computed for it are not finite (NaN or inf): check "
+        "the VAE and text encoder weights, and their precision (args.fp16 overflows T5)")
+    assert {path.name: path.read_bytes() for path in previous.iterdir()} == files
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad", "nan_vae.pt", "previous"]  # nothing partial
+
+    result = run_precompute(previous, data, "--overwrite", "--clips-per-shard", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in previous.iterdir()) == [MANIFEST, "shard-000-00000.safetensors"]
+    assert len(CachedDataset(str(previous), **PARAMS)) == 16
+
+
+def test_precompute_refuses_an_out_it_cannot_or_must_not_replace(tmp_path, toy_data):
+    data = f"args.train_data=[{toy_data}]"
+    (tmp_path / "a_file").write_text("mine")
+    assert one_line_error(run_precompute(tmp_path / "a_file" / "cache", data)) == (
+        f"error: --out {tmp_path / 'a_file' / 'cache'} lies below the file {tmp_path / 'a_file'}; give a folder")
+    assert one_line_error(run_precompute(tmp_path / "a_file", data)) == (
+        f"error: --out {tmp_path / 'a_file'} is a file; give a folder")
+    assert one_line_error(run_precompute(tmp_path, data, "--overwrite")) == (
+        f"error: --out {tmp_path} holds files and is not a cache; --overwrite replaces only a cache")
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 @pytest.mark.slow

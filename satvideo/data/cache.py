@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,8 +44,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from satvideo import distributed
-from satvideo.atomic_files import write_text_atomically
-from satvideo.config import ConfigError, check_parameters, get_obj_from_str, resolve_target, to_plain
+from satvideo.atomic_files import folder_replaced_atomically, partial_folder, write_text_atomically
+from satvideo.config import (ConfigError, TrainingError, check_parameters, get_obj_from_str, resolve_target,
+                             to_plain)
 from satvideo.data.buckets import members_of_buckets
 from satvideo.data.clips import ClipDataset
 from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
@@ -244,14 +246,6 @@ class ShardWriter:
         self.tensors, self.metadata, self.clips = {}, {}, 0
 
 
-def clear_cache_folder(folder: Path) -> None:
-    """Remove a previous cache's manifest (first: the folder is then no cache at all) and its shards."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
-    for shard in folder.glob(SHARDS):
-        shard.unlink()
-
-
 def distinct_datasets(sources: list[CacheSource]) -> list[ClipDataset]:
     """The datasets of the sources, each once, in order."""
     datasets: list[ClipDataset] = []
@@ -277,12 +271,22 @@ def encode_share(vae: nn.Module, conditioner: nn.Module, datasets: list[ClipData
             report(error)
             bad.append(error)
             continue
-        writer.add(clip_id, encode_clip(vae, conditioner, item, chunk_frames, first_frames), item["txt"],
-                   item["padded_frames"])
+        tensors = encode_clip(vae, conditioner, item, chunk_frames, first_frames)
+        check_finite(tensors, dataset.names[index])
+        writer.add(clip_id, tensors, item["txt"], item["padded_frames"])
         if done % max(1, len(mine) // 10) == 0:  # every tenth of the share
             logger.info("rank %d: %d of its %d samples encoded", rank, done, len(mine))
     writer.flush()
     return bad
+
+
+def check_finite(tensors: dict[str, torch.Tensor], name: str) -> None:
+    """A NaN or inf is the frozen parts' failure (weights, or an overflow in fp16), not the clip's: it stops the
+    precompute rather than go into every clip of the cache."""
+    for tensor_name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise TrainingError(f"{name}: the {tensor_name} computed for it are not finite (NaN or inf): check the "
+                                "VAE and text encoder weights, and their precision (args.fp16 overflows T5)")
 
 
 def clips_in_shards(folder: Path) -> dict[int, tuple[str, list[int]]]:
@@ -327,26 +331,35 @@ def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths
 
 
 def write_cache(vae: nn.Module, conditioner: nn.Module, sources: list[CacheSource], out_dir: str | Path, key: dict,
-                clips_per_shard: int = 256, chunk_frames: int | None = None, first_frames: bool = False) -> dict:
+                clips_per_shard: int = 256, chunk_frames: int | None = None, first_frames: bool = False,
+                accept: Callable[[dict], None] | None = None) -> dict:
     """Encode every distinct sample of `sources` once (this rank: every world_size-th) into shards, with its first
-    frame for an image-to-video model; then, after every rank has finished, rank 0 writes the manifest (atomically).
-    Every rank takes part and gets the manifest."""
-    folder = Path(out_dir)
-    if distributed.is_main_process():
-        clear_cache_folder(folder)
-    distributed.barrier()
-    writer = ShardWriter(folder, distributed.rank(), clips_per_shard)
-    bad = encode_share(vae, conditioner, distinct_datasets(sources), writer, chunk_frames, first_frames)
-    skipped = tally_of(bad).to(next(vae.parameters()).device)
-    if distributed.world_size() > 1:
-        torch.distributed.all_reduce(skipped)
-    distributed.barrier()
-    if distributed.is_main_process():
-        widths = [embedder.encoder.config.d_model for embedder in conditioner.embedders]
-        manifest = manifest_of(folder, key, sources, widths, skipped.cpu(), first_frames)
-        write_text_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
-    distributed.barrier()
-    return read_manifest(folder)
+    frame for an image-to-video model; after every rank has finished, rank 0 writes the manifest. Every rank takes
+    part and gets the manifest.
+
+    The cache is built in a folder beside `out_dir` and takes its place only when complete and accepted (`accept`,
+    called on every rank with the manifest, raises to refuse it): until then an earlier cache there stays whole, and
+    a run that fails leaves nothing of its own."""
+    building = partial_folder(out_dir)
+    main = distributed.is_main_process()
+    with folder_replaced_atomically(out_dir) if main else nullcontext(building) as building:
+        distributed.barrier()  # rank 0 has made the folder
+        writer = ShardWriter(building, distributed.rank(), clips_per_shard)
+        bad = encode_share(vae, conditioner, distinct_datasets(sources), writer, chunk_frames, first_frames)
+        skipped = tally_of(bad).to(next(vae.parameters()).device)
+        if distributed.world_size() > 1:
+            torch.distributed.all_reduce(skipped)
+        distributed.barrier()
+        if main:
+            widths = [embedder.encoder.config.d_model for embedder in conditioner.embedders]
+            manifest = manifest_of(building, key, sources, widths, skipped.cpu(), first_frames)
+            write_text_atomically(building / MANIFEST, json.dumps(manifest, indent=1))
+        distributed.barrier()
+        manifest = read_manifest(building)
+        if accept is not None:
+            accept(manifest)
+        distributed.barrier()  # every rank has read the manifest before rank 0 moves the folder into place
+    return manifest
 
 
 # --- reading ------------------------------------------------------------------------------------------------
