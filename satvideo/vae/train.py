@@ -6,19 +6,45 @@ Loss: MSE + kl_weight * KL, Adam. The whole dataset is decoded into memory once 
 is small). Saves `{"state_dict": ...}` with the keys of the official `3d-vae.pt`; `--overlay` also
 writes a YAML that points `model.first_stage_config.params.ckpt_path` at it and sets `model.scale_factor`,
 to merge after the model config.
+
+Every flag, the config and the output paths are checked before any data is decoded; errors are one line (the
+traceback with --debug). A loss that stops being finite, or weights or a latent scale factor that are not finite
+after training, end the run with an error and nothing is saved. An existing --out or --overlay is refused unless
+--overwrite. Each file appears whole or not at all, and the pair is replaced in this order: the old overlay
+removed, the checkpoint replaced, the new overlay written. An overlay therefore always belongs to the checkpoint
+beside it: a run killed while saving leaves the earlier pair, or a checkpoint (earlier or new) without an overlay,
+never new weights with an earlier scale_factor. An overlay not given as --overlay is left as it is, even one that
+points at the replaced --out.
 """
 import argparse
+import math
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
-from satvideo.config import instantiate_from_config
+from satvideo.atomic_files import replaced_atomically, write_text_atomically
+from satvideo.cli import run_entrypoint
+from satvideo.config import (ARGS_RULES, ConfigError, Rule, TrainingError, check_value, instantiate_from_config,
+                             is_whole_number, load_config, number_rule, whole_rule)
 from satvideo.data import SFTDataset
+from satvideo.data.sft import find_videos
 from satvideo.vae.autoencoder import VideoAutoencoder
+
+# The reconstruction must have the clip's frame count: from 4k+1 frames with odd k (an even number of latent
+# frames) the decoder gives 4k+4, as the official VAE does.
+TRAINING_FRAMES: Rule = (lambda value: is_whole_number(value) and value >= 1 and value % 8 == 1,
+                         "8k+1 frames (1, 9, 17, ...): the VAE decodes 4k+1 frames with odd k to 4k+4")
+
+
+def finite(rule: Rule) -> Rule:
+    """`rule` refusing inf as well (NaN fails its comparisons already)."""
+    test, expected = rule
+    return (lambda value: test(value) and math.isfinite(value)), expected.replace("a number", "a finite number", 1)
 
 
 def load_clips(data_dir: str, size: int, frames: int, fps: int) -> Tensor:
@@ -30,7 +56,8 @@ def load_clips(data_dir: str, size: int, frames: int, fps: int) -> Tensor:
 
 def train_vae(model: VideoAutoencoder, clips: Tensor, iters: int, batch_size: int = 4, lr: float = 1e-3,
               kl_weight: float = 1e-6, log_every: int = 50) -> list[float]:
-    """Fit `model` to random batches of `clips` [N, 3, T, H, W]; returns the MSE of every step."""
+    """Fit `model` to random batches of `clips` [N, 3, T, H, W]; returns the MSE of every step. TrainingError when
+    the loss is not finite (before that step changes the weights)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     mse_history = []
@@ -39,6 +66,9 @@ def train_vae(model: VideoAutoencoder, clips: Tensor, iters: int, batch_size: in
         reconstruction, _, log = model(batch)
         mse = F.mse_loss(reconstruction, batch)
         loss = mse + kl_weight * log["kl"]
+        if not torch.isfinite(loss):
+            raise TrainingError(f"step {step}: the loss is {loss.item()} (mse {mse.item()}, kl {log['kl'].item()}); "
+                                "nothing saved (try a lower --lr or --kl-weight)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -46,6 +76,15 @@ def train_vae(model: VideoAutoencoder, clips: Tensor, iters: int, batch_size: in
         if step % log_every == 0 or step == iters:
             print(f"step {step:5d}  mse {mse.item():.5f}  kl {log['kl'].item():.1f}", flush=True)
     return mse_history
+
+
+def check_finite_weights(model: VideoAutoencoder) -> None:
+    """The last step may break the weights without any loss showing it."""
+    broken = [name for name, value in model.state_dict().items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise TrainingError(f"{len(broken)} weight tensors are not finite after training (the first: {broken[0]}); "
+                            "nothing saved (try a lower --lr or --kl-weight)")
 
 
 @torch.no_grad()
@@ -57,19 +96,77 @@ def reconstruction_mse(model: VideoAutoencoder, clips: Tensor, batch_size: int =
     return (squared_error / clips.numel()).item()
 
 
-def build_model(config_path: str) -> VideoAutoencoder:
-    """The VAE of `model.first_stage_config` in a YAML file."""
-    config = OmegaConf.load(config_path)
-    return instantiate_from_config(config.model.first_stage_config)
+def read_vae_config(config_path: str) -> DictConfig:
+    """`model.first_stage_config` of the YAML file; its weights, when it names some, must exist."""
+    try:
+        config = load_config([config_path])
+    except ConfigError as error:
+        raise ConfigError(f"--config: {error}") from error
+    section = OmegaConf.select(config, "model.first_stage_config")
+    if not isinstance(section, DictConfig):
+        raise ConfigError(f"--config {config_path}: no model.first_stage_config (give the VAE's config, e.g. "
+                          "configs/tiny/vae.yaml)")
+    ckpt_path = OmegaConf.select(section, "params.ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise ConfigError(f"--config {config_path}: model.first_stage_config.params.ckpt_path {ckpt_path} not found")
+    return section
+
+
+def spatial_compression(section: DictConfig, config_path: str) -> int:
+    """Every encoder level but the last halves height and width."""
+    ch_mult = OmegaConf.select(section, "params.encoder_config.params.ch_mult")
+    check_value(f"--config {config_path}: model.first_stage_config.params.encoder_config.params.ch_mult", ch_mult,
+                (lambda value: isinstance(value, ListConfig) and len(value) > 0, "a list of channel multipliers"))
+    return 2 ** (len(ch_mult) - 1)
+
+
+def check_data(data_dir: str) -> None:
+    """A dataset folder with videos/*.mp4 (the videos themselves are read by SFTDataset)."""
+    if not Path(data_dir).is_dir():
+        raise ConfigError(f"--data {data_dir}: no such folder")
+    try:
+        find_videos(Path(data_dir))
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"--data {data_dir}: {error}") from error
+
+
+def check_output(flag: str, path: str, overwrite: bool) -> None:
+    """A file path whose folder can be made, free unless `overwrite`."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file path")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{flag} {path} exists; choose another path or pass --overwrite")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot create files in {ancestor}")
+
+
+def check_outputs(out: str, overlay: str | None, overwrite: bool) -> None:
+    """--out and --overlay: two distinct files that may be written."""
+    check_output("--out", out, overwrite)
+    if overlay is not None:
+        check_output("--overlay", overlay, overwrite)
+        if Path(overlay).resolve() == Path(out).resolve():
+            raise ConfigError(f"--overlay {overlay} is --out too; the checkpoint and the YAML need a file each")
 
 
 @torch.no_grad()
 def latent_scale_factor(model: VideoAutoencoder, clips: Tensor, batch_size: int = 8) -> float:
     """1 / std of the posterior means: the factor that gives the diffusion model unit-variance latents
-    (the role of 1.15258426 and 0.7 for the official VAEs)."""
+    (the role of 1.15258426 and 0.7 for the official VAEs). TrainingError when it is not finite."""
     model.eval()
     latents = torch.cat([model.encode(batch, sample=False) for batch in clips.split(batch_size)])
-    return 1.0 / latents.std().item()
+    std = latents.std().item()
+    scale_factor = 1.0 / std if std > 0 else math.inf
+    if not math.isfinite(scale_factor):
+        raise TrainingError(f"the posterior means have standard deviation {std}: no finite latent scale factor; "
+                            "nothing saved")
+    return scale_factor
 
 
 def write_ckpt_overlay(overlay_path: str, ckpt_path: str, scale_factor: float) -> None:
@@ -77,43 +174,77 @@ def write_ckpt_overlay(overlay_path: str, ckpt_path: str, scale_factor: float) -
     overlay = {"model": {"scale_factor": scale_factor,
                          "first_stage_config": {"params": {"ckpt_path": str(Path(ckpt_path).resolve())}}}}
     Path(overlay_path).parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(overlay), overlay_path)
+    write_text_atomically(overlay_path, OmegaConf.to_yaml(OmegaConf.create(overlay)))
 
 
-def main() -> None:
+def save_outputs(model: VideoAutoencoder, out: str, overlay: str | None, scale_factor: float | None) -> None:
+    """The checkpoint, then its overlay, in the order the module docstring gives."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(out) as partial:
+        torch.save({"state_dict": model.state_dict()}, partial)
+        if overlay is not None:
+            Path(overlay).unlink(missing_ok=True)
+    if overlay is not None:
+        write_ckpt_overlay(overlay, out, scale_factor)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset folder with videos/ and labels/")
     parser.add_argument("--out", required=True, help="where to write the checkpoint (.pt)")
     parser.add_argument("--config", default="configs/tiny/vae.yaml", help="YAML with model.first_stage_config")
-    parser.add_argument("--overlay", help="also write a YAML setting model.first_stage_config.params.ckpt_path and model.scale_factor")
+    parser.add_argument("--overlay", help="also write a YAML setting model.first_stage_config.params.ckpt_path and "
+                                          "model.scale_factor")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out and --overlay")
     parser.add_argument("--iters", type=int, default=800, help="about 800 for colours to survive on the toy data")
-    parser.add_argument("--size", type=int, default=32, help="frame height and width")
-    parser.add_argument("--frames", type=int, default=9, help="frames per clip (4k+1)")
+    parser.add_argument("--size", type=int, default=32, help="frame height and width, a multiple of the VAE's "
+                                                              "spatial compression (8 for 4 encoder levels)")
+    parser.add_argument("--frames", type=int, default=9, help="frames per clip (8k+1)")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
-    args = parser.parse_args()
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    for flag, value, rule in (("--iters", args.iters, whole_rule(1)), ("--frames", args.frames, TRAINING_FRAMES),
+                              ("--fps", args.fps, number_rule(0, exclusive=True)),
+                              ("--batch-size", args.batch_size, whole_rule(1)),
+                              ("--lr", args.lr, finite(number_rule(0, exclusive=True))),
+                              ("--kl-weight", args.kl_weight, finite(number_rule(0))),
+                              ("--seed", args.seed, ARGS_RULES["seed"]),
+                              ("--log-every", args.log_every, whole_rule(1))):
+        check_value(flag, value, rule)
+    section = read_vae_config(args.config)
+    compression = spatial_compression(section, args.config)
+    check_value("--size", args.size, (lambda value: is_whole_number(value) and value > 0 and value % compression == 0,
+                                      f"a multiple of {compression} > 0 (the spatial compression of the VAE in "
+                                      f"--config {args.config})"))
+    check_data(args.data)
+    check_outputs(args.out, args.overlay, args.overwrite)
 
     torch.manual_seed(args.seed)
     clips = load_clips(args.data, args.size, args.frames, args.fps)
-    model = build_model(args.config)
+    model = instantiate_from_config(section)
     print(f"{len(clips)} clips of {args.frames} frames at {args.size}x{args.size}; "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     start = time.perf_counter()
     train_vae(model, clips, args.iters, args.batch_size, args.lr, args.kl_weight, args.log_every)
     elapsed = time.perf_counter() - start
+    check_finite_weights(model)
     print(f"trained {args.iters} steps in {elapsed:.0f} s; reconstruction MSE {reconstruction_mse(model, clips):.5f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict()}, args.out)
+    scale_factor = latent_scale_factor(model, clips) if args.overlay is not None else None
+    check_outputs(args.out, args.overlay, args.overwrite)  # a file that appeared during training is refused too
+    save_outputs(model, args.out, args.overlay, scale_factor)
     print(f"saved {args.out}")
-    if args.overlay:
-        scale_factor = latent_scale_factor(model, clips)
-        write_ckpt_overlay(args.overlay, args.out, scale_factor)
+    if args.overlay is not None:
         print(f"wrote {args.overlay} (latent scale factor {scale_factor:.4f})")
 
 
 if __name__ == "__main__":
-    main()
+    run_entrypoint(main)
