@@ -9,6 +9,10 @@ written to a temporary folder, or --data (an SFT folder) is read at that shape. 
 have the real shape (--text-length x --text-width, 226 x 4096 as T5-XXL's): reading a cached sample costs what its
 shapes cost, whatever the weights. Each row is one warm-up pass over the clips, then --passes timed passes through a
 DataLoader with persistent workers, so that worker start-up is not counted.
+
+Every flag is checked before anything is made (one line `error: ...`, exit 2, --debug for the traceback); a
+failure of precompute.py is one such line too, ending with the last line precompute.py wrote to stderr. --append
+adds the entry at the end of the file, which changes whole or not at all (written beside it, then renamed over it).
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark import ROOT, commit, device_name
+from satvideo.atomic_files import write_text_atomically
+from satvideo.cli import run_entrypoint
+from satvideo.config import FRAMES_4K_PLUS_1, ConfigError, check_value, whole_rule
 from satvideo.data import CachedDataset, SFTDataset
-from satvideo.data.toy import make_toy_dataset
+from satvideo.data.toy import TOY_SIZE, make_toy_dataset
 
 TINY = ["configs/tiny/model.yaml", "configs/tiny/vae.yaml", "configs/tiny/train.yaml"]
 
@@ -49,10 +56,14 @@ def samples_per_second(dataset: Dataset, workers: int, batch_size: int, pin_memo
 def make_cache(data: Path, out: Path, params: dict, text_length: int, text_width: int) -> None:
     """A cache of `data` by scripts/precompute.py (one process) with the tiny VAE and a T5 of the given width."""
     embedder = "model.conditioner_config.params.emb_models.0.params"
-    overrides = [f"args.train_data=[{data}]", "args.device=cpu", f"{embedder}.max_length={text_length}",
+    overrides = [f"args.train_data=[{data.resolve()}]", "args.device=cpu", f"{embedder}.max_length={text_length}",
                  f"{embedder}.d_model={text_width}"] + [f"data.params.{name}={value}" for name, value in params.items()]
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "precompute.py"), "--out", str(out), "--base", *TINY,
-                    *overrides], cwd=ROOT, check=True, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "precompute.py"), "--out", str(out), "--base",
+                             *TINY, *overrides], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        lines = result.stderr.strip().splitlines()
+        reason = lines[-1].removeprefix("error: ") if lines else "nothing on stderr"
+        raise ConfigError(f"scripts/precompute.py failed (exit {result.returncode}): {reason}")
 
 
 def mib_per_sample(item: dict) -> float:
@@ -65,7 +76,8 @@ def clip_shape(text: str) -> tuple[int, int]:
     return int(frames), int(size)
 
 
-def measure_shape(frames: int, size: int, folder: Path, options) -> list[tuple[str, str, int, float]]:
+def measure_shape(frames: int, size: int, folder: Path,
+                  options: argparse.Namespace) -> list[tuple[str, str, int, float]]:
     """Rows (reads, one sample, workers, samples/s) for clips of one shape, from the videos and from their cache."""
     params = {"video_size": [size, size], "fps": 8, "max_num_frames": frames, "skip_frms_num": 0}
     data = options.data or folder / "clips"
@@ -89,7 +101,7 @@ def measure_shape(frames: int, size: int, folder: Path, options) -> list[tuple[s
     return rows
 
 
-def table(rows: list[tuple[str, str, int, float]], options) -> str:
+def table(rows: list[tuple[str, str, int, float]], options: argparse.Namespace) -> str:
     lines = ["| reads | one sample | workers | batch | pin memory | prefetch | samples/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     pin = ("yes" if torch.cuda.is_available() else "asked, no CUDA") if options.pin_memory else "no"
@@ -99,11 +111,42 @@ def table(rows: list[tuple[str, str, int, float]], options) -> str:
     return "\n".join(lines)
 
 
+def check_options(options: argparse.Namespace) -> None:
+    """ConfigError naming the first flag whose value cannot be benchmarked, before anything is made."""
+    for flag, value in (("--clips", options.clips), ("--batch-size", options.batch_size),
+                        ("--prefetch", options.prefetch), ("--passes", options.passes),
+                        ("--text-length", options.text_length), ("--text-width", options.text_width)):
+        check_value(flag, value, whole_rule(1))
+    for workers in options.workers:
+        check_value("--workers", workers, whole_rule(0))
+    for frames, size in options.shape:
+        for part, value, (test, expected) in (("frames", frames, FRAMES_4K_PLUS_1), ("size", size, TOY_SIZE)):
+            if not test(value):
+                raise ConfigError(f"--shape {frames}x{size}: {part} {value}: expected {expected}")
+    if options.data is not None and not options.data.is_dir():
+        raise ConfigError(f"--data {options.data}: not a folder (give an SFT folder: videos/*.mp4, labels/*.txt)")
+    if options.append is not None:
+        read_results(options.append)
+
+
+def read_results(path: Path) -> str:
+    """The text of an --append file (empty when it does not exist yet); ConfigError when it cannot be one."""
+    if path.is_dir():
+        raise ConfigError(f"--append {path} is a folder; give the file to append the entry to")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--append {path}: there is no folder {path.parent} to write it in")
+    if not path.exists():
+        return ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--append {path}: cannot be read as text ({error})") from error
+
+
 def append_entry(path: Path, text: str, command: str) -> None:
     device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     entry = f"\n## {datetime.date.today().isoformat()} · {device} · commit {commit()}\n\n`{command}`\n\n{text}\n"
-    with path.open("a") as results:
-        results.write(entry)
+    write_text_atomically(path, read_results(path) + entry)
 
 
 def main() -> None:
@@ -120,9 +163,12 @@ def main() -> None:
     parser.add_argument("--text-length", type=int, default=226)
     parser.add_argument("--text-width", type=int, default=4096)
     parser.add_argument("--append", type=Path, help="also append the table as a dated entry to this file")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     options = parser.parse_args()
+    options.shape = options.shape or [(17, 64)]
+    check_options(options)
     rows = []
-    for frames, size in options.shape or [(17, 64)]:
+    for frames, size in options.shape:
         with tempfile.TemporaryDirectory() as folder:
             rows += measure_shape(frames, size, Path(folder), options)
     text = table(rows, options)
@@ -133,4 +179,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entrypoint(main)

@@ -442,6 +442,107 @@ def test_check_script_prints_a_table_totals_and_a_contact_sheet(toy, tmp_path):
     assert check("--min-fraction", "0.9").returncode == 1
 
 
+def sampled_toy_folder(toy, folder: Path) -> Path:
+    """`folder` laid out as sampling leaves it: two toy videos with their own prompts, one manifest line each."""
+    _, written = toy
+    for seed, (path, prompt) in enumerate(written[:2]):
+        shutil.copy(path, folder / path.name)
+        write_manifest_line(str(folder), {"file": path.name, "prompt": prompt, "seed": seed})
+    return folder
+
+
+def run_check_toy_videos(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "scripts" / "check_toy_videos.py"), str(folder), *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          timeout=60)
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-fraction", "nan"], "--min-fraction=nan: expected a number > 0 and <= 1"),
+    (["--min-fraction", "5"], "--min-fraction=5.0: expected a number > 0 and <= 1"),
+    (["--min-fraction", "0"], "--min-fraction=0.0: expected a number > 0 and <= 1"),
+    (["--contact-sheet", "{folder}"], "--contact-sheet {folder} is a folder; give the .png file to write"),
+    (["--contact-sheet", "{folder}/sheet.txt"], "--contact-sheet {folder}/sheet.txt: expected a .png file"),
+    (["--contact-sheet", "{folder}/none/sheet.png"],
+     "--contact-sheet {folder}/none/sheet.png: there is no folder {folder}/none to write it in"),
+    (["--contact-sheet", "{folder}/old.png"],
+     "--contact-sheet {folder}/old.png exists; choose another file or pass --overwrite"),
+])
+def test_check_script_refuses_a_bad_flag_before_reading_a_video(toy, tmp_path, flags, message):
+    folder = sampled_toy_folder(toy, tmp_path)
+    (folder / "old.png").write_bytes(b"an earlier sheet")
+    before = folder_contents(folder)
+    result = run_check_toy_videos(folder, *[flag.format(folder=folder) for flag in flags])
+    assert one_line_error(result) == f"error: {message.format(folder=folder)}"
+    assert result.stdout == "" and folder_contents(folder) == before
+
+
+def test_check_script_refuses_a_folder_without_a_manifest(tmp_path):
+    result = run_check_toy_videos(tmp_path)
+    assert one_line_error(result) == (f"error: no {tmp_path / 'manifest.jsonl'}; run sampling with this output "
+                                      "folder first")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_script_names_a_manifest_line_without_a_prompt(tmp_path):
+    write_manifest_line(str(tmp_path), {"file": "a.mp4", "prompt": "a red square moving up", "seed": 0})
+    with open(tmp_path / "manifest.jsonl", "a", encoding="utf-8") as manifest:
+        manifest.write(json.dumps({"file": "b.mp4", "seed": 1}) + "\n")
+    result = run_check_toy_videos(tmp_path)
+    assert one_line_error(result) == f"error: {tmp_path / 'manifest.jsonl'} line 2: b.mp4 has no prompt"
+
+
+def test_check_script_passes_over_a_manifest_line_cut_by_a_kill(toy, tmp_path):
+    folder = sampled_toy_folder(toy, tmp_path)
+    with open(folder / "manifest.jsonl", "a", encoding="utf-8") as manifest:
+        manifest.write('{"file": "00009.mp4", "pro')  # the kill came mid-line
+    result = run_check_toy_videos(folder, "--min-fraction", "1")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.splitlines()[-1] == "colour right: 2/2 | one shape per frame: 2/2 | direction right: 2/2"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"note: passed over 1 line(s) of {folder / 'manifest.jsonl'} that are not a JSON record of a file (cut short "
+        "by a kill)")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_check_script_names_a_listed_video_it_cannot_read(toy, tmp_path, damage):
+    folder = sampled_toy_folder(toy, tmp_path)
+    video = sorted(folder.glob("*.mp4"))[1]
+    if damage == "missing":
+        video.unlink()
+        problem = "not found"
+    else:
+        video.write_bytes(video.read_bytes()[:300])
+        problem = "cannot be decoded (truncated or not a video)"
+    before = folder_contents(folder)
+    result = run_check_toy_videos(folder, "--contact-sheet", str(folder / "sheet.png"))
+    assert one_line_error(result) == f"error: {video}: listed in {folder / 'manifest.jsonl'} but {problem}"
+    assert result.stdout == "" and folder_contents(folder) == before  # no table, no sheet
+
+
+def test_check_script_replaces_a_sheet_only_with_overwrite_and_says_why_it_fails(toy, tmp_path):
+    folder = sampled_toy_folder(toy, tmp_path)
+    sheet = folder / "sheet.png"
+    sheet.write_bytes(b"an earlier sheet")
+    result = run_check_toy_videos(folder, "--contact-sheet", str(sheet), "--overwrite", "--min-fraction", "1")
+    assert result.returncode == 0, result.stderr
+    assert sheet.read_bytes().startswith(b"\x89PNG") and not list(folder.glob(".*"))  # whole, no partial left
+    _, written = toy
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    *words, direction = written[0][1].split()
+    (folder / "manifest.jsonl").unlink()
+    write_manifest_line(str(folder), {"file": written[0][0].name, "prompt": " ".join([*words, opposite[direction]]),
+                                      "seed": 0})
+    write_manifest_line(str(folder), {"file": written[1][0].name, "prompt": written[1][1], "seed": 1})
+    failed = run_check_toy_videos(folder, "--min-fraction", "0.75")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == "below --min-fraction 0.75: fewest right 1/2"
+
+
 def test_cached_batches_train_exactly_as_the_videos_they_came_from(toy, tmp_path):
     from satvideo.config import load_config
     from satvideo.data import CachedDataset

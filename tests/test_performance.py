@@ -136,3 +136,99 @@ def test_zero_buckets_are_never_larger_than_the_trainable_parameters():
     large = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1_000_000_000}}
     fit_buckets_to_model(large, 5_570_283_072)  # full 5B: the configured bucket stays
     assert large["zero_optimization"]["reduce_bucket_size"] == 1_000_000_000
+
+
+# ---- scripts/gpu_smoke.sh, its first lines only: `python` and `nvidia-smi` are stubs that record their calls ----
+
+
+def run_gpu_smoke(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "python").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "calls"}\necho 1\n')  # "1 GPU"
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho Stub GPU\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", **env}
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_smoke.sh")], capture_output=True, text=True,
+                          env=environment, timeout=60)
+
+
+def test_gpu_smoke_refuses_an_occupied_smoke_out_it_did_not_make(tmp_path):
+    folder, file = tmp_path / "results", tmp_path / "notes.txt"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("mine")
+    file.write_text("mine")
+    for occupied in (folder, file):
+        result = run_gpu_smoke(tmp_path, SMOKE_OUT=str(occupied))
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: SMOKE_OUT={occupied} exists and was not made by this script; choose another SMOKE_OUT or "
+            "remove it"]
+    assert (folder / "mine.txt").read_text() == "mine" and file.read_text() == "mine"
+    assert not (tmp_path / "calls").exists()  # refused before anything ran
+
+
+def test_gpu_smoke_leaves_an_exported_out_alone_and_replaces_only_its_own_folder(tmp_path):
+    users, smoke = tmp_path / "users", tmp_path / "smoke"
+    users.mkdir()
+    (users / "mine.txt").write_text("mine")
+    smoke.mkdir()
+    (smoke / ".made_by_gpu_smoke").touch()
+    (smoke / "earlier_run.txt").touch()
+    result = run_gpu_smoke(tmp_path, OUT=str(users), SMOKE_OUT=str(smoke))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("=== gpu smoke test passed in ")
+    assert [path.name for path in users.iterdir()] == ["mine.txt"] and (users / "mine.txt").read_text() == "mine"
+    assert [path.name for path in smoke.iterdir()] == [".made_by_gpu_smoke"]  # the stubs wrote nothing
+    calls = (tmp_path / "calls").read_text()
+    assert f"--out {smoke}/toy " in calls and str(users) not in calls
+
+
+# ---- scripts/benchmark_data.py ----
+
+
+def run_benchmark_data(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/benchmark_data.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clips", "0"], "--clips=0: expected a whole number >= 1"),
+    (["--passes", "0"], "--passes=0: expected a whole number >= 1"),
+    (["--workers", "0", "-1"], "--workers=-1: expected a whole number >= 0"),
+    (["--batch-size", "0"], "--batch-size=0: expected a whole number >= 1"),
+    (["--shape", "16x64"], "--shape 16x64: frames 16: expected 4k+1 frames for the causal VAE (1, 5, 9, ...)"),
+    (["--data", "{tmp}/none"], "--data {tmp}/none: not a folder (give an SFT folder: videos/*.mp4, labels/*.txt)"),
+    (["--append", "{tmp}"], "--append {tmp} is a folder; give the file to append the entry to"),
+    (["--append", "{tmp}/none/RESULTS.md"], "--append {tmp}/none/RESULTS.md: there is no folder {tmp}/none to write "
+                                            "it in"),
+])
+def test_benchmark_data_refuses_a_bad_flag_before_anything_is_made(tmp_path, flags, message):
+    result = run_benchmark_data(*[flag.format(tmp=tmp_path) for flag in flags])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message.format(tmp=tmp_path)}"
+    assert "precompute" not in result.stdout and list(tmp_path.iterdir()) == []  # nothing made, nothing measured
+
+
+def test_benchmark_data_says_why_precompute_failed_and_appends_nothing(tmp_path):
+    data, results = tmp_path / "not_sft", tmp_path / "RESULTS.md"
+    data.mkdir()
+    results.write_text("# mine\n")
+    result = run_benchmark_data("--data", str(data), "--shape", "1x32", "--append", str(results))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: scripts/precompute.py failed (exit 2): args.train_data {data}: video folder {data / 'videos'} does "
+        "not exist (expected videos/*.mp4 and labels/*.txt)")
+    assert results.read_text() == "# mine\n" and sorted(tmp_path.iterdir()) == sorted([data, results])
+    assert list(data.iterdir()) == []
+
+
+def test_benchmark_data_appends_its_entry_whole_after_the_earlier_text(tmp_path):
+    from benchmark_data import append_entry
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# mine · earlier entries\n", encoding="utf-8")
+    append_entry(results, "| a table |", "python scripts/benchmark_data.py --clips 1")
+    text = results.read_text(encoding="utf-8")
+    assert text.startswith("# mine · earlier entries\n\n## ")
+    assert text.endswith("\n\n`python scripts/benchmark_data.py --clips 1`\n\n| a table |\n")
+    assert list(tmp_path.iterdir()) == [results]  # no partial file left beside it
