@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import runpy
+import sys
 
 import pytest
 import torch
 
-from satvideo.config import load_config, to_plain
+from satvideo.config import SatvideoError, load_config, to_plain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {
@@ -69,3 +71,17 @@ def tiny_inputs(family: str, batch: int = 2, seed: int = 0) -> dict:
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+def script_error(script: str, *argv: str) -> str:
+    """The message of the satvideo error that `scripts/{script}`'s main raises for these arguments, in this process
+    (run_entrypoint prints it as `error: {message}`; one test per script runs the real command line)."""
+    main = runpy.run_path(os.path.join(ROOT, "scripts", script))["main"]
+    saved = sys.argv
+    sys.argv = [script, *argv]
+    try:
+        with pytest.raises(SatvideoError) as error:
+            main()
+    finally:
+        sys.argv = saved
+    return str(error.value)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bad_dataset import BAD_SAMPLES, make_bad_dataset
+from conftest import script_error
 from satvideo.config import ConfigError, args_namespace, instantiate_from_config, load_config
 from satvideo.data import CachedDataset
 from satvideo.data.cache import BLOCK, MANIFEST, check_caches, file_fingerprint
@@ -234,14 +235,15 @@ def test_an_earlier_cache_survives_a_precompute_that_fails_and_is_replaced_only_
 
 
 def test_precompute_refuses_an_out_it_cannot_or_must_not_replace(tmp_path, toy_data):
-    data = f"args.train_data=[{toy_data}]"
+    def refusal(out: Path, *flags: str) -> str:  # in this process: the test above runs the command line
+        return script_error("precompute.py", "--out", str(out), *flags, "--base", *TINY, f"args.train_data=[{toy_data}]")
+
     (tmp_path / "a_file").write_text("mine")
-    assert one_line_error(run_precompute(tmp_path / "a_file" / "cache", data)) == (
-        f"error: --out {tmp_path / 'a_file' / 'cache'} lies below the file {tmp_path / 'a_file'}; give a folder")
-    assert one_line_error(run_precompute(tmp_path / "a_file", data)) == (
-        f"error: --out {tmp_path / 'a_file'} is a file; give a folder")
-    assert one_line_error(run_precompute(tmp_path, data, "--overwrite")) == (
-        f"error: --out {tmp_path} holds files and is not a cache; --overwrite replaces only a cache")
+    assert refusal(tmp_path / "a_file" / "cache") == (
+        f"--out {tmp_path / 'a_file' / 'cache'} lies below the file {tmp_path / 'a_file'}; give a folder")
+    assert refusal(tmp_path / "a_file") == f"--out {tmp_path / 'a_file'} is a file; give a folder"
+    assert refusal(tmp_path, "--overwrite") == (
+        f"--out {tmp_path} holds files and is not a cache; --overwrite replaces only a cache")
     assert (tmp_path / "a_file").read_text() == "mine"
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, family_config, tiny_inputs
+from conftest import ROOT, family_config, script_error, tiny_inputs
 from convert_helpers import (diffusers_output, parity_network_config, randomize, relative_error, run_cli,
                              write_sat_checkpoint)
 from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
@@ -206,10 +206,10 @@ def test_cli_checks_the_weights_against_the_config_before_writing(tmp_path):
     assert message.startswith(f"error: {tmp_path / 'sat'} does not fit model.network_config: shapes differ, "
                               "checkpoint vs model (3): mixins.patch_embed.proj.weight (64, 16, 2, 2) vs (64, 128)")
     assert not (tmp_path / "out").exists()
-    message = run_cli("sat-to-diffusers", "--config", str(tmp_path / "5b.yaml"), "--checkpoint", str(tmp_path / "sat"),
-                      "--out", str(tmp_path / "out"), "--vae", str(tmp_path / "sat" / "1" / "mp_rank_00_model_states.pt"),
-                      "--vae-out", str(tmp_path / "vae"), expect_error=True)
-    assert message == f"error: no model.first_stage_config in {tmp_path / '5b.yaml'}"
+    message = script_error("convert_weights.py", "sat-to-diffusers", "--config", str(tmp_path / "5b.yaml"),
+                           "--checkpoint", str(tmp_path / "sat"), "--out", str(tmp_path / "out"), "--vae",
+                           str(tmp_path / "sat" / "1" / "mp_rank_00_model_states.pt"), "--vae-out", str(tmp_path / "vae"))
+    assert message == f"no model.first_stage_config in {tmp_path / '5b.yaml'}"
     assert not (tmp_path / "out").exists() and not (tmp_path / "vae").exists()
 
 
@@ -219,15 +219,15 @@ def test_cli_refuses_to_replace_an_output_unless_told(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     command = ("sat-to-diffusers", "--config", str(tmp_path / "5b.yaml"), "--checkpoint", str(tmp_path / "sat"),
                "--out", str(tmp_path / "out"))
-    assert run_cli(*command, expect_error=True) == (
-        f"error: --out {tmp_path / 'out'} exists and is not empty; choose another folder or pass --overwrite")
+    assert script_error("convert_weights.py", *command) == (
+        f"--out {tmp_path / 'out'} exists and is not empty; choose another folder or pass --overwrite")
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     run_cli(*command, "--overwrite")
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["config.json", WEIGHTS_NAME]
     assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
-    message = run_cli("diffusers-to-sat", "--transformer", str(tmp_path / "out"), "--out", str(tmp_path / "sat"),
-                      expect_error=True)
-    assert message.startswith(f"error: --out {tmp_path / 'sat'} exists and is not empty")
+    message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(tmp_path / "out"), "--out",
+                           str(tmp_path / "sat"))
+    assert message.startswith(f"--out {tmp_path / 'sat'} exists and is not empty")
 
 
 def test_cli_names_the_diffusers_input_it_cannot_use(tmp_path):
@@ -241,16 +241,16 @@ def test_cli_names_the_diffusers_input_it_cannot_use(tmp_path):
     model = random_diffusers_model(config)
     transformer = tmp_path / "transformer"
     write_diffusers_folder(transformer, "CogVideoXTransformer3DModel", {**config, "num_layers": 3}, model.state_dict())
-    message = run_cli("diffusers-to-sat", "--transformer", str(transformer), "--out", out, expect_error=True)
-    assert message.startswith(f"error: {transformer} does not fit its own config.json: missing keys (")
+    message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(transformer), "--out", out)
+    assert message.startswith(f"{transformer} does not fit its own config.json: missing keys (")
     assert "transformer.layers.2.attention.query_key_value.weight" in message
 
     (transformer / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
-    message = run_cli("diffusers-to-sat", "--transformer", str(transformer), "--out", out, expect_error=True)
-    assert message.startswith(f"error: {transformer / WEIGHTS_NAME} is not a readable safetensors file (")
+    message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(transformer), "--out", out)
+    assert message.startswith(f"{transformer / WEIGHTS_NAME} is not a readable safetensors file (")
     (transformer / "config.json").write_text("{num_layers: 2")
-    message = run_cli("diffusers-to-sat", "--transformer", str(transformer), "--out", out, expect_error=True)
-    assert message.startswith(f"error: {transformer / 'config.json'} is not readable JSON (")
+    message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(transformer), "--out", out)
+    assert message.startswith(f"{transformer / 'config.json'} is not readable JSON (")
     assert not (tmp_path / "sat").exists()
 
 

@@ -14,6 +14,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
+from conftest import script_error
 from torch.utils.data import DataLoader
 
 from satvideo.config import ConfigError
@@ -140,8 +141,8 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     (["--size", str(MIN_SIZE + 1)], f"--size={MIN_SIZE + 1}: expected an even whole number >= {MIN_SIZE} "),
 ])
 def test_make_toy_dataset_script_refuses_a_bad_value_in_one_line(tmp_path, flags, message):
-    out = tmp_path / "toy"
-    assert one_line_error(run_make_toy_dataset("--out", str(out), *flags)).startswith(f"error: {message}")
+    out = tmp_path / "toy"  # in this process; the next test runs the command line
+    assert script_error("make_toy_dataset.py", "--out", str(out), *flags).startswith(message)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -476,9 +477,10 @@ def test_check_script_refuses_a_bad_flag_before_reading_a_video(toy, tmp_path, f
     folder = sampled_toy_folder(toy, tmp_path)
     (folder / "old.png").write_bytes(b"an earlier sheet")
     before = folder_contents(folder)
-    result = run_check_toy_videos(folder, *[flag.format(folder=folder) for flag in flags])
-    assert one_line_error(result) == f"error: {message.format(folder=folder)}"
-    assert result.stdout == "" and folder_contents(folder) == before
+    # in this process; the tests below run the command line
+    assert script_error("check_toy_videos.py", str(folder), *[flag.format(folder=folder) for flag in flags]) == \
+        message.format(folder=folder)
+    assert folder_contents(folder) == before
 
 
 def test_check_script_refuses_a_folder_without_a_manifest(tmp_path):
