@@ -212,8 +212,8 @@ def test_an_earlier_cache_survives_a_precompute_that_fails_and_is_replaced_only_
     shutil.copytree(cache, previous)
     files = {path.name: path.read_bytes() for path in previous.iterdir()}
     data = f"args.train_data=[{toy_data}]"
-    assert one_line_error(run_precompute(previous, data)) == (
-        f"error: --out {previous} exists and is not empty; choose another folder or pass --overwrite")
+    assert script_error("precompute.py", "--out", str(previous), "--base", *TINY, data) == (
+        f"--out {previous} exists and is not empty; choose another folder or pass --overwrite")
     bad = make_bad_dataset(tmp_path / "bad", good=1)
     assert one_line_error(run_precompute(previous, f"args.train_data=[{bad}]", "--overwrite")).startswith(
         f"error: precompute (1 clips encoded, not written to {previous}): 8 of 9 samples drawn could not be used")
