@@ -484,9 +484,8 @@ def test_check_script_refuses_a_bad_flag_before_reading_a_video(toy, tmp_path, f
 
 
 def test_check_script_refuses_a_folder_without_a_manifest(tmp_path):
-    result = run_check_toy_videos(tmp_path)
-    assert one_line_error(result) == (f"error: no {tmp_path / 'manifest.jsonl'}; run sampling with this output "
-                                      "folder first")
+    assert script_error("check_toy_videos.py", str(tmp_path)) == (f"no {tmp_path / 'manifest.jsonl'}; run sampling "
+                                                                 "with this output folder first")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -511,7 +510,7 @@ def test_check_script_passes_over_a_manifest_line_cut_by_a_kill(toy, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
-def test_check_script_names_a_listed_video_it_cannot_read(toy, tmp_path, damage):
+def test_check_script_names_a_listed_video_it_cannot_read(toy, tmp_path, damage, capsys):
     folder = sampled_toy_folder(toy, tmp_path)
     video = sorted(folder.glob("*.mp4"))[1]
     if damage == "missing":
@@ -521,9 +520,9 @@ def test_check_script_names_a_listed_video_it_cannot_read(toy, tmp_path, damage)
         video.write_bytes(video.read_bytes()[:300])
         problem = "cannot be decoded (truncated or not a video)"
     before = folder_contents(folder)
-    result = run_check_toy_videos(folder, "--contact-sheet", str(folder / "sheet.png"))
-    assert one_line_error(result) == f"error: {video}: listed in {folder / 'manifest.jsonl'} but {problem}"
-    assert result.stdout == "" and folder_contents(folder) == before  # no table, no sheet
+    message = script_error("check_toy_videos.py", str(folder), "--contact-sheet", str(folder / "sheet.png"))
+    assert message == f"{video}: listed in {folder / 'manifest.jsonl'} but {problem}"
+    assert capsys.readouterr().out == "" and folder_contents(folder) == before  # no table, no sheet
 
 
 def test_check_script_replaces_a_sheet_only_with_overwrite_and_says_why_it_fails(toy, tmp_path):

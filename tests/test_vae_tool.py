@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import script_error
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -171,8 +172,8 @@ def test_bad_chunking_and_tiling_options_are_one_line(setup):
 def test_fps_not_above_zero_is_one_line(setup, fps):
     latents_file, out = setup.folder / "fps.safetensors", setup.folder / "fps.mp4"
     save_file({"latents": torch.zeros(16, 1, 2, 2)}, str(latents_file), metadata={"fps": "12"})
-    last = fails_with_one_line("decode", str(latents_file), str(out), "--base", *setup.base, "--fps", fps)
-    assert last == f"error: --fps {fps}: expected a whole number > 0" and not out.exists()
+    message = script_error("vae.py", "decode", str(latents_file), str(out), "--base", *setup.base, "--fps", fps)
+    assert message == f"--fps {fps}: expected a whole number > 0" and not out.exists()
 
 
 @pytest.mark.parametrize("recorded, warned", [("12", False), ("0", True), ("nan", True), ("fast", True)])
@@ -199,8 +200,8 @@ def test_empty_or_non_finite_latents_are_refused_before_the_vae_is_built(setup, 
     save_file({"latents": latents}, str(latents_file))
     # weights that do not exist: building the VAE would fail with another message
     base = [str(VAE_YAML), f"model.first_stage_config.params.ckpt_path={setup.folder / 'absent.pt'}"]
-    last = fails_with_one_line("decode", str(latents_file), str(out), "--base", *base)
-    assert last == f"error: {latents_file}: tensor 'latents' {problem}" and not out.exists()
+    message = script_error("vae.py", "decode", str(latents_file), str(out), "--base", *base)
+    assert message == f"{latents_file}: tensor 'latents' {problem}" and not out.exists()
 
 
 def test_an_encode_stopped_while_writing_leaves_nothing_at_the_output(setup, monkeypatch):
