@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -85,3 +86,9 @@ def script_error(script: str, *argv: str) -> str:
     finally:
         sys.argv = saved
     return str(error.value)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The last line a command that failed as satvideo's entry points fail (exit code 2, no traceback) wrote."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bad_dataset import BAD_SAMPLES, make_bad_dataset
-from conftest import script_error
+from conftest import one_line_error, script_error
 from satvideo.config import ConfigError, args_namespace, instantiate_from_config, load_config
 from satvideo.data import CachedDataset
 from satvideo.data.cache import BLOCK, MANIFEST, check_caches, file_fingerprint
@@ -198,11 +198,6 @@ def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_ones():
 def run_precompute(out: Path, *arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "scripts/precompute.py", "--out", str(out), "--base", *TINY, *arguments],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result.stderr.strip().splitlines()[-1]
 
 
 def test_an_earlier_cache_survives_a_precompute_that_fails_and_is_replaced_only_when_asked(tmp_path, toy_data,

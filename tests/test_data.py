@@ -14,7 +14,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from conftest import script_error
+from conftest import one_line_error, script_error
 from torch.utils.data import DataLoader
 
 from satvideo.config import ConfigError
@@ -125,11 +125,6 @@ def test_toy_size_bound_is_the_smallest_even_size_that_draws_the_shape_in_every_
 def run_make_toy_dataset(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts" / "make_toy_dataset.py"), *args], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    return result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("flags, message", [
