@@ -35,13 +35,18 @@ def is_config_file(item: str) -> bool:
     return item.endswith((".yaml", ".yml")) or not (has_value or names_a_key)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself when it exists, else the closest of its parents that does (a relative path ends at `.`)."""
+    return next(candidate for candidate in (path, *path.parents) if candidate.exists())
+
+
 def check_output_folder(folder: str, flag: str, overwrite: bool) -> None:
     """ConfigError unless `folder` can be written whole as an output: not a file nor below one, and absent or empty
     unless `overwrite` (the --overwrite flag) lets it be replaced."""
     path = Path(folder)
-    existing = next(candidate for candidate in (path.absolute(), *path.absolute().parents) if candidate.exists())
+    existing = nearest_existing(path)
     if not existing.is_dir():
-        where = "is a file" if existing == path.absolute() else f"lies below the file {existing}"
+        where = "is a file" if existing == path else f"lies below the file {existing}"
         raise ConfigError(f"{flag} {folder} {where}; give a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ConfigError(f"{flag} {folder} exists and is not empty; choose another folder or pass --overwrite")

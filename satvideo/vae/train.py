@@ -28,7 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from satvideo.atomic_files import replaced_atomically, write_text_atomically
-from satvideo.cli import run_entrypoint
+from satvideo.cli import nearest_existing, run_entrypoint
 from satvideo.config import (ARGS_RULES, ConfigError, Rule, TrainingError, check_value, instantiate_from_config,
                              is_whole_number, load_config, number_rule, whole_rule)
 from satvideo.data import SFTDataset
@@ -137,9 +137,7 @@ def check_output(flag: str, path: str, overwrite: bool) -> None:
         raise ConfigError(f"{flag} {path} is a folder; give a file path")
     if target.exists() and not overwrite:
         raise ConfigError(f"{flag} {path} exists; choose another path or pass --overwrite")
-    ancestor = target.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(target.parent)
     if not ancestor.is_dir():
         raise ConfigError(f"{flag} {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
