@@ -192,7 +192,7 @@ def test_cli_converts_both_ways(tmp_path):
 
 
 def write_sat_run(folder, family: str) -> None:
-    """A tiny random SAT checkpoint of `family` in `folder`/sat and its model config in `folder`/model.yaml."""
+    """A tiny random SAT checkpoint of `family` in `folder`/sat and its model config in `folder`/<family>.yaml."""
     write_sat_checkpoint(folder / "sat", random_network(family).state_dict())
     network_config = parity_network_config(family)
     OmegaConf.save(OmegaConf.create({"model": {"network_config": network_config}}), folder / f"{family}.yaml")
@@ -211,6 +211,20 @@ def test_cli_checks_the_weights_against_the_config_before_writing(tmp_path):
                            str(tmp_path / "sat" / "1" / "mp_rank_00_model_states.pt"), "--vae-out", str(tmp_path / "vae"))
     assert message == f"no model.first_stage_config in {tmp_path / '5b.yaml'}"
     assert not (tmp_path / "out").exists() and not (tmp_path / "vae").exists()
+
+
+def test_cli_drops_a_stored_table_only_where_the_model_recomputes_it(tmp_path):
+    """A 2B checkpoint's sin-cos table is recomputed (test_cli_converts_both_ways); a table in a 5B (rotary)
+    checkpoint is a weight the model does not have, named as loading it would name it."""
+    weights = random_network("5b").state_dict()
+    weights["mixins.pos_embed.pos_embedding"] = torch.zeros(1, 8 + 3 * 4 * 4, 64)
+    write_sat_checkpoint(tmp_path / "sat", weights)
+    OmegaConf.save(OmegaConf.create({"model": {"network_config": parity_network_config("5b")}}), tmp_path / "5b.yaml")
+    message = script_error("convert_weights.py", "sat-to-diffusers", "--config", str(tmp_path / "5b.yaml"),
+                           "--checkpoint", str(tmp_path / "sat"), "--out", str(tmp_path / "out"))
+    assert message == (f"{tmp_path / 'sat'} does not fit model.network_config: unexpected keys (1): "
+                       "mixins.pos_embed.pos_embedding")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_to_replace_an_output_unless_told(tmp_path):

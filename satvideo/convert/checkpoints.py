@@ -21,7 +21,7 @@ from torch import nn
 
 from satvideo.atomic_files import folder_replaced_atomically, replaced_atomically
 from satvideo.checkpoint import (LORA_METADATA, MODEL_STATES, NETWORK_PREFIX, network_state_dict, network_weights,
-                                 read_model_states, weight_problems, write_latest)
+                                 read_model_states, weight_problems, without_recomputed_table, write_latest)
 from satvideo.config import (CheckpointError, CheckpointNotFound, ConfigError, SatvideoError, instantiate_from_config,
                              load_config, to_plain)
 from satvideo.convert.lora import sat_lora_to_peft
@@ -126,12 +126,11 @@ def sat_to_diffusers_checkpoint(config_paths: list[str], checkpoint: str | Path,
     model = to_plain(config.model)
     network_config = model["network_config"]
     params = network_config["params"]
-    weights = network_state_dict(checkpoint)
-    if not (params["modules"]["pos_embed_config"].get("params") or {}).get("learnable_pos_embed", False):
-        weights.pop("mixins.pos_embed.pos_embedding", None)  # the fixed sin-cos table (2B), recomputed by both
+    network = on_meta(network_config, device="meta")
+    weights = without_recomputed_table(network, network_state_dict(checkpoint))
+    check_weights_fit(weights, network, checkpoint, "model.network_config")
     with converting(checkpoint):
         transformer = sat_to_diffusers_transformer(weights, params["num_layers"])
-    check_weights_fit(weights, on_meta(network_config, device="meta"), checkpoint, "model.network_config")
     if vae is not None:
         first_stage = model["first_stage_config"]
         sat_vae = load_vae_state_dict(str(vae), SAT_ONLY_PREFIXES)
