@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -50,6 +51,23 @@ def check_output_folder(folder: str, flag: str, overwrite: bool) -> None:
         raise ConfigError(f"{flag} {folder} {where}; give a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ConfigError(f"{flag} {folder} exists and is not empty; choose another folder or pass --overwrite")
+
+
+def check_output_file(path: str | Path, flag: str, overwrite: bool, make_folders: bool = False) -> None:
+    """ConfigError unless `path` can be written as an output file: not a folder, in a folder that exists (or, with
+    `make_folders`, that can be made) and takes new files, and absent unless `overwrite` lets it be replaced."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file path")
+    ancestor = nearest_existing(target.parent)
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {path} lies below the file {ancestor}; give a file path")
+    if ancestor != target.parent and not make_folders:
+        raise ConfigError(f"{flag} {path}: there is no folder {target.parent} to write it in")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot create files in {ancestor}")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{flag} {path} exists; choose another path or pass --overwrite")
 
 
 def run_entrypoint(main: Callable[[], None]) -> None:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmark import ROOT, commit, device_name
 from satvideo.atomic_files import write_text_atomically
-from satvideo.cli import run_entrypoint
+from satvideo.cli import check_output_file, run_entrypoint
 from satvideo.config import FRAMES_4K_PLUS_1, ConfigError, check_value, whole_rule
 from satvideo.data import CachedDataset, SFTDataset
 from satvideo.data.toy import TOY_SIZE, make_toy_dataset
@@ -131,10 +131,7 @@ def check_options(options: argparse.Namespace) -> None:
 
 def read_results(path: Path) -> str:
     """The text of an --append file (empty when it does not exist yet); ConfigError when it cannot be one."""
-    if path.is_dir():
-        raise ConfigError(f"--append {path} is a folder; give the file to append the entry to")
-    if not path.parent.is_dir():
-        raise ConfigError(f"--append {path}: there is no folder {path.parent} to write it in")
+    check_output_file(path, "--append", overwrite=True)  # the entry is added to what is there
     if not path.exists():
         return ""
     try:

@@ -19,7 +19,7 @@ import decord
 import numpy as np
 
 from satvideo.atomic_files import replaced_atomically
-from satvideo.cli import run_entrypoint
+from satvideo.cli import check_output_file, run_entrypoint
 from satvideo.config import ConfigError, check_value, number_rule
 from satvideo.data.toy import check_toy_video
 from satvideo.data.video import read_mp4
@@ -30,14 +30,9 @@ SHEET_SUFFIX = ".png"
 
 def check_contact_sheet(path: Path, overwrite: bool) -> None:
     """A PNG file that can be written: its folder exists, and it does not, unless `overwrite`."""
-    if path.is_dir():
-        raise ConfigError(f"--contact-sheet {path} is a folder; give the {SHEET_SUFFIX} file to write")
-    if path.suffix.lower() != SHEET_SUFFIX:
+    if path.suffix.lower() != SHEET_SUFFIX and not path.is_dir():
         raise ConfigError(f"--contact-sheet {path}: expected a {SHEET_SUFFIX} file")
-    if not path.parent.is_dir():
-        raise ConfigError(f"--contact-sheet {path}: there is no folder {path.parent} to write it in")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"--contact-sheet {path} exists; choose another file or pass --overwrite")
+    check_output_file(path, "--contact-sheet", overwrite)
 
 
 def read_manifest(output_dir: Path) -> list[dict]:

@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 from satvideo.atomic_files import folder_replaced_atomically
-from satvideo.cli import run_entrypoint
-from satvideo.config import ConfigError, check_value, whole_rule
+from satvideo.cli import check_output_folder, run_entrypoint
+from satvideo.config import check_value, whole_rule
 from satvideo.data.toy import MIN_SIZE, check_toy_params, make_toy_dataset
 
 
@@ -19,16 +19,15 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=17, help="frames per video")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     args = parser.parse_args()
-    out = Path(args.out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"--out {args.out} exists and is not an empty folder; choose another folder or remove it")
+    check_output_folder(args.out, "--out", args.overwrite)
     check_value("--num", args.num, whole_rule(1))
     check_toy_params(args.size, args.frames, args.fps, ("--size", "--frames", "--fps"))
     start = time.perf_counter()
     # Resolved, so that a relative --out such as `.` has a name to put the partial folder beside.
-    with folder_replaced_atomically(out.resolve()) as partial:
+    with folder_replaced_atomically(Path(args.out).resolve()) as partial:
         written = make_toy_dataset(partial, args.num, args.size, args.frames, args.fps, args.seed)
     print(f"wrote {len(written)} videos to {args.out} in {time.perf_counter() - start:.1f} s")
 

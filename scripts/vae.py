@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from satvideo import distributed
 from satvideo.atomic_files import replaced_atomically
-from satvideo.cli import is_config_file, run_entrypoint
+from satvideo.cli import check_output_file, is_config_file, run_entrypoint
 from satvideo.config import ConfigError, args_namespace, instantiate_from_config, load_config
 from satvideo.data.frames import largest_4k_plus_1
 from satvideo.sampling.inputs import VAE_SPATIAL, load_clip, sampling_dtype
@@ -117,11 +117,6 @@ def build_vae(config: DictConfig, device: torch.device, seed: int) -> torch.nn.M
     return vae.eval().requires_grad_(False).to(device, sampling_dtype(args_namespace(config)))
 
 
-def check_output(path: str, overwrite: bool) -> None:
-    if Path(path).exists() and not overwrite:
-        raise ConfigError(f"{path} exists; choose another output or pass --overwrite")
-
-
 def open_video(path: str) -> decord.VideoReader:
     if not Path(path).is_file():
         raise ConfigError(f"video {path} not found")
@@ -156,7 +151,7 @@ def target_size(path: str, reader: decord.VideoReader, requested: list[int] | No
 def encode(options: argparse.Namespace, config: DictConfig, files: list[str], overrides: list[str],
            device: torch.device, seed: int) -> str:
     """Write the latents of the video; returns the summary of what was done."""
-    check_output(options.out, options.overwrite)
+    check_output_file(options.out, "--out", options.overwrite, make_folders=True)
     reader = open_video(options.video)
     num_frames = frames_to_keep(options.video, len(reader), options.frames)
     height, width = target_size(options.video, reader, options.size)
@@ -235,7 +230,7 @@ def output_fps(path: str, requested: int | None, metadata: dict[str, str]) -> fl
 
 def decode(options: argparse.Namespace, config: DictConfig, device: torch.device, seed: int) -> str:
     """Write the video of the latents; returns the summary of what was done."""
-    check_output(options.out, options.overwrite)
+    check_output_file(options.out, "--out", options.overwrite, make_folders=True)
     latents, metadata = read_latents(options.latents)
     check_chunk_frames(options.chunk_frames, LATENT_CHUNK_MULTIPLE, "--chunk-frames")
     if options.tile is not None:

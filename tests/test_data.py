@@ -141,13 +141,16 @@ def test_make_toy_dataset_script_refuses_a_bad_value_in_one_line(tmp_path, flags
     assert list(tmp_path.iterdir()) == []
 
 
-def test_make_toy_dataset_script_leaves_an_occupied_out_as_it_was(tmp_path):
+def test_make_toy_dataset_script_leaves_an_occupied_out_as_it_was_unless_told(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
-    for out in (tmp_path, notes):
-        last = one_line_error(run_make_toy_dataset("--out", str(out), "--num", "1", "--size", "8", "--frames", "1"))
-        assert last == f"error: --out {out} exists and is not an empty folder; choose another folder or remove it"
+    flags = ("--num", "1", "--size", "8", "--frames", "1")
+    last = one_line_error(run_make_toy_dataset("--out", str(tmp_path), *flags))
+    assert last == f"error: --out {tmp_path} exists and is not empty; choose another folder or pass --overwrite"
+    assert script_error("make_toy_dataset.py", "--out", str(notes), *flags) == f"--out {notes} is a file; give a folder"
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "mine"
+    assert run_make_toy_dataset("--out", str(tmp_path), *flags, "--overwrite").returncode == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["labels", "videos"]
 
 
 def test_make_toy_dataset_script_fills_an_empty_folder_at_the_smallest_size(tmp_path):
@@ -461,12 +464,12 @@ def folder_contents(folder: Path) -> dict[str, bytes]:
     (["--min-fraction", "nan"], "--min-fraction=nan: expected a number > 0 and <= 1"),
     (["--min-fraction", "5"], "--min-fraction=5.0: expected a number > 0 and <= 1"),
     (["--min-fraction", "0"], "--min-fraction=0.0: expected a number > 0 and <= 1"),
-    (["--contact-sheet", "{folder}"], "--contact-sheet {folder} is a folder; give the .png file to write"),
+    (["--contact-sheet", "{folder}"], "--contact-sheet {folder} is a folder; give a file path"),
     (["--contact-sheet", "{folder}/sheet.txt"], "--contact-sheet {folder}/sheet.txt: expected a .png file"),
     (["--contact-sheet", "{folder}/none/sheet.png"],
      "--contact-sheet {folder}/none/sheet.png: there is no folder {folder}/none to write it in"),
     (["--contact-sheet", "{folder}/old.png"],
-     "--contact-sheet {folder}/old.png exists; choose another file or pass --overwrite"),
+     "--contact-sheet {folder}/old.png exists; choose another path or pass --overwrite"),
 ])
 def test_check_script_refuses_a_bad_flag_before_reading_a_video(toy, tmp_path, flags, message):
     folder = sampled_toy_folder(toy, tmp_path)

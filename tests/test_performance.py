@@ -198,7 +198,7 @@ def run_benchmark_data(*args: str) -> subprocess.CompletedProcess:
     (["--batch-size", "0"], "--batch-size=0: expected a whole number >= 1"),
     (["--shape", "16x64"], "--shape 16x64: frames 16: expected 4k+1 frames for the causal VAE (1, 5, 9, ...)"),
     (["--data", "{tmp}/none"], "--data {tmp}/none: not a folder (give an SFT folder: videos/*.mp4, labels/*.txt)"),
-    (["--append", "{tmp}"], "--append {tmp} is a folder; give the file to append the entry to"),
+    (["--append", "{tmp}"], "--append {tmp} is a folder; give a file path"),
     (["--append", "{tmp}/none/RESULTS.md"], "--append {tmp}/none/RESULTS.md: there is no folder {tmp}/none to write "
                                             "it in"),
 ])

@@ -97,7 +97,7 @@ def test_flag_errors_are_one_line_and_come_before_any_work(toy, tmp_path, monkey
         (["--config", str(no_weights_yaml)], f"--config {no_weights_yaml}: model.first_stage_config.params.ckpt_path "
                                              f"{tmp_path / 'nowhere.pt'} not found"),
         (["--out", str(tmp_path)], f"--out {tmp_path} is a folder; give a file path"),
-        (["--out", str(a_file / "3d-vae.pt")], f"--out {a_file / '3d-vae.pt'}: {a_file} is a file, not a folder"),
+        (["--out", str(a_file / "3d-vae.pt")], f"--out {a_file / '3d-vae.pt'} lies below the file {a_file}; give a file path"),
         (["--overlay", str(tmp_path)], f"--overlay {tmp_path} is a folder; give a file path"),
         (["--overlay", str(out)], f"--overlay {out} is --out too; the checkpoint and the YAML need a file each"),
         (["--batch-size", "0"], "--batch-size=0: expected a whole number >= 1"),

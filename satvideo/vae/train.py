@@ -18,7 +18,6 @@ points at the replaced --out.
 """
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from satvideo.atomic_files import replaced_atomically, write_text_atomically
-from satvideo.cli import nearest_existing, run_entrypoint
+from satvideo.cli import check_output_file, run_entrypoint
 from satvideo.config import (ARGS_RULES, ConfigError, Rule, TrainingError, check_value, instantiate_from_config,
                              is_whole_number, load_config, number_rule, whole_rule)
 from satvideo.data import SFTDataset
@@ -130,25 +129,11 @@ def check_data(data_dir: str) -> None:
         raise ConfigError(f"--data {data_dir}: {error}") from error
 
 
-def check_output(flag: str, path: str, overwrite: bool) -> None:
-    """A file path whose folder can be made, free unless `overwrite`."""
-    target = Path(path)
-    if target.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder; give a file path")
-    if target.exists() and not overwrite:
-        raise ConfigError(f"{flag} {path} exists; choose another path or pass --overwrite")
-    ancestor = nearest_existing(target.parent)
-    if not ancestor.is_dir():
-        raise ConfigError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: cannot create files in {ancestor}")
-
-
 def check_outputs(out: str, overlay: str | None, overwrite: bool) -> None:
     """--out and --overlay: two distinct files that may be written."""
-    check_output("--out", out, overwrite)
+    check_output_file(out, "--out", overwrite, make_folders=True)
     if overlay is not None:
-        check_output("--overlay", overlay, overwrite)
+        check_output_file(overlay, "--overlay", overwrite, make_folders=True)
         if Path(overlay).resolve() == Path(out).resolve():
             raise ConfigError(f"--overlay {overlay} is --out too; the checkpoint and the YAML need a file each")
 
