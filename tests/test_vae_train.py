@@ -83,6 +83,12 @@ def test_flag_errors_are_one_line_and_come_before_any_work(toy, tmp_path, monkey
     no_weights.model.first_stage_config.params.ckpt_path = str(tmp_path / "nowhere.pt")
     no_weights_yaml = write(tmp_path / "no_weights.yaml", OmegaConf.to_yaml(no_weights))
     a_file = write(tmp_path / "a_file", "")
+    temporal = {}
+    for times in (2, 3):
+        config = OmegaConf.load(VAE_YAML)
+        for part in ("encoder_config", "decoder_config"):
+            config.model.first_stage_config.params[part].params.temporal_compress_times = times
+        temporal[times] = write(tmp_path / f"temporal_{times}.yaml", OmegaConf.to_yaml(config))
     cases = [
         (["--data", str(tmp_path / "missing")], f"--data {tmp_path / 'missing'}: no such folder"),
         (["--data", str(tmp_path / "empty")],
@@ -106,10 +112,15 @@ def test_flag_errors_are_one_line_and_come_before_any_work(toy, tmp_path, monkey
         (["--iters", "-3"], "--iters=-3: expected a whole number >= 1"),
         (["--size", "30"], f"--size=30: expected a multiple of 8 > 0 (the spatial compression of the VAE in --config "
                            f"{VAE_YAML})"),
-        (["--frames", "8"], "--frames=8: expected 8k+1 frames (1, 9, 17, ...): the VAE decodes 4k+1 frames with odd k "
-                            "to 4k+4"),
-        (["--frames", "5"], "--frames=5: expected 8k+1 frames (1, 9, 17, ...): the VAE decodes 4k+1 frames with odd k "
-                            "to 4k+4"),
+        (["--frames", "8"], "--frames=8: expected 8k+1 frames (1, 9, 17, ...): with 4x temporal compression the VAE "
+                            "decodes 4k+1 frames with odd k to 4k+4"),
+        (["--frames", "5"], "--frames=5: expected 8k+1 frames (1, 9, 17, ...): with 4x temporal compression the VAE "
+                            "decodes 4k+1 frames with odd k to 4k+4"),
+        (["--config", str(temporal[2]), "--frames", "7"], "--frames=7: expected 4k+1 frames (1, 5, 9, ...): with 2x "
+                                                          "temporal compression the VAE decodes 2k+1 frames with odd k "
+                                                          "to 2k+2"),
+        (["--config", str(temporal[3])], f"--config {temporal[3]}: model.first_stage_config.params.encoder_config."
+                                         "params.temporal_compress_times=3: expected a power of 2"),
         (["--fps", "0"], "--fps=0: expected a number > 0"),
         (["--seed", "-1"], "--seed=-1: expected a whole number from 0 to 4294967295"),
         (["--lr", "nan"], "--lr=nan: expected a finite number > 0"),
@@ -224,3 +235,18 @@ def test_an_interrupted_save_never_pairs_new_weights_with_the_old_overlay(output
     train.save_outputs(vae, str(out), str(overlay), 2.0)
     assert OmegaConf.load(overlay).model.scale_factor == 2.0
     assert sorted(path.name for path in out.parent.iterdir()) == [out.name, overlay.name]
+
+
+@pytest.mark.parametrize("times", [1, 2, 4])
+def test_the_frame_rule_accepts_exactly_the_counts_that_reconstruct_to_themselves_among_tk_plus_1(times):
+    """Among tk+1 counts (what the data pipeline makes) the rule takes those the VAE gives back as many frames of."""
+    config = OmegaConf.load(VAE_YAML).model.first_stage_config
+    for part in ("encoder_config", "decoder_config"):
+        config.params[part].params.temporal_compress_times = times
+    assert train.temporal_compression(config, "vae.yaml") == times
+    vae = instantiate_from_config(config).eval()
+    accepts, _ = train.training_frames_rule(times)
+    for frames in range(1, 4 * times + 2, times):
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(torch.randn(1, 3, frames, 8, 8)), chunk_frames=None).shape[2]
+        assert accepts(frames) == (decoded == frames), (frames, decoded)

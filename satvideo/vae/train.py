@@ -34,10 +34,16 @@ from satvideo.data import SFTDataset
 from satvideo.data.sft import find_videos
 from satvideo.vae.autoencoder import VideoAutoencoder
 
-# The reconstruction must have the clip's frame count: from 4k+1 frames with odd k (an even number of latent
-# frames) the decoder gives 4k+4, as the official VAE does.
-TRAINING_FRAMES: Rule = (lambda value: is_whole_number(value) and value >= 1 and value % 8 == 1,
-                         "8k+1 frames (1, 9, 17, ...): the VAE decodes 4k+1 frames with odd k to 4k+4")
+def training_frames_rule(temporal_compression: int) -> Rule:
+    """Frame counts whose reconstruction has as many frames: with t-fold temporal compression (t > 1), tk+1 frames
+    with odd k make an even number of latent frames, which the decoder expands to tk+t, as the official VAE does."""
+    if temporal_compression == 1:
+        return whole_rule(1)
+    step = 2 * temporal_compression
+    return (lambda value: is_whole_number(value) and value >= 1 and value % step == 1,
+            f"{step}k+1 frames (1, {step + 1}, {2 * step + 1}, ...): with {temporal_compression}x temporal compression "
+            f"the VAE decodes {temporal_compression}k+1 frames with odd k to {temporal_compression}k+"
+            f"{temporal_compression}")
 
 
 def finite(rule: Rule) -> Rule:
@@ -119,6 +125,15 @@ def spatial_compression(section: DictConfig, config_path: str) -> int:
     return 2 ** (len(ch_mult) - 1)
 
 
+def temporal_compression(section: DictConfig, config_path: str) -> int:
+    """The encoder's `temporal_compress_times` (4 when the config leaves it out, as the encoder does)."""
+    times = OmegaConf.select(section, "params.encoder_config.params.temporal_compress_times", default=4)
+    check_value(f"--config {config_path}: model.first_stage_config.params.encoder_config.params."
+                "temporal_compress_times", times,
+                (lambda value: is_whole_number(value) and value >= 1 and value & (value - 1) == 0, "a power of 2"))
+    return times
+
+
 def check_data(data_dir: str) -> None:
     """A dataset folder with videos/*.mp4 (the videos themselves are read by SFTDataset)."""
     if not Path(data_dir).is_dir():
@@ -182,7 +197,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=800, help="about 800 for colours to survive on the toy data")
     parser.add_argument("--size", type=int, default=32, help="frame height and width, a multiple of the VAE's "
                                                               "spatial compression (8 for 4 encoder levels)")
-    parser.add_argument("--frames", type=int, default=9, help="frames per clip (8k+1)")
+    parser.add_argument("--frames", type=int, default=9,
+                        help="frames per clip: 2tk+1 for a VAE of t-fold temporal compression (8k+1 for the usual 4x)")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -195,7 +211,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    for flag, value, rule in (("--iters", args.iters, whole_rule(1)), ("--frames", args.frames, TRAINING_FRAMES),
+    for flag, value, rule in (("--iters", args.iters, whole_rule(1)),
                               ("--fps", args.fps, number_rule(0, exclusive=True)),
                               ("--batch-size", args.batch_size, whole_rule(1)),
                               ("--lr", args.lr, finite(number_rule(0, exclusive=True))),
@@ -208,6 +224,7 @@ def main() -> None:
     check_value("--size", args.size, (lambda value: is_whole_number(value) and value > 0 and value % compression == 0,
                                       f"a multiple of {compression} > 0 (the spatial compression of the VAE in "
                                       f"--config {args.config})"))
+    check_value("--frames", args.frames, training_frames_rule(temporal_compression(section, args.config)))
     check_data(args.data)
     check_outputs(args.out, args.overlay, args.overwrite)
 
