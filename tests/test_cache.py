@@ -130,6 +130,24 @@ def test_an_unfinished_cache_is_refused_in_one_line(tmp_path, sharded_cache):
         CachedDataset(str(damaged), **PARAMS)
 
 
+def test_a_damaged_manifest_is_refused_in_one_line(tmp_path, sharded_cache):
+    cache, _ = sharded_cache
+    damaged = tmp_path / "damaged"
+    shutil.copytree(cache, damaged)
+    text = (damaged / MANIFEST).read_text()
+    manifest = json.loads(text)
+    remake = "make it again with scripts/precompute.py"
+    for contents, problem in [
+        (text[: len(text) // 2], rf"{MANIFEST} cannot be read \(.*\): {remake}$"),
+        ("[1, 2]", f"{MANIFEST} holds no manifest: {remake}$"),
+        (json.dumps({k: v for k, v in manifest.items() if k not in ("clips", "sources")}),
+         f"{MANIFEST} lacks clips, sources: {remake}$"),
+    ]:
+        (damaged / MANIFEST).write_text(contents)
+        with pytest.raises(ConfigError, match=rf"^the cache {damaged}: {problem}"):
+            CachedDataset(str(damaged), **PARAMS)
+
+
 def test_a_bad_encode_chunk_frames_stops_precompute_before_it_clears_the_old_cache(tmp_path, toy_data, sharded_cache):
     cache, _ = sharded_cache
     previous = tmp_path / "previous"

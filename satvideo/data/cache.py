@@ -63,6 +63,7 @@ VAE_WEIGHTS = "the VAE weights (model.first_stage_config.params.ckpt_path)"
 BLOCK = 2**20
 SAMPLED_BLOCKS = 16
 REMAKE = "make it again with scripts/precompute.py"
+MANIFEST_FIELDS = ("key", "shards", "clips", "sources", "text_widths")  # what training reads of a manifest
 
 
 # --- the key: what decides the cache's contents ---------------------------------------------------------------
@@ -375,9 +376,17 @@ def read_manifest(folder: Path) -> dict:
             raise ConfigError(f"the cache {folder} has {len(shards)} shards but no {MANIFEST}: its precompute did not "
                               f"finish; {REMAKE}")
         raise ConfigError(f"{folder} is not a cache (no {MANIFEST}): make one with scripts/precompute.py")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"the cache {folder}: {MANIFEST} cannot be read ({error}): {REMAKE}") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"the cache {folder}: {MANIFEST} holds no manifest: {REMAKE}")
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"the cache {folder} is in an older layout (one file per clip): {REMAKE}")
+    absent = [field for field in MANIFEST_FIELDS if field not in manifest]
+    if absent:
+        raise ConfigError(f"the cache {folder}: {MANIFEST} lacks {', '.join(absent)}: {REMAKE}")
     missing = [shard for shard in manifest["shards"] if not (folder / shard).is_file()]
     if missing:
         raise ConfigError(f"the cache {folder} lacks {len(missing)} of its shards ({missing[0]} ...): {REMAKE}")
