@@ -308,15 +308,15 @@ def test_the_streaming_cache_keeps_only_its_frames_alive():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("frames, height, width", [(3, 24, 24), (1, 33, 33), (5, 40, 17), (3, 30, 45)])
+@pytest.mark.parametrize("frames, height, width", [(3, 24, 24), (1, 33, 33), (3, 40, 17), (1, 30, 45)])
 def test_tiled_decode_matches_within_the_stated_tolerance(vae, frames, height, width):
     z = torch.randn(1, 16, frames, height, width, generator=torch.Generator().manual_seed(height * width))
     full = vae.decode(z)
     tiled = vae.decode_tiled(z, tile=16, overlap=8)
     assert tiled.shape == full.shape
     # per-tile GroupNorm statistics (the README states these bounds): on this random VAE the difference grows as
-    # tiles shrink, hardly with the overlap; measured here 2.8-4.2% for 16-pixel tiles (up to 5.1% for other
-    # latents), 1.6-2.4% for 24-pixel tiles
+    # tiles shrink, hardly with the overlap; measured here 2.5-4.7% for 16-pixel tiles (up to 5.1% for other
+    # latents), 1.3-2.4% for 24-pixel tiles
     assert (tiled - full).norm() / full.norm() < 0.06
     if max(height, width) > 24:
         assert (vae.decode_tiled(z, tile=24, overlap=8) - full).norm() / full.norm() < 0.03
