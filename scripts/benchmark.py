@@ -11,7 +11,11 @@ each case compares their outputs before timing anything, then runs them in turns
 satvideo, ...) and reports the median and minimum. Peak memory is the CUDA allocator's peak on a GPU and, on
 the CPU, the peak of the bytes held by tensors the call creates (satvideo.profiling.LiveTensorBytes).
 On a GPU, MFU counts 24·N·d² + 4·N²·d FLOPs per layer forward (3x for training) against the device's bf16
-dense peak, with the measured matmul ceiling beside it. A dated entry goes to benchmarks/RESULTS.md.
+dense peak, with the measured matmul ceiling beside it. "outputs differ by" is the relative L2 difference a
+case checked before timing: against diffusers' output (for the compiled model too, which must also equal eager
+within 1e-5 in fp32, gradients included), and for train_step the first loss of DeepSpeed's step against the plain
+step's; the one-pass VAE encode is not compared (it normalises over the whole clip, diffusers over 8-frame chunks).
+A dated entry goes to benchmarks/RESULTS.md (--append another file, --no-record none); errors are one line.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import datetime
 import logging
 import math
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -34,7 +39,9 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from satvideo.config import instantiate_from_config, load_config, to_plain  # noqa: E402
+from satvideo.atomic_files import write_text_atomically  # noqa: E402
+from satvideo.cli import check_output_file, run_entrypoint  # noqa: E402
+from satvideo.config import ConfigError, SatvideoError, instantiate_from_config, load_config, to_plain  # noqa: E402
 from satvideo.convert.transformer import diffusers_transformer_config, sat_to_diffusers_transformer  # noqa: E402
 from satvideo.convert.vae import diffusers_vae_config, sat_vae_to_diffusers  # noqa: E402
 from satvideo.distributed import init_device  # noqa: E402
@@ -93,7 +100,7 @@ class Row:
     memory: list[float] = field(default_factory=list)  # MB, same order
     tokens: int = 0
     flops: float = 0.0
-    max_difference: str = ""
+    differences: dict[str, str] = field(default_factory=dict)  # relative L2 to diffusers' output, per implementation
 
 
 # --- models -----------------------------------------------------------------------------------------------
@@ -170,12 +177,22 @@ def relative_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
 
 
-def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, tolerance: float) -> str:
+def compare(label: str, ours: torch.Tensor, theirs: torch.Tensor, tolerance: float, what: str = "satvideo and diffusers"
+            ) -> str:
     difference = relative_difference(ours, theirs)
     if not difference <= tolerance:
-        raise SystemExit(f"{label}: satvideo and diffusers disagree (relative L2 {difference:.2e} > {tolerance:.0e}); "
-                         "not timing implementations that compute different things")
+        raise SatvideoError(f"{label}: {what} disagree (relative L2 {difference:.2e} > {tolerance:.0e}); not timing "
+                            "implementations that compute different things")
     return f"{difference:.1e}"
+
+
+def gradients(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Every parameter gradient of `loss()`, flattened into one vector."""
+    model.zero_grad(set_to_none=True)
+    loss().backward()
+    flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return flat
 
 
 # --- cases ------------------------------------------------------------------------------------------------
@@ -194,19 +211,30 @@ def measure(row: Row, functions: dict[str, Callable[[], object]], repeats: int, 
 def forward_cases(size: Size, device: torch.device, use_compile: bool, backward: bool) -> list[Row]:
     rows = []
     tolerance = 1e-4 if size.dtype == torch.float32 else 2e-2
+    compiled_tolerance = 1e-5 if size.dtype == torch.float32 else 2e-2  # args.compile against eager
     for grid in size.grids:
         network = family_network(size, grid)
         ours, theirs = transformer_pair(network, device, size.dtype)
         inputs = transformer_inputs(size, grid, device)
         tokens = size.text_length + math.prod(grid)
         with torch.no_grad():
-            checked = compare(f"forward {grid}", ours(**inputs), diffusers_forward(theirs, inputs), tolerance)
+            theirs_output = diffusers_forward(theirs, inputs)
+            checked = compare(f"forward {grid}", ours(**inputs), theirs_output, tolerance)
         implementations = {"satvideo": ours, "diffusers": theirs}
+        differences = {"satvideo": checked}
         if use_compile:
             compiled = copy.deepcopy(ours)
             compiled.compile_layers()
             with torch.no_grad():
-                compare(f"compiled forward {grid}", compiled(**inputs), ours(**inputs), tolerance)
+                compiled_output = compiled(**inputs)
+                compare(f"compiled forward {grid}", compiled_output, ours(**inputs), compiled_tolerance,
+                        "args.compile and eager")
+                differences["satvideo compiled"] = f"{relative_difference(compiled_output, theirs_output):.1e}"
+            if backward:
+                def loss(model):
+                    return lambda: model(**inputs).float().square().mean()
+                compare(f"compiled gradients {grid}", gradients(compiled, loss(compiled)), gradients(ours, loss(ours)),
+                        compiled_tolerance, "args.compile and eager")
             implementations["satvideo compiled"] = compiled
 
         def run(name: str, model) -> Callable[[], object]:
@@ -225,7 +253,7 @@ def forward_cases(size: Size, device: torch.device, use_compile: bool, backward:
         functions = {name: run(name, model) for name, model in implementations.items()}
         case = "forward_backward" if backward else "forward"
         row = measure(Row(case, f"{tokens} tokens", [], []), functions, size.repeats, device)
-        row.tokens, row.max_difference = tokens, checked
+        row.tokens, row.differences = tokens, differences
         row.flops = layer_flops(tokens, size.hidden) * size.layers * (3 if backward else 1)
         rows.append(row)
     return rows
@@ -291,9 +319,10 @@ def train_step_case(size: Size, device: torch.device) -> Row:
     first_ds = deepspeed_step()
     torch.manual_seed(3)
     first_plain = plain_step()
-    checked = compare("training step loss", first_ds[None], first_plain[None], 1e-5)
+    checked = compare("training step loss", first_ds[None], first_plain[None], 1e-5, "DeepSpeed and plain steps")
     torch.manual_seed(3)
-    compare("ZeRO stage 0 training step loss", deepspeed_step(stage0_model)[None], first_plain[None], 1e-5)
+    checked_stage_0 = compare("ZeRO stage 0 training step loss", deepspeed_step(stage0_model)[None], first_plain[None],
+                              1e-5, "DeepSpeed and plain steps")
 
     diffusers_step = diffusers_train_step(network, plain_engine, batch, size, device)
     row = measure(Row("train_step", f"{size.text_length + math.prod(grid)} tokens", [], []),
@@ -303,7 +332,7 @@ def train_step_case(size: Size, device: torch.device) -> Row:
                   size.repeats, device)
     row.tokens = size.text_length + math.prod(grid)
     row.flops = 3 * layer_flops(row.tokens, size.hidden) * (size.train_layers or size.layers)
-    row.max_difference = checked
+    row.differences = {"satvideo deepspeed": checked, "satvideo deepspeed stage 0": checked_stage_0}
     return row
 
 
@@ -395,7 +424,7 @@ def sampling_case(size: Size, device: torch.device) -> Row:
                       {"satvideo": ours, "diffusers": diffusers_sampling}, max(2, size.repeats // 3), device)
     row.tokens = size.text_length + math.prod(grid)
     row.flops = 2 * size.sample_steps * layer_flops(row.tokens, size.hidden) * size.layers
-    row.max_difference = checked
+    row.differences = {"satvideo": checked}
     return row
 
 
@@ -430,16 +459,18 @@ def vae_cases(size: Size, device: torch.device, encode: bool) -> list[Row]:
                 functions = {"satvideo": lambda: ours.encode(video, sample=False),
                              "satvideo chunked": lambda: ours.encode(video, sample=False, chunk_frames=8),
                              "diffusers": lambda: theirs.encode(video).latent_dist.mode()}
-                checked = compare("VAE encode", functions["satvideo chunked"](), functions["diffusers"](), 1e-4)
+                # the one-pass encode normalises over the whole clip, diffusers over 8-frame chunks: not compared
+                checked = {"satvideo chunked": compare("VAE encode", functions["satvideo chunked"](),
+                                                       functions["diffusers"](), 1e-4)}
                 shape = f"{frames} frames"
             else:
                 latents = torch.randn(1, 16, frames, height // 8, width // 8, generator=generator).to(device, size.dtype)
                 functions = {"satvideo": lambda: ours.decode(latents), "diffusers": lambda: theirs.decode(latents).sample}
-                checked = compare("VAE decode", functions["satvideo"](), functions["diffusers"](), 1e-4)
+                checked = {"satvideo": compare("VAE decode", functions["satvideo"](), functions["diffusers"](), 1e-4)}
                 shape = f"{frames} latent frames"
             row = measure(Row("vae_encode" if encode else "vae_decode", shape, [], []), functions,
                           max(2, size.repeats // 2), device)
-        row.max_difference = checked
+        row.differences = checked
         rows.append(row)
     return rows
 
@@ -483,7 +514,7 @@ def format_table(rows: list[Row], device: torch.device) -> str:
             mfu = f"{row.flops / row.ours[i] / (peak * 1e12):.1%}" if peak and row.flops else ""
             memory = f"{row.memory[i]:,.0f}" if row.memory else ""
             lines.append(f"| {row.case} | {row.shape} | {name} | {row.ours[i]:.3f} | {row.minimum[i]:.3f} | "
-                         f"{memory} | {ratio} | {tokens} | {mfu} | {row.max_difference if i == 0 else ''} |")
+                         f"{memory} | {ratio} | {tokens} | {mfu} | {row.differences.get(name, '')} |")
     return "\n".join(lines)
 
 
@@ -495,14 +526,24 @@ def commit() -> str:
         return "unknown"
 
 
-def append_results(table: str, device: torch.device, command: str, notes: list[str]) -> None:
-    RESULTS.parent.mkdir(exist_ok=True)
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nEntries appended by `scripts/benchmark.py`, newest last.\n")
-    entry = [f"\n## {datetime.date.today().isoformat()} · {device_name(device)} · commit {commit()}", "",
-             f"`{command}`", "", table, ""] + [f"- {note}" for note in notes]
-    with RESULTS.open("a") as results:
-        results.write("\n".join(entry) + "\n")
+def read_results(path: Path) -> str:
+    """The text of an --append file (empty when it does not exist yet); ConfigError when it cannot be one."""
+    check_output_file(path, "--append", overwrite=True, make_folders=True)  # the entry is added to what is there
+    if not path.exists():
+        return ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--append {path}: cannot be read as text ({error})") from error
+
+
+def append_entry(path: Path, text: str, command: str, device: torch.device) -> None:
+    """A dated entry (device, commit, command, then `text`) added to `path`, which is replaced whole."""
+    earlier = read_results(path) or "# Benchmark results\n\nEntries appended by the benchmark scripts, newest last.\n"
+    heading = f"## {datetime.date.today().isoformat()} · {device_name(device)} · commit {commit()}"
+    entry = f"\n{heading}\n\n`{command}`\n\n{text}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(path, earlier + entry)
 
 
 def main() -> None:
@@ -511,20 +552,26 @@ def main() -> None:
     group.add_argument("--tiny", action="store_true", help="a few seconds per case on a CPU")
     group.add_argument("--mid", action="store_true", help="5B layout, 4 layers, d=512: minutes on a CPU")
     group.add_argument("--full", choices=["2b", "5b"], help="the real model size (a GPU)")
-    parser.add_argument("--compile", action="store_true", help="also time satvideo with args.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time satvideo with args.compile in the forward and forward_backward cases")
     parser.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
-    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--append", type=Path, default=RESULTS,
+                        help=f"the file to add the dated entry to (default {RESULTS.relative_to(ROOT)})")
+    parser.add_argument("--no-record", action="store_true", help="print only; append to no file")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     options = parser.parse_args()
     cases = [case for case in options.only.split(",") if case]
     unknown = set(cases) - set(CASES)
     if unknown or not cases:
         problem = f"unknown case(s) {', '.join(sorted(unknown))}" if unknown else f"no case in {options.only!r}"
-        raise SystemExit(f"--only: {problem}; choose from {', '.join(CASES)}")
+        raise ConfigError(f"--only: {problem}; choose from {', '.join(CASES)}")
+    if not options.no_record:
+        read_results(options.append)  # a file that cannot take the entry is refused before anything runs
 
     size = SIZES["tiny" if options.tiny else "mid" if options.mid else options.full]
     device = init_device(None if options.full else "cpu")
     if options.full and device.type != "cuda":
-        raise SystemExit("--full needs a CUDA GPU; on the CPU use --mid")
+        raise ConfigError("--full needs a CUDA GPU; on the CPU use --mid")
     logging.getLogger("satvideo").setLevel(logging.WARNING)
     import diffusers
 
@@ -548,10 +595,11 @@ def main() -> None:
         notes.append(f"measured bf16 matmul ceiling: {matmul_ceiling_tflops(device):.0f} TFLOP/s "
                      f"(datasheet dense peak {peak_tflops(device)} TFLOP/s)")
     if not options.no_record:
-        append_results(table, device, "python scripts/benchmark.py " + " ".join(sys.argv[1:]), notes)
-        print(f"[benchmark] appended to {RESULTS.relative_to(ROOT)}")
+        text = "\n".join([table, ""] + [f"- {note}" for note in notes]) if notes else table
+        append_entry(options.append, text, shlex.join(["python", "scripts/benchmark.py", *sys.argv[1:]]), device)
+        print(f"[benchmark] appended to {options.append}")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run_entrypoint(main)

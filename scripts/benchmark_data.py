@@ -18,7 +18,6 @@ adds the entry at the end of the file, which changes whole or not at all (writte
 from __future__ import annotations
 
 import argparse
-import datetime
 import shlex
 import subprocess
 import sys
@@ -29,9 +28,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmark import ROOT, commit, device_name
-from satvideo.atomic_files import write_text_atomically
-from satvideo.cli import check_output_file, run_entrypoint
+from benchmark import ROOT, append_entry, read_results
+from satvideo.cli import run_entrypoint
 from satvideo.config import FRAMES_4K_PLUS_1, ConfigError, check_value, whole_rule
 from satvideo.data import CachedDataset, SFTDataset
 from satvideo.data.toy import TOY_SIZE, make_toy_dataset
@@ -129,23 +127,6 @@ def check_options(options: argparse.Namespace) -> None:
         read_results(options.append)
 
 
-def read_results(path: Path) -> str:
-    """The text of an --append file (empty when it does not exist yet); ConfigError when it cannot be one."""
-    check_output_file(path, "--append", overwrite=True)  # the entry is added to what is there
-    if not path.exists():
-        return ""
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"--append {path}: cannot be read as text ({error})") from error
-
-
-def append_entry(path: Path, text: str, command: str) -> None:
-    device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    entry = f"\n## {datetime.date.today().isoformat()} · {device} · commit {commit()}\n\n`{command}`\n\n{text}\n"
-    write_text_atomically(path, read_results(path) + entry)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="an SFT folder to read (default: toy clips in a temporary folder)")
@@ -171,7 +152,8 @@ def main() -> None:
     text = table(rows, options)
     print(text)
     if options.append:
-        append_entry(options.append, text, shlex.join(["python", "scripts/benchmark_data.py", *sys.argv[1:]]))
+        append_entry(options.append, text, shlex.join(["python", "scripts/benchmark_data.py", *sys.argv[1:]]),
+                     torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         print(f"appended to {options.append}")
 
 

@@ -50,7 +50,8 @@ class SinCos3DPositionMixin(BaseMixin):
     def table(self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (grid, device, dtype)
         if key not in self._tables:
-            self._tables[key] = sincos_3d(self.hidden_size, grid, self.interpolation).to(device, dtype)
+            with torch.inference_mode(False):  # a table first made under inference_mode must serve training too
+                self._tables[key] = sincos_3d(self.hidden_size, grid, self.interpolation).to(device, dtype)
         return self._tables[key]
 
     def position_embedding_forward(self, position_ids, **kwargs):
@@ -116,8 +117,9 @@ class Rotary3DPositionMixin(BaseMixin):
     def cos_sin(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, device)
         if key not in self._angles:
-            angles = rotary_frequencies(self.head_dim, grid, self.theta).to(device)
-            self._angles[key] = (angles.cos(), angles.sin())
+            with torch.inference_mode(False):  # as SinCos3DPositionMixin.table
+                angles = rotary_frequencies(self.head_dim, grid, self.theta).to(device)
+                self._angles[key] = (angles.cos(), angles.sin())
         return self._angles[key]
 
     def position_embedding_forward(self, position_ids, **kwargs):

@@ -36,6 +36,7 @@ from satvideo.dit.patch_embed import split_patch_size
 from satvideo.dit.swiglu import SwiGLUMixin
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILED_GRAPHS_LIMIT = 64  # compiled graphs per function under `args.compile` (shapes x grad modes)
 
 # Mixins in the order their hooks wrap each other: attention runs qk-LayerNorm (adaln_layer), then RoPE
 # (pos_embed), then scaled_dot_product_attention (the model's own attention_fn).
@@ -190,6 +191,10 @@ class DiffusionTransformer(BaseModel):
         """Regional torch.compile (`args.compile`): each mixin with a `compile_regions` method compiles the
         element-wise parts of the layer it shapes; matmuls and attention stay the library kernels. The same
         compiled code serves every layer, so compile time does not grow with depth; parameter names do not change."""
+        # Static shapes: each token grid, batch size and grad mode compiles its own graph. Past dynamo's limit of
+        # graphs per function (8 by default) the rest would run eager without a word, and shape buckets with their
+        # validation passes reach 8 easily.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
         for mixin in self.mixins.values():
             if hasattr(mixin, "compile_regions"):
                 mixin.compile_regions()
