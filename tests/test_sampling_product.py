@@ -329,3 +329,13 @@ def test_args_lora_merges_at_sampling(tmp_path, base, adapter):
     result = failing(sample_command(base, tmp_path / "out", f"args.input_file={prompts}",
                                     f"args.lora=[{tmp_path / 'missing'}]"))
     assert result.returncode == 2 and "args.lora: adapter" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    from satvideo.sampling.inputs import read_jsonl_requests, read_prompts
+
+    prompts, requests = tmp_path / "prompts.txt", tmp_path / "requests.jsonl"
+    prompts.write_bytes(b"\xef\xbb\xbfa red square moving left\na blue circle\n")
+    requests.write_bytes(b'\xef\xbb\xbf{"prompt": "a red square moving left"}\n')
+    assert read_prompts(str(prompts)) == ["a red square moving left", "a blue circle"]
+    assert [request.prompt for request in read_jsonl_requests(str(requests), seed=0)] == ["a red square moving left"]

@@ -58,7 +58,7 @@ def read_text(path: str, key: str) -> str:
     if not Path(path).is_file():
         raise ConfigError(f"{key}: {path} " + ("is a folder, not a file" if Path(path).is_dir() else "does not exist"))
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the first prompt
     except UnicodeDecodeError as error:
         raise ConfigError(f"{key}: {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
 
