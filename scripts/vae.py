@@ -151,7 +151,7 @@ def target_size(path: str, reader: decord.VideoReader, requested: list[int] | No
 def encode(options: argparse.Namespace, config: DictConfig, files: list[str], overrides: list[str],
            device: torch.device, seed: int) -> str:
     """Write the latents of the video; returns the summary of what was done."""
-    check_output_file(options.out, "--out", options.overwrite, make_folders=True)
+    check_output_file(options.out, "output", options.overwrite, make_folders=True)  # the positional `out`
     reader = open_video(options.video)
     num_frames = frames_to_keep(options.video, len(reader), options.frames)
     height, width = target_size(options.video, reader, options.size)
@@ -230,7 +230,7 @@ def output_fps(path: str, requested: int | None, metadata: dict[str, str]) -> fl
 
 def decode(options: argparse.Namespace, config: DictConfig, device: torch.device, seed: int) -> str:
     """Write the video of the latents; returns the summary of what was done."""
-    check_output_file(options.out, "--out", options.overwrite, make_folders=True)
+    check_output_file(options.out, "output", options.overwrite, make_folders=True)  # the positional `out`
     latents, metadata = read_latents(options.latents)
     check_chunk_frames(options.chunk_frames, LATENT_CHUNK_MULTIPLE, "--chunk-frames")
     if options.tile is not None:

@@ -149,7 +149,7 @@ def test_existing_output_is_refused_without_overwrite(setup):
     taken = setup.folder / "taken.safetensors"
     taken.write_text("earlier")
     last = fails_with_one_line("encode", str(setup.clip), str(taken), "--base", *setup.base)
-    assert last == f"error: --out {taken} exists; choose another path or pass --overwrite"
+    assert last == f"error: output {taken} exists; choose another path or pass --overwrite"
     assert taken.read_text() == "earlier"
 
 
