@@ -458,17 +458,18 @@ def vae_cases(size: Size, device: torch.device, encode: bool) -> list[Row]:
                              "satvideo chunked": lambda: ours.encode(video, sample=False, chunk_frames=8),
                              "diffusers": lambda: theirs.encode(video).latent_dist.mode()}
                 # the one-pass encode normalises over the whole clip, diffusers over 8-frame chunks: not compared
-                checked = {"satvideo chunked": compare("VAE encode", functions["satvideo chunked"](),
-                                                       functions["diffusers"](), 1e-4)}
+                differences = {"satvideo chunked": compare("VAE encode", functions["satvideo chunked"](),
+                                                           functions["diffusers"](), 1e-4)}
                 shape = f"{frames} frames"
             else:
                 latents = torch.randn(1, 16, frames, height // 8, width // 8, generator=generator).to(device, size.dtype)
                 functions = {"satvideo": lambda: ours.decode(latents), "diffusers": lambda: theirs.decode(latents).sample}
-                checked = {"satvideo": compare("VAE decode", functions["satvideo"](), functions["diffusers"](), 1e-4)}
+                differences = {"satvideo": compare("VAE decode", functions["satvideo"](), functions["diffusers"](),
+                                                   1e-4)}
                 shape = f"{frames} latent frames"
             row = measure(Row("vae_encode" if encode else "vae_decode", shape, [], []), functions,
                           max(2, size.repeats // 2), device)
-        row.differences = checked
+        row.differences = differences
         rows.append(row)
     return rows
 
