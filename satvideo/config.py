@@ -273,6 +273,9 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
             raise ConfigError(f"cannot parse config file {path}: {yaml_problem(error)}") from error
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {path}: expected sections ({', '.join(SECTIONS)}) at the top, found a list")
+        clash = _container_clash(config, loaded)
+        if clash:
+            raise ConfigError(f"config file {path}: {clash}")
         config = OmegaConf.merge(config, loaded)
         _last_precision_wins(config, loaded, str(path))
     for item in overrides:
@@ -295,10 +298,30 @@ def load_config(base: Iterable[str | Path], overrides: Iterable[str] = ()) -> Di
             close = difflib.get_close_matches(str(section), SECTIONS, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown section {section!r} (expected {', '.join(SECTIONS)}){hint}")
+        value = config.get(section)
+        if value is not None and not isinstance(value, DictConfig):
+            raise ConfigError(f"section {section}: expected a mapping of keys, found {to_plain(value)!r}")
     config.args = _validated_args(config.get("args") or OmegaConf.create())
     if "deepspeed" in config:
         config.deepspeed = _validated_deepspeed(config.deepspeed)
     return config
+
+
+def _container_clash(base: DictConfig, update: DictConfig, prefix: str = "") -> str | None:
+    """Where `update` gives a list for a mapping of `base`, or a mapping for a list, which OmegaConf cannot merge:
+    `key: expected a mapping (as in the files before), found a list`; None when they merge."""
+    known = dict(base.items_ex(resolve=False))
+    for key, value in update.items_ex(resolve=False):
+        before = known.get(key)
+        if isinstance(before, DictConfig) and isinstance(value, DictConfig):
+            clash = _container_clash(before, value, f"{prefix}{key}.")
+            if clash:
+                return clash
+        elif isinstance(before, (DictConfig, ListConfig)) and isinstance(value, (DictConfig, ListConfig)) \
+                and type(before) is not type(value):
+            expected, found = ("a mapping", "a list") if isinstance(before, DictConfig) else ("a list", "a mapping")
+            return f"{prefix}{key}: expected {expected} (as in the files before), found {found}"
+    return None
 
 
 def yaml_problem(error: Exception) -> str:

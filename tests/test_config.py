@@ -139,6 +139,31 @@ def test_yaml_problems_are_one_line_naming_the_file_and_place(tmp_path):
         load_config([listed])
 
 
+@pytest.mark.parametrize("text, message", [
+    ("args: [1, 2]\n", "config file {path}: args: expected a mapping (as in the files before), found a list"),
+    ("data:\n  params: [1]\n", "config file {path}: data.params: expected a mapping (as in the files before), found "
+                                "a list"),
+    ("deepspeed:\n  optimizer: [1]\n", "config file {path}: deepspeed.optimizer: expected a mapping (as in the files "
+                                       "before), found a list"),
+    ("model:\n  network_config: {params: {transformer_args: {num_layers: 1}}}\n  conditioner_config:\n    params:\n"
+     "      emb_models: {a: 1}\n", "config file {path}: model.conditioner_config.params.emb_models: expected a list (as "
+                                  "in the files before), found a mapping"),
+    ("args: 5\n", "section args: expected a mapping of keys, found 5"),
+])
+def test_a_later_file_that_changes_a_mapping_into_a_list_is_named(tmp_path, text, message):
+    later = write(tmp_path, "later.yaml", text)
+    with pytest.raises(ConfigError) as error:
+        load_config(["configs/tiny/model.yaml", "configs/tiny/train.yaml", later])
+    assert str(error.value) == message.format(path=later)
+
+
+def test_a_section_that_is_not_a_mapping_is_named_from_a_file_or_an_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"^section args: expected a mapping of keys, found \[1, 2\]$"):
+        load_config([write(tmp_path, "only.yaml", "args: [1, 2]\n")])
+    with pytest.raises(ConfigError, match=r"^section data: expected a mapping of keys, found 3$"):
+        load_config(["configs/tiny/model.yaml"], ["data=3"])
+
+
 def test_an_override_whose_value_ends_in_yaml_is_an_override_and_model_yaml_a_file(tmp_path, monkeypatch):
     from satvideo.cli import parse_config
 

@@ -167,6 +167,12 @@ def test_sixteen_bit_grey_images_keep_their_levels():
                                       "9, ...)"),
     ("data.params.max_num_frames=8", "data.params.max_num_frames=8: expected 4k+1 frames for the causal VAE (1, 5, "
                                      "9, ...)"),
+    ("data.params.buckets=[9,32,32]", "data.params.buckets[0]=9: expected [frames, height, width] (buckets is a list "
+                                      "of such lists)"),
+    ("data.params.buckets=[[9,-32,32]]", "data.params.buckets[0]=[9, -32, 32]: frames, height and width must be "
+                                         "positive"),
+    ("data.params.buckets=[[-3,32,32]]", "data.params.buckets[0]=[-3, 32, 32]: frames, height and width must be "
+                                         "positive"),
 ])
 def test_data_params_are_checked_when_the_dataset_is_built(toy, override, message):
     with pytest.raises(ConfigError) as error:

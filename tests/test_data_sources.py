@@ -135,6 +135,10 @@ def test_weights_repeat_sources_as_sat_concat_dataset(sources):
     from satvideo.config import ConfigError
     with pytest.raises(ConfigError, match=r"args.train_data_weights=\[1\]: expected 3 positive numbers"):
         build_dataset(config, paths, "args.train_data", weights=[1])
+    with pytest.raises(ConfigError) as error:  # 8 samples at 0.1: int(0.8) = 0 slots, the source would drop out
+        build_dataset(config, paths, "args.train_data", weights=[1, 0.1, 1])
+    assert str(error.value) == (f"args.train_data_weights: {paths[1]} holds 8 samples, which at weight 0.1 take no "
+                                "slot of the mixture (int(samples * weight) = 0); raise its weight")
 
 
 def kill_after_checkpoint(command: list[str], save: Path, iteration: int, timeout: float = 300) -> None:

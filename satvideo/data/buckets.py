@@ -12,6 +12,7 @@ the same bucket at each step.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,11 +28,16 @@ Shape = tuple[int, int, int]  # (frames, height, width)
 
 def check_buckets(buckets: list) -> list[Shape]:
     """The configured buckets as (frames, height, width); each frame count 4k+1, sizes multiples of 8."""
+    if not isinstance(buckets, Sequence) or isinstance(buckets, str):
+        raise ValueError(f"data.params.buckets={buckets!r}: expected a list of [frames, height, width]")
     shapes = []
     for index, bucket in enumerate(buckets):
-        if len(bucket) != 3:
-            raise ValueError(f"data.params.buckets[{index}]={list(bucket)}: expected [frames, height, width]")
+        if not isinstance(bucket, Sequence) or isinstance(bucket, str) or len(bucket) != 3:
+            raise ValueError(f"data.params.buckets[{index}]={bucket!r}: expected [frames, height, width] "
+                             "(buckets is a list of such lists)")
         frames, height, width = (whole_number(f"buckets[{index}]", value) for value in bucket)
+        if min(frames, height, width) < 1:
+            raise ValueError(f"data.params.buckets[{index}]={list(bucket)}: frames, height and width must be positive")
         if frames % 4 != 1 or height % 8 or width % 8:
             raise ValueError(f"data.params.buckets[{index}]={list(bucket)}: frames must be 4k+1 and height and "
                              "width multiples of 8 (the VAE's compression)")
