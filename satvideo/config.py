@@ -12,6 +12,7 @@ import difflib
 import importlib
 import inspect
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -144,6 +145,7 @@ def check_value(name: str, value: Any, rule: Rule) -> None:
 BOOLEAN: Rule = (lambda value: isinstance(value, bool), "true or false")
 TEXT: Rule = (lambda value: isinstance(value, str), "a string")
 ANY_NUMBER: Rule = (is_number, "a number")
+FINITE_NUMBER: Rule = (lambda value: is_number(value) and math.isfinite(value), "a finite number")
 FRAMES_4K_PLUS_1: Rule = (lambda value: is_whole_number(value) and value >= 1 and value % 4 == 1,
                           "4k+1 frames for the causal VAE (1, 5, 9, ...)")
 PIXEL_SIZE: Rule = (lambda value: isinstance(value, (list, tuple, ListConfig)) and len(value) == 2

@@ -177,6 +177,8 @@ class VideoDiffusionEngine(nn.Module):
                               "a pixel image; give videos (latent_input: false) for image-to-video training")
         if noised_image_all_concat:
             raise ConfigError("model.noised_image_all_concat: only first-frame image conditioning is supported")
+        # The sampler draws no random numbers: built first, its config is checked before T5's weights load.
+        self.sampler = instantiate_from_config(sampler_config) if sampler_config else None
         # Frozen parts first, from the RNG state the network starts from too: stored outside nn.Module's
         # registries (see the module docstring).
         if cached_text_widths is None:
@@ -203,7 +205,6 @@ class VideoDiffusionEngine(nn.Module):
         self.model = DiffusionModelWrapper(network)
         self.denoiser = instantiate_from_config(denoiser_config)
         self.loss_fn = instantiate_from_config(loss_fn_config) if loss_fn_config else None
-        self.sampler = instantiate_from_config(sampler_config) if sampler_config else None
         self.scale_factor = scale_factor
         self.noised_image_input = noised_image_input
         self.noised_image_dropout = noised_image_dropout

@@ -403,14 +403,31 @@ def test_dynamic_cfg_uses_the_raw_timestep():
     )
 
 
-def test_dynamic_cfg_needs_an_integer_exponent():
-    with pytest.raises(ValueError, match="DynamicCFG exp must be an integer, got 2.5"):
-        DynamicCFG(scale=6.0, exp=2.5, num_steps=50)
+@pytest.mark.parametrize("params, message", [
+    ({"scale": 6.0, "exp": 2.5}, "guider_config.params.exp=2.5: expected an integer, e.g. 5"),
+    ({"scale": float("nan"), "exp": 5}, "guider_config.params.scale=nan: expected a finite number"),
+    ({"scale": "nan", "exp": 5}, "guider_config.params.scale='nan': expected a finite number"),
+    ({"scale": float("inf"), "exp": 5}, "guider_config.params.scale=inf: expected a finite number"),
+])
+def test_guidance_needs_a_finite_scale_and_an_integer_exponent(params, message):
+    with pytest.raises(ValueError) as error:
+        DynamicCFG(num_steps=50, **params)
+    assert str(error.value) == f"model.sampler_config.params.{message}"
+    DynamicCFG(scale=6, exp=5.0, num_steps=50)  # 5.0 from a YAML file is an integer
+
+
+@pytest.mark.parametrize("num_steps", [0, -2, 1001, 2.5])
+def test_the_sampler_needs_one_to_num_timesteps_steps(num_steps):
+    with pytest.raises(ValueError) as error:
+        VideoDDIMSampler(num_steps=num_steps, discretization_config=DISCRETIZATION)
+    assert str(error.value) == (f"model.sampler_config.params.num_steps={num_steps}: expected a whole number from 1 "
+                                "to 1000")
 
 
 def test_dynamic_cfg_and_sampler_must_agree_on_the_step_count():
     from satvideo.config import ConfigError
 
     guider = {"target": "satvideo.diffusion.DynamicCFG", "params": {"scale": 6, "exp": 5, "num_steps": 50}}
-    with pytest.raises(ConfigError, match=r"guider_config.params.num_steps=50 differs from sampler_config.params.num_steps=10"):
+    with pytest.raises(ConfigError, match=r"^model.sampler_config.params.guider_config.params.num_steps=50 differs from "
+                                          r"model.sampler_config.params.num_steps=10; set both$"):
         VideoDDIMSampler(num_steps=10, discretization_config=DISCRETIZATION, guider_config=guider)

@@ -188,10 +188,20 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     frames.write_text('{"prompt": "a cat", "num_frames": 12}\n')
     text_seed = tmp_path / "seed.jsonl"
     text_seed.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "seed": "abc"}\n')
+    last_seed = tmp_path / "last_seed.jsonl"
+    last_seed.write_text(f'{{"prompt": "a cat", "seed": {2**63 - 1}}}\n')
     no_t5 = ("model.conditioner_config.params.emb_models=[{target: sgm.modules.encoders.modules.FrozenT5Embedder, "
              f"params: {{model_dir: {tmp_path / 'no_t5'}}}}}]")
     return [
-        ([f"args.input_file={frames}"], "num_frames"),
+        ([f"args.input_file={frames}"], 'frames.jsonl:1: "num_frames": 12: expected 4k+1 frames for the causal VAE'),
+        ([f"args.input_file={last_seed}", "args.num_samples=2"],
+         f'last_seed.jsonl:1: "seed": {2**63 - 1}: its 2 videos (args.num_samples) would take seeds up to {2**63}'),
+        (["model.sampler_config.params.guider_config.params.scale=.nan"],
+         "model.sampler_config.params.guider_config.params.scale=nan: expected a finite number"),
+        (["model.sampler_config.params.guider_config.params.scale=nan"],
+         "model.sampler_config.params.guider_config.params.scale='nan': expected a finite number"),
+        (["model.sampler_config.params.num_steps=0", "model.sampler_config.params.guider_config.params.num_steps=0"],
+         "model.sampler_config.params.num_steps=0: expected a whole number from 1 to 1000"),
         ([no_t5], "no_t5' is not a directory"),
         ([f"args.input_file={empty}"], "holds no prompt"),
         ([f"args.input_file={latin1}"], "is not UTF-8 text"),
@@ -225,8 +235,8 @@ def test_each_bad_input_fails_before_weights_load_with_one_line(tmp_path, base, 
     for overrides, message in bad_inputs(tmp_path):
         command = sample_command(base, tmp_path / "out", "args.input_file=configs/tiny/prompts.txt", *overrides)
         caplog.clear()
-        if "no_t5" in message or "num_frames" in message:  # as a real process (T5 is found missing as the model
-            result = failing(command)                       # is built, still before any weight loads)
+        if "no_t5" in message or "model.sampler_config" in message:  # as a real process (found as the model is
+            result = failing(command)                                 # built, still before any weight loads)
             code, stderr = result.returncode, result.stderr
         else:
             code, stderr = sample_in_this_process(command, monkeypatch, capsys)

@@ -7,11 +7,18 @@ import math
 import torch
 from torch import Tensor
 
+from satvideo.config import FINITE_NUMBER, Rule, check_value, is_number
+
+GUIDER_KEY = "model.sampler_config.params.guider_config.params"
+# a negative ratio has no real non-integer power (see DynamicCFG); 5.0 from a YAML file is an integer
+INTEGER_EXPONENT: Rule = (lambda value: is_number(value) and float(value).is_integer(), "an integer, e.g. 5")
+
 
 class VanillaCFG:
     """Classifier-free guidance with a constant scale."""
 
     def __init__(self, scale: float):
+        check_value(f"{GUIDER_KEY}.scale", scale, FINITE_NUMBER)
         self.scale = scale
 
     def scale_at(self, timestep: int) -> float:
@@ -43,8 +50,7 @@ class DynamicCFG(VanillaCFG):
 
     def __init__(self, scale: float, exp: int, num_steps: int):
         super().__init__(scale)
-        if exp != int(exp):
-            raise ValueError(f"DynamicCFG exp must be an integer, got {exp}")
+        check_value(f"{GUIDER_KEY}.exp", exp, INTEGER_EXPONENT)
         self.exp = exp
         self.num_steps = num_steps
 

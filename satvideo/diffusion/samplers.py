@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from satvideo.config import ConfigError, instantiate_from_config
+from satvideo.config import ConfigError, check_value, instantiate_from_config, whole_rule
 from satvideo.diffusion.discretization import noise_std
 
 DenoiserFn = Callable[[Tensor, Tensor, dict], Tensor]
+SAMPLER_KEY = "model.sampler_config.params"
 
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -72,13 +73,14 @@ class VideoDDIMSampler:
         verbose: bool = False,
         fixed_frames: int = 0,
     ):
-        self.num_steps = num_steps
         self.discretization = instantiate_from_config(discretization_config)
+        check_value(f"{SAMPLER_KEY}.num_steps", num_steps, whole_rule(1, self.discretization.num_timesteps))
+        self.num_steps = num_steps
         self.guider = instantiate_from_config(guider_config) if guider_config else None
         guider_steps = getattr(self.guider, "num_steps", num_steps)
         if guider_steps != num_steps:  # DynamicCFG's schedule is defined over the sampler's steps
-            raise ConfigError(f"sampler_config.params.guider_config.params.num_steps={guider_steps} differs from "
-                              f"sampler_config.params.num_steps={num_steps}; set both")
+            raise ConfigError(f"{SAMPLER_KEY}.guider_config.params.num_steps={guider_steps} differs from "
+                              f"{SAMPLER_KEY}.num_steps={num_steps}; set both")
         self.verbose = verbose
         self.fixed_frames = fixed_frames
 

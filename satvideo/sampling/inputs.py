@@ -18,17 +18,18 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from satvideo.config import TEXT, ConfigError, Rule, nullable, number_rule, whole_rule
+from satvideo.config import FRAMES_4K_PLUS_1, TEXT, ConfigError, Rule, nullable, number_rule, whole_rule
 from satvideo.data.frames import resize_cover_center_crop
 
 VAE_SPATIAL = 8  # the CogVideoX VAE's spatial compression
 VAE_TEMPORAL = 4
 MAX_SIDE = 2048  # pixels: beyond the sizes any CogVideoX family was trained near
+MAX_SEED = 2**63 - 1  # a request's videos seed torch.Generator; args.seed is also numpy's, so at most 2**32 - 1
 # What each JSONL key's value must be; null means "not given" (ranges that depend on the model are VideoPlan's).
 REQUEST_RULES: dict[str, Rule] = {
-    "prompt": TEXT, "negative_prompt": nullable(TEXT), "seed": nullable(whole_rule(0, 2**63 - 1)),
+    "prompt": TEXT, "negative_prompt": nullable(TEXT), "seed": nullable(whole_rule(0, MAX_SEED)),
     "image": nullable(TEXT), "video": nullable(TEXT), "strength": nullable(number_rule(0, 1)),
-    "continue_frames": nullable(whole_rule(1)), "num_frames": nullable(whole_rule(1))}
+    "continue_frames": nullable(whole_rule(1)), "num_frames": nullable(FRAMES_4K_PLUS_1)}
 REQUEST_KEYS = tuple(REQUEST_RULES)
 
 
@@ -109,8 +110,11 @@ def read_jsonl_requests(path: str, seed: int, seeds_per_request: int = 1) -> lis
                 raise ConfigError(f"{where}: \"{key}\": {json.dumps(value)}: expected {expected}")
         index = len(requests)
         given = {key: value for key, value in record.items() if value is not None}
-        requests.append(VideoRequest(index=index, seed=given.pop("seed", seed + index * seeds_per_request),
-                                     **given))
+        first_seed = given.pop("seed", seed + index * seeds_per_request)
+        if first_seed + seeds_per_request - 1 > MAX_SEED:  # so that every sidecar's seed can be asked for again
+            raise ConfigError(f"{where}: \"seed\": {first_seed}: its {seeds_per_request} videos (args.num_samples) "
+                              f"would take seeds up to {first_seed + seeds_per_request - 1}, above {MAX_SEED}")
+        requests.append(VideoRequest(index=index, seed=first_seed, **given))
     return requests
 
 
@@ -219,10 +223,9 @@ class VideoPlan:
                               f"and {MAX_SIDE}")
 
     def latents_of(self, request: VideoRequest) -> int:
+        """The request's latent frames: the run's, or from its num_frames (4k+1 by REQUEST_RULES)."""
         if request.num_frames is None:
             return self.latent_frames
-        if (request.num_frames - 1) % VAE_TEMPORAL:
-            raise ConfigError(f"request {request.index}: num_frames={request.num_frames} is not 4k+1")
         return (request.num_frames - 1) // VAE_TEMPORAL + 1
 
     def check(self, request: VideoRequest) -> None:
