@@ -15,6 +15,8 @@ plus an explicit allow-list of the classes DeepSpeed pickles into its own files)
 from __future__ import annotations
 
 import logging
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -85,11 +87,14 @@ def write_zero3_model_states(iteration_dir: Path, weights: dict[str, torch.Tenso
 
 
 def read_latest(save_dir: str | Path) -> int | None:
+    """The iteration `latest` names; None when there is no `latest` (a run folder without a checkpoint yet)."""
     latest = Path(save_dir) / "latest"
-    if not latest.is_file():
+    if not latest.exists() and not latest.is_symlink():
         return None
-    text = latest.read_text().strip()
-    if not text.isdigit():
+    if not latest.is_file():  # a folder or a dangling link is a damaged run folder, not an empty one
+        raise CheckpointError(f"{latest} should be a file holding an iteration number, but is not a file")
+    text = latest.read_text(errors="replace").strip()
+    if not re.fullmatch(r"[0-9]+", text):  # str.isdigit would take superscripts
         raise CheckpointError(f"{latest} should hold an iteration number, found {text[:40]!r}")
     return int(text)
 
@@ -116,13 +121,28 @@ def resolve_model_states(path: str | Path) -> Path:
 def read_model_states(checkpoint_path: str | Path) -> tuple[Path, dict]:
     """(the model-states file, its contents) of a run folder, iteration folder or file."""
     file = resolve_model_states(checkpoint_path)
-    return file, safe_load(file, allowed=deepspeed_safe_globals())
+    state = safe_load(file, allowed=deepspeed_safe_globals())
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: not a checkpoint (holds a {type(state).__name__}, not a dict of weights)")
+    return file, state
+
+
+def state_dict_in(loaded: Any, key: str, file: Path | str) -> dict[str, torch.Tensor]:
+    """`loaded[key]`, or `loaded` itself when it has no `key` (a bare state dict), checked to map names to tensors."""
+    state = loaded.get(key, loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: not a checkpoint (holds a {type(state).__name__}, not a dict of weights)")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{file}: not a checkpoint: entry {str(name)[:80]!r} of its weights is a "
+                                  f"{type(value).__name__}, not a tensor")
+    return state
 
 
 def network_weights(state: dict, file: Path | str) -> dict[str, torch.Tensor]:
     """The network's entries of a model-states dict, prefix removed, frozen T5/VAE entries and recomputed tables
     dropped."""
-    module = state.get("module", state)
+    module = state_dict_in(state, "module", file)
     weights, ignored = {}, 0
     for key, value in module.items():
         if key.startswith(IGNORED_PREFIXES):
@@ -151,7 +171,9 @@ def is_lora_matrix(name: str) -> bool:
 def lora_metadata(checkpoint_path: str | Path) -> dict | None:
     """Rank, alpha, target modules and base checkpoint of an adapter-only LoRA checkpoint; None for full ones."""
     file = resolve_model_states(checkpoint_path)
-    return safe_load(file, allowed=deepspeed_safe_globals(), mmap=True).get(LORA_METADATA)
+    # mapped, not read, where the format allows it: torch's older (non-zip) format cannot be mapped
+    state = safe_load(file, allowed=deepspeed_safe_globals(), mmap=zipfile.is_zipfile(file))
+    return state.get(LORA_METADATA) if isinstance(state, dict) else None
 
 
 def ema_model_states(model_states_file: Path) -> Path:

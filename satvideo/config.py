@@ -144,7 +144,6 @@ def check_value(name: str, value: Any, rule: Rule) -> None:
 
 BOOLEAN: Rule = (lambda value: isinstance(value, bool), "true or false")
 TEXT: Rule = (lambda value: isinstance(value, str), "a string")
-ANY_NUMBER: Rule = (is_number, "a number")
 FINITE_NUMBER: Rule = (lambda value: is_number(value) and math.isfinite(value), "a finite number")
 FRAMES_4K_PLUS_1: Rule = (lambda value: is_whole_number(value) and value >= 1 and value % 4 == 1,
                           "4k+1 frames for the causal VAE (1, 5, 9, ...)")
@@ -162,7 +161,7 @@ ARGS_RULES: dict[str, Rule] = {
     "lock_timeout": number_rule(0, exclusive=True),
     "eval_interval": nullable(whole_rule(1)), "eval_iters": whole_rule(1), "eval_batch_size": whole_rule(1),
     "ema_decay": nullable((lambda value: is_number(value) and 0 < value < 1, "a number between 0 and 1, e.g. 0.9999")),
-    "lora_scale": ANY_NUMBER,
+    "lora_scale": FINITE_NUMBER,
     "lr_decay_style": choice_rule(*DECAY_STYLES), "warmup": number_rule(0), "lr_decay_iters": nullable(whole_rule(1)),
     "lr_decay_ratio": number_rule(0, 1),
     "zero_stage": nullable(choice_rule(0, 1, 2, 3)), "sequence_parallel_size": whole_rule(1),

@@ -50,20 +50,33 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def check_apart(outputs: list[tuple[str, str | None]], inputs: list[tuple[str, str | None]]) -> None:
+    """ConfigError when an output folder holds another output or an input, or is one: output folders are replaced
+    whole, and would take the other with them. Each path is given as (flag, path); None is a flag not given."""
+    outputs = [(flag, Path(path).resolve()) for flag, path in outputs if path]
+    others = outputs + [(flag, Path(path).resolve()) for flag, path in inputs if path]
+    for flag, folder in outputs:
+        for other_flag, other in others:
+            if other_flag != flag and other.is_relative_to(folder):
+                raise ConfigError(f"{other_flag} {other} lies in {flag} {folder}, which is written whole; give "
+                                  "folders apart")
+
+
 def main() -> None:
     args = parse_args()
     if args.command == "sat-to-diffusers":
         check_output_folder(args.out, "--out", args.overwrite)
         if args.vae_out is not None:
             check_output_folder(args.vae_out, "--vae-out", args.overwrite)
-            if Path(args.vae_out).resolve() == Path(args.out).resolve():
-                raise ConfigError(f"--vae-out {args.vae_out} is --out too; the transformer and the VAE need a folder "
-                                  "each")
+        check_apart([("--out", args.out), ("--vae-out", args.vae_out)],
+                    [("--checkpoint", args.checkpoint), ("--vae", args.vae), *(("--config", path) for path in args.config)])
         sat_to_diffusers_checkpoint(args.config, args.checkpoint, args.out, args.vae, args.vae_out)
     elif args.command == "diffusers-to-sat":
         check_output_folder(args.out, "--out", args.overwrite)
+        check_apart([("--out", args.out)], [("--transformer", args.transformer), ("--vae", args.vae)])
         diffusers_to_sat_checkpoint(args.transformer, args.out, args.vae)
     else:
+        check_output_folder(args.out, "--out", overwrite=True)  # a folder that other files may share
         if (Path(args.out) / LORA_WEIGHTS_NAME).exists() and not args.overwrite:
             raise ConfigError(f"--out {args.out} holds {LORA_WEIGHTS_NAME} already; choose another folder or pass "
                               "--overwrite")

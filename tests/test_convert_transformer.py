@@ -242,6 +242,17 @@ def test_cli_refuses_to_replace_an_output_unless_told(tmp_path):
     message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(tmp_path / "out"), "--out",
                            str(tmp_path / "sat"))
     assert message.startswith(f"--out {tmp_path / 'sat'} exists and is not empty")
+    # an output folder is replaced whole: it may hold neither the other output nor an input
+    nested = script_error("convert_weights.py", *command[:-1], str(tmp_path / "x" / "transformer"), "--vae",
+                          str(tmp_path / "sat" / "1" / "mp_rank_00_model_states.pt"), "--vae-out", str(tmp_path / "x"))
+    assert nested == (f"--out {tmp_path / 'x' / 'transformer'} lies in --vae-out {tmp_path / 'x'}, which is written "
+                      "whole; give folders apart")
+    holding_input = script_error("convert_weights.py", *command[:-1], str(tmp_path), "--overwrite")
+    assert holding_input == f"--checkpoint {tmp_path / 'sat'} lies in --out {tmp_path}, which is written whole; give " \
+                            "folders apart"
+    assert (tmp_path / "sat" / "latest").is_file() and not (tmp_path / "x").exists()
+    assert script_error("convert_weights.py", "lora-to-diffusers", "--checkpoint", str(tmp_path / "sat"), "--out",
+                        str(tmp_path / "5b.yaml")) == f"--out {tmp_path / '5b.yaml'} is a file; give a folder"
 
 
 def test_cli_names_the_diffusers_input_it_cannot_use(tmp_path):

@@ -14,7 +14,7 @@ from test_trust import failing
 from test_training import ROOT, run
 
 from satvideo.checkpoint import MODEL_STATES, NETWORK_PREFIX, write_latest
-from satvideo.config import load_config
+from satvideo.config import CheckpointError, ConfigError, load_config
 from satvideo.data.toy import make_toy_dataset
 from satvideo.data.video import read_mp4, write_mp4
 from satvideo.diffusion.guiders import VanillaCFG
@@ -339,6 +339,57 @@ def test_args_lora_merges_at_sampling(tmp_path, base, adapter):
     result = failing(sample_command(base, tmp_path / "out", f"args.input_file={prompts}",
                                     f"args.lora=[{tmp_path / 'missing'}]"))
     assert result.returncode == 2 and "args.lora: adapter" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("value, message", [
+    ([{"path": "configs", "scale": "abc"}], "args.lora[0].scale='abc': expected a finite number"),
+    ([{"path": "configs", "scale": [1, 2]}], "args.lora[0].scale=[1, 2]: expected a finite number"),
+    ([{"path": "configs", "scale": float("inf")}], "args.lora[0].scale=inf: expected a finite number"),
+    ([{"path": "configs", "scael": 2}], "args.lora[0]: unknown key 'scael'; an adapter is {path, scale}"),
+    (["configs", 5], "args.lora[1]=5: expected a path or {path: ..., scale: ...}"),
+])
+def test_args_lora_entries_are_checked(value, message):
+    from omegaconf import OmegaConf
+
+    from satvideo.sampling.adapters import adapter_list
+
+    with pytest.raises(ConfigError) as error:
+        adapter_list(OmegaConf.create({"lora": value}).lora)
+    assert str(error.value) == message
+    with pytest.raises(ConfigError, match=r"^args.lora_scale=nan: expected a finite number$"):
+        load_config(TINY, ["args.lora_scale=.nan"])
+
+
+def test_peft_files_that_cannot_be_merged_are_one_line_and_a_partial_one_changes_only_its_rows(tmp_path, base):
+    from safetensors.torch import save_file
+
+    from satvideo.sampling.adapters import adapter_deltas
+
+    prefix = "transformer.transformer_blocks.0.attn1"
+    hidden = tiny_engine().network.transformer.layers[0].attention.dense.weight.shape[0]
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=r"damaged.safetensors is not a readable safetensors file"):
+        adapter_deltas(str(damaged))
+    half = tmp_path / "half.safetensors"
+    save_file({f"{prefix}.to_q.lora_A.weight": torch.ones(2, hidden)}, str(half))
+    with pytest.raises(ConfigError, match=r"half.safetensors: layer 0 query_key_value partition 0 needs a pair A \[r, "
+                                          rf"in\] and B \[out, r\]; found A \[2, {hidden}\]$"):
+        adapter_deltas(str(half))
+    ranks = tmp_path / "ranks.safetensors"
+    save_file({f"{prefix}.to_q.lora_A.weight": torch.ones(2, hidden),
+               f"{prefix}.to_q.lora_B.weight": torch.ones(hidden, 3)}, str(ranks))
+    with pytest.raises(ConfigError, match=r"found A \[2, \d+\], B \[\d+, 3\]$"):
+        adapter_deltas(str(ranks))
+    only_v = tmp_path / "only_v.safetensors"  # an adapter of to_v alone: the q and k rows stay as they are
+    a, b = torch.randn(2, hidden), torch.randn(hidden, 2)
+    save_file({f"{prefix}.to_v.lora_A.weight": a, f"{prefix}.to_v.lora_B.weight": b}, str(only_v))
+    merged, plain = loaded(base), loaded(base)
+    merge_adapters(merged.network, [(str(only_v), 0.5)])
+    name = "transformer.layers.0.attention.query_key_value.weight"
+    change = dict(merged.network.named_parameters())[name] - dict(plain.network.named_parameters())[name]
+    assert torch.equal(change[: 2 * hidden], torch.zeros(2 * hidden, hidden))
+    assert torch.allclose(change[2 * hidden :], 0.5 * b @ a, atol=1e-6)
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):

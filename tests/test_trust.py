@@ -26,7 +26,7 @@ from satvideo.sampling import add_lora_from_checkpoint
 from satvideo.training.deepspeed_setup import deepspeed_config
 from satvideo.training.ema import EMA
 from satvideo.training.guards import NonFiniteGuard, check_training_args
-from satvideo.training.loop import build_deepspeed_engine, resume
+from satvideo.training.loop import build_deepspeed_engine, full_weights_of, resume
 from satvideo.training.run_folder import RunLock, check_resumable, prune_checkpoints, truncate_metrics
 
 LORA = ["configs/lora.yaml", "model.network_config.params.modules.lora_config.params.r=4",
@@ -109,6 +109,43 @@ def test_the_clean_checkpoint_resumes_in_process(clean_run, tmp_path):
     save = tmp_path / "run"
     shutil.copytree(clean_run, save)
     assert resume_in_process(save) == 2
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda save: ((save / "latest").unlink(), (save / "latest").mkdir()), "latest should be a file holding an "
+                                                                          "iteration number, but is not a file"),
+    (lambda save: (save / "latest").write_text("\u00b2"), "latest should hold an iteration number, found '\u00b2'"),
+    (lambda save: (save / "2" / "rng_rank0.pt").unlink(), "rng_rank0.pt is missing, so the run cannot resume exactly; "
+                                                          "set args.no_load_rng=true to resume with fresh random states"),
+])
+def test_a_damaged_run_folder_is_refused_not_restarted(clean_run, tmp_path, damage, message):
+    save = tmp_path / "run"
+    shutil.copytree(clean_run, save)
+    damage(save)
+    with pytest.raises(CheckpointError) as error:
+        resume_in_process(save)
+    assert str(error.value).endswith(message)
+    if "rng" in message:
+        assert resume_in_process(save, "args.no_load_rng=true") == 2
+
+
+def test_weights_files_that_hold_no_state_dict_are_refused_and_the_older_format_is_read(tmp_path):
+    from satvideo.checkpoint import lora_metadata, network_state_dict
+    from satvideo.vae.autoencoder import load_vae_state_dict
+
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(CheckpointError, match=r"tensor.pt: not a checkpoint \(holds a Tensor, not a dict of weights\)$"):
+        network_state_dict(tensor)
+    with pytest.raises(CheckpointError, match=r"tensor.pt: not a checkpoint \(holds a Tensor, not a dict of weights\)$"):
+        load_vae_state_dict(str(tensor))
+    listed = tmp_path / "listed.pt"
+    torch.save({"module": {"a.weight": [1, 2]}}, listed)
+    with pytest.raises(CheckpointError, match=r"listed.pt: not a checkpoint: entry 'a.weight' of its weights is a list"):
+        network_state_dict(listed)
+    older = tmp_path / "older.pt"  # torch's format before 1.6, which cannot be memory-mapped
+    torch.save({"module": {"a.weight": torch.ones(2)}, "lora": {"r": 4}}, older, _use_new_zipfile_serialization=False)
+    assert lora_metadata(older) == {"r": 4} and torch.equal(network_state_dict(older)["a.weight"], torch.ones(2))
 
 
 def test_a_planted_resume_stops_the_entrypoint_with_one_line(clean_run, tmp_path, data):
@@ -499,7 +536,11 @@ def test_lora_run_saves_only_adapters_and_resumes_bit_exactly_with_ema(tmp_path,
     straight, resumed = lora_resumes_with_adapters_only(tmp_path, data, base_checkpoint, "args.ema_decay=0.9")
     assert_same_weights(straight / "4-ema" / MODEL_STATES, resumed / "4-ema" / MODEL_STATES)
     metadata = lora_metadata(straight)
-    assert (metadata["r"], metadata["lora_alpha"]) == (4, 8.0) and metadata["base"] == str(base_checkpoint.resolve())
+    # the base is the model-states file the run started from, not the run folder, whose `latest` moves on; a LoRA
+    # run that starts from this one records the same full weights
+    base_file = str((base_checkpoint / "2" / MODEL_STATES).resolve())
+    assert (metadata["r"], metadata["lora_alpha"]) == (4, 8.0) and metadata["base"] == base_file
+    assert full_weights_of(str(straight)) == base_file
     adapter_size = (straight / "4" / MODEL_STATES).stat().st_size
     full_size = (base_checkpoint / "2" / MODEL_STATES).stat().st_size
     print(f"LoRA checkpoint: {adapter_size} bytes, full: {full_size} bytes ({adapter_size / full_size:.1%})")

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, ListConfig
-from safetensors.torch import load_file
 
 from satvideo.checkpoint import lora_metadata, network_weights, read_model_states
-from satvideo.config import ConfigError
+from satvideo.config import FINITE_NUMBER, ConfigError, check_value, to_plain
+from satvideo.convert.checkpoints import read_safetensors
 from satvideo.convert.lora import PEFT_TARGETS, SAT_LORA
 
 LORA_MIXIN = "sat.model.finetune.lora2.LoraMixin"
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 PEFT_LORA = re.compile(r"(?:transformer\.)?transformer_blocks\.(\d+)\.attn1\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.weight$")
 PEFT_ROWS = {target: (projection, int(partition)) for (projection, partition), target in PEFT_TARGETS.items()}
+PARTITIONS = {"query_key_value": 3, "dense": 1}  # q, k, v stacked in one projection; the output projection alone
 
 
 def add_lora_from_checkpoint(config: DictConfig, checkpoint: str) -> None:
@@ -49,11 +50,21 @@ def adapter_list(value) -> list[tuple[str, float]]:
         return []
     items = value if isinstance(value, (list, tuple, ListConfig)) else [value]
     adapters = []
-    for item in items:
-        path, scale = (item, 1.0) if isinstance(item, str) else (item.get("path"), float(item.get("scale", 1.0)))
-        if not path or not Path(path).exists():
+    for index, item in enumerate(items):
+        key = f"args.lora[{index}]"
+        if isinstance(item, str):
+            path, scale = item, 1.0
+        elif isinstance(item, (dict, DictConfig)):
+            unknown = sorted(set(map(str, item)) - {"path", "scale"})
+            if unknown:
+                raise ConfigError(f"{key}: unknown key {unknown[0]!r}; an adapter is {{path, scale}}")
+            path, scale = item.get("path"), item.get("scale", 1.0)
+            check_value(f"{key}.scale", scale, FINITE_NUMBER)
+        else:
+            raise ConfigError(f"{key}={to_plain(item)!r}: expected a path or {{path: ..., scale: ...}}")
+        if not isinstance(path, str) or not path or not Path(path).exists():
             raise ConfigError(f"args.lora: adapter {path} does not exist")
-        adapters.append((str(path), scale))
+        adapters.append((path, float(scale)))
     return adapters
 
 
@@ -65,12 +76,13 @@ def peft_file(path: str) -> Path | None:
 
 
 def adapter_deltas(path: str) -> dict[str, torch.Tensor]:
-    """Network weight name -> the change one adapter makes to it at scale 1."""
+    """Network weight name -> the change one adapter makes to it at scale 1. A projection whose adapter covers only
+    some of its partitions (a PEFT file adapting to_q alone) changes only those rows."""
     pieces: dict[tuple[int, str], dict[int, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
     peft = peft_file(path)
     if peft is not None:
         metadata = {"lora_alpha": 1.0, "r": 1}  # the scale is folded into B
-        for key, value in load_file(peft).items():
+        for key, value in read_safetensors(peft).items():
             match = PEFT_LORA.match(key)
             if match:
                 layer, target, matrix = match.groups()
@@ -86,11 +98,20 @@ def adapter_deltas(path: str) -> dict[str, torch.Tensor]:
                 pieces[int(layer), projection][int(partition)][matrix] = value
     if not pieces:
         raise ConfigError(f"args.lora: {path} holds no LoRA matrices")
+    for (layer, projection), partitions in pieces.items():
+        for partition, matrices in partitions.items():
+            if set(matrices) != {"A", "B"} or matrices["B"].shape[1] != matrices["A"].shape[0]:
+                shapes = ", ".join(f"{name} {list(matrix.shape)}" for name, matrix in sorted(matrices.items()))
+                raise ConfigError(f"args.lora: {path}: layer {layer} {projection} partition {partition} needs a pair "
+                                  f"A [r, in] and B [out, r]; found {shapes}")
     rank = next(iter(next(iter(pieces.values())).values()))["A"].shape[0]
     scale = metadata.get("lora_alpha", 1.0) / metadata.get("r", rank)  # SAT's default alpha is 1
     deltas = {}
     for (layer, projection), partitions in pieces.items():
-        rows = [partitions[p]["B"].float() @ partitions[p]["A"].float() for p in sorted(partitions)]
+        # [out_p, in] per partition, stacked in partition order; an absent partition changes nothing
+        shape = next(iter(partitions.values()))
+        rows = [partitions[p]["B"].float() @ partitions[p]["A"].float() if p in partitions
+                else torch.zeros(shape["B"].shape[0], shape["A"].shape[1]) for p in range(PARTITIONS[projection])]
         deltas[f"transformer.layers.{layer}.attention.{projection}.weight"] = torch.cat(rows) * scale
     return deltas
 

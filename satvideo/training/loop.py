@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from satvideo import distributed
-from satvideo.checkpoint import (guard_deepspeed_loads, load_network, read_latest, resolve_model_states, safe_load,
-                                 write_latest, write_zero3_model_states)
+from satvideo.checkpoint import (guard_deepspeed_loads, load_network, lora_metadata, read_latest, resolve_model_states,
+                                 safe_load, write_latest, write_zero3_model_states)
 from satvideo.config import CheckpointError, ConfigError, SatvideoError, args_namespace
 from satvideo.data.health import REASONS, SKIPPED
 from satvideo.data.sources import bucket_groups, build_dataset
@@ -79,8 +79,19 @@ def adapter_record(network: torch.nn.Module, args) -> dict | None:
     if "lora" not in network.mixins:
         return None
     lora = network.mixins.lora
-    base = str(Path(args.load).resolve()) if args.load else None
-    return {"r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": LORA_TARGETS, "base": base}
+    return {"r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": LORA_TARGETS,
+            "base": full_weights_of(args.load)}
+
+
+def full_weights_of(load: str | None) -> str | None:
+    """The file of full weights that `args.load` stands for: its model-states file, not the run folder, whose
+    `latest` moves on; for an adapter-only checkpoint (LoRA training resumed as a new run), the base it records."""
+    if not load:
+        return None
+    adapters = lora_metadata(load)
+    if adapters is not None:
+        return full_weights_of(adapters.get("base"))
+    return str(resolve_model_states(load).resolve())
 
 
 def build_deepspeed_engine(config: DictConfig, args, ds: dict, device: torch.device, load_weights: bool):
@@ -258,7 +269,10 @@ def resume(model, args, iteration: int, device: torch.device, ema: EMA | None, a
                               f"args.load={args.save}") from error
     iteration_dir = Path(args.save) / str(iteration)
     rng_file = iteration_dir / RNG_STATE.format(rank=distributed.rank())
-    if rng_file.is_file() and not args.no_load_rng:
+    if not args.no_load_rng:
+        if not rng_file.is_file():  # without it the run goes on, but not as it would have
+            raise CheckpointError(f"{rng_file} is missing, so the run cannot resume exactly; set args.no_load_rng=true "
+                                  "to resume with fresh random states")
         set_rng_state(safe_load(rng_file), device)
     if ema is not None:
         ema.load_shard(iteration_dir)

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from satvideo.checkpoint import safe_load
+from satvideo.checkpoint import safe_load, state_dict_in
 from satvideo.config import CheckpointNotFound, ConfigError, instantiate_from_config, is_whole_number
 from satvideo.vae.causal_conv import stream_over_time
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
@@ -17,8 +17,7 @@ def load_vae_state_dict(ckpt_path: str, ignore_keys: list[str] = ()) -> dict[str
     """Read a `3d-vae.pt` (`{"state_dict": ...}` or a plain state dict), dropping keys under `ignore_keys`."""
     if not Path(ckpt_path).is_file():
         raise CheckpointNotFound(f"VAE checkpoint {ckpt_path} not found (config key `ckpt_path`)")
-    checkpoint = safe_load(ckpt_path)
-    state_dict = checkpoint.get("state_dict", checkpoint)
+    state_dict = state_dict_in(safe_load(ckpt_path), "state_dict", ckpt_path)
     return {key: value for key, value in state_dict.items() if not key.startswith(tuple(ignore_keys))}
 
 
