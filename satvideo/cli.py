@@ -49,6 +49,10 @@ def check_output_folder(folder: str, flag: str, overwrite: bool) -> None:
     if not existing.is_dir():
         where = "is a file" if existing == path else f"lies below the file {existing}"
         raise ConfigError(f"{flag} {folder} {where}; give a folder")
+    # the folder is written beside itself and renamed into place, so its parent must take new entries
+    writable = nearest_existing(path.resolve().parent)
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {folder}: cannot create files in {writable}")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ConfigError(f"{flag} {folder} exists and is not empty; choose another folder or pass --overwrite")
 

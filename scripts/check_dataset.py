@@ -70,7 +70,9 @@ def check(dataset: ClipDataset, tokenizer: tuple | None, counts: Counter) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --base takes every value after it, so the paths come first
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s PATH [PATH ...] [options] [--base YAML_OR_OVERRIDE ...]")
     parser.add_argument("paths", nargs="+", help="SFT folders, .jsonl manifests, tar shards")
     parser.add_argument("--base", nargs="+", help="YAML files, then key=value overrides (data and model sections)")
     parser.add_argument("--size", type=int, nargs=2, default=[480, 720], metavar=("H", "W"))

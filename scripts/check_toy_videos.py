@@ -41,8 +41,12 @@ def read_manifest(output_dir: Path) -> list[dict]:
     manifest = output_dir / MANIFEST_NAME
     if not manifest.is_file():
         raise ConfigError(f"no {manifest}; run sampling with this output folder first")
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{manifest} cannot be read ({error})") from None
     records, cut = [], 0
-    for number, text in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+    for number, text in enumerate(lines, 1):
         name = manifest_file(text)
         if name is None:
             cut += bool(text.strip())

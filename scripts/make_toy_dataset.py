@@ -6,8 +6,8 @@ from pathlib import Path
 
 from satvideo.atomic_files import folder_replaced_atomically
 from satvideo.cli import check_output_folder, run_entrypoint
-from satvideo.config import check_value, whole_rule
-from satvideo.data.toy import MIN_SIZE, check_toy_params, make_toy_dataset
+from satvideo.config import ARGS_RULES, ConfigError, check_value, whole_rule
+from satvideo.data.toy import MIN_SIZE, TOY_ENTRIES, check_toy_params, make_toy_dataset
 
 
 def main() -> None:
@@ -19,11 +19,18 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=17, help="frames per video")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder (one that holds nothing but videos/ and labels/)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     args = parser.parse_args()
     check_output_folder(args.out, "--out", args.overwrite)
+    out = Path(args.out)
+    foreign = sorted(path.name for path in out.iterdir() if path.name not in TOY_ENTRIES) if out.is_dir() else []
+    if foreign:  # --overwrite replaces an earlier toy dataset, not a folder that holds other things
+        raise ConfigError(f"--out {args.out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                          "which this tool does not write; give a new or empty folder")
     check_value("--num", args.num, whole_rule(1))
+    check_value("--seed", args.seed, ARGS_RULES["seed"])
     check_toy_params(args.size, args.frames, args.fps, ("--size", "--frames", "--fps"))
     start = time.perf_counter()
     # Resolved, so that a relative --out such as `.` has a name to put the partial folder beside.

@@ -17,7 +17,7 @@ them to --size (multiples of 8), and writes the safetensors tensor "latents" [C,
 UNSCALED (the diffusion model takes them times model.scale_factor, recorded in the metadata) with metadata:
 source, frames, size, fps, config, overrides, posterior, seed, scale_factor. decode reads "latents" (refused
 before the VAE is built when a dimension is empty or a value is not finite) and writes an mp4 at --fps (> 0;
-default: the metadata's fps when it is a number > 0, else 8 with a warning). An existing output is refused unless
+default: the metadata's fps when it is a number from 0.01 to 1000, else 8 with a warning). An existing output is refused unless
 --overwrite; an output appears whole or not at all.
 Each command ends with one line giving its time and peak memory (CUDA peak allocated; on the CPU, the peak
 resident set of the process).
@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from satvideo import distributed
 from satvideo.atomic_files import replaced_atomically
 from satvideo.cli import check_output_file, is_config_file, run_entrypoint
-from satvideo.config import ConfigError, args_namespace, instantiate_from_config, load_config
+from satvideo.config import ARGS_RULES, ConfigError, args_namespace, check_value, instantiate_from_config, load_config
 from satvideo.data.frames import largest_4k_plus_1
 from satvideo.sampling.inputs import VAE_SPATIAL, load_clip, sampling_dtype
 from satvideo.sampling.outputs import save_video
@@ -49,6 +49,7 @@ from satvideo.vae.autoencoder import LATENT_CHUNK_MULTIPLE, check_chunk_frames, 
 
 LATENTS_KEY = "latents"
 DEFAULT_FPS = 8
+MAX_FPS = 1000  # ffmpeg takes the rate with two decimals: at least 0.01
 logger = logging.getLogger("vae")
 
 
@@ -64,7 +65,9 @@ def parse_options() -> argparse.Namespace:
     common.add_argument("--debug", action="store_true", help="show the traceback of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    encode = commands.add_parser("encode", parents=[common], help="video -> unscaled latents (safetensors)")
+    # --base takes every value after it, so the positionals come first
+    encode = commands.add_parser("encode", parents=[common], help="video -> unscaled latents (safetensors)",
+                                 usage="%(prog)s VIDEO OUT --base YAML_OR_OVERRIDE [...] [options]")
     encode.add_argument("video", help="input video (mp4 or anything decord reads)")
     encode.add_argument("out", help="safetensors file to write")
     encode.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
@@ -78,14 +81,15 @@ def parse_options() -> argparse.Namespace:
     posterior.add_argument("--sample", dest="sample", action="store_true", help="a posterior draw (--seed)")
     encode.set_defaults(sample=False)
 
-    decode = commands.add_parser("decode", parents=[common], help="latents (safetensors) -> mp4")
+    decode = commands.add_parser("decode", parents=[common], help="latents (safetensors) -> mp4",
+                                 usage="%(prog)s LATENTS OUT.mp4 --base YAML_OR_OVERRIDE [...] [options]")
     decode.add_argument("latents", help=f"safetensors file with a tensor {LATENTS_KEY!r} [C, T', h, w], unscaled")
     decode.add_argument("out", help="mp4 file to write")
     decode.add_argument("--chunk-frames", type=int, default=2, help="latent frames per decoding step, even (2)")
     decode.add_argument("--tile", type=int, help="decode tiles of this many latent pixels square (e.g. 32)")
     decode.add_argument("--overlap", type=int, default=8, help="latent pixels shared by neighbouring tiles (8)")
-    decode.add_argument("--fps", type=int, help="> 0; default: the fps in the latents' metadata when it is a "
-                                                f"number > 0, else {DEFAULT_FPS}")
+    decode.add_argument("--fps", type=int, help=f"1 to {MAX_FPS}; default: the fps in the latents' metadata when it is a "
+                                                f"number from 0.01 to {MAX_FPS}, else {DEFAULT_FPS}")
     return parser.parse_args()
 
 
@@ -152,6 +156,8 @@ def encode(options: argparse.Namespace, config: DictConfig, files: list[str], ov
            device: torch.device, seed: int) -> str:
     """Write the latents of the video; returns the summary of what was done."""
     check_output_file(options.out, "output", options.overwrite, make_folders=True)  # the positional `out`
+    if Path(options.out).resolve() == Path(options.video).resolve():
+        raise ConfigError(f"output {options.out} is the input video; give another path")
     reader = open_video(options.video)
     num_frames = frames_to_keep(options.video, len(reader), options.frames)
     height, width = target_size(options.video, reader, options.size)
@@ -211,19 +217,19 @@ def check_channels(path: str, latents: torch.Tensor, channels: int) -> None:
 
 
 def output_fps(path: str, requested: int | None, metadata: dict[str, str]) -> float:
-    """--fps, else the fps recorded in the latents' metadata when it is a number > 0, else DEFAULT_FPS."""
+    """--fps, else the fps recorded in the latents' metadata when it lies in [0.01, MAX_FPS], else DEFAULT_FPS."""
     if requested is not None:
-        if requested <= 0:
-            raise ConfigError(f"--fps {requested}: expected a whole number > 0")
+        if not 1 <= requested <= MAX_FPS:
+            raise ConfigError(f"--fps {requested}: expected a whole number from 1 to {MAX_FPS}")
         return requested
     recorded = metadata.get("fps")
     try:
         fps = float(recorded)
     except (TypeError, ValueError):
         fps = math.nan
-    if math.isfinite(fps) and fps > 0:
+    if 0.01 <= fps <= MAX_FPS:
         return fps
-    found = "has no fps" if recorded is None else f"fps {recorded!r} is not a number > 0"
+    found = "has no fps" if recorded is None else f"fps {recorded!r} is not a number from 0.01 to {MAX_FPS}"
     logger.warning("%s: its metadata %s; writing at %d fps (--fps sets it)", path, found, DEFAULT_FPS)
     return DEFAULT_FPS
 
@@ -231,6 +237,8 @@ def output_fps(path: str, requested: int | None, metadata: dict[str, str]) -> fl
 def decode(options: argparse.Namespace, config: DictConfig, device: torch.device, seed: int) -> str:
     """Write the video of the latents; returns the summary of what was done."""
     check_output_file(options.out, "output", options.overwrite, make_folders=True)  # the positional `out`
+    if Path(options.out).suffix.lower() != ".mp4":  # ffmpeg picks the container by the name
+        raise ConfigError(f"output {options.out}: decode writes an mp4; give a path ending in .mp4")
     latents, metadata = read_latents(options.latents)
     check_chunk_frames(options.chunk_frames, LATENT_CHUNK_MULTIPLE, "--chunk-frames")
     if options.tile is not None:
@@ -257,6 +265,8 @@ def main() -> None:
     start = time.perf_counter()
     config, files, overrides = load_vae_config(options.base)
     device = pick_device(options.device)
+    if options.seed is not None:
+        check_value("--seed", options.seed, ARGS_RULES["seed"])
     seed = config.args.seed if options.seed is None else options.seed
     if options.command == "encode":
         summary = encode(options, config, files, overrides, device, seed)

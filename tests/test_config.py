@@ -1,5 +1,7 @@
 """Config loading: merge order, overrides, `args` validation, target aliases and their errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -183,3 +185,20 @@ def test_an_override_that_is_not_yaml_says_to_quote_it():
                                 "',' or ']' (line 1, column 11); quote a value that holds braces, commas or colons "
                                 "('...')")
     assert load_config([], ["args.train_data=['shards/x-{0..2}.tar']"]).args.train_data == ["shards/x-{0..2}.tar"]
+
+
+def test_output_checks_refuse_a_folder_that_takes_no_new_files(tmp_path, monkeypatch):
+    """As for a read-only folder (root passes any mode check, so the refusal is simulated for `locked`)."""
+    import os
+
+    from satvideo import cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    with pytest.raises(ConfigError, match=rf"^--out {locked / 'toy'}: cannot create files in {locked}$"):
+        cli.check_output_folder(str(locked / "toy"), "--out", overwrite=False)
+    with pytest.raises(ConfigError, match=rf"^--out {locked / 'a.pt'}: cannot create files in {locked}$"):
+        cli.check_output_file(locked / "a.pt", "--out", overwrite=False)
+    cli.check_output_folder(str(tmp_path / "toy"), "--out", overwrite=False)

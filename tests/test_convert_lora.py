@@ -99,6 +99,25 @@ def test_cli_exports_a_sat_lora_checkpoint(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_malformed_lora_records_and_matrices_are_one_line(tmp_path):
+    from satvideo.config import CheckpointError
+    from satvideo.convert.checkpoints import sat_lora_to_diffusers_checkpoint
+
+    pair = {"transformer.layers.0.attention.dense.matrix_A.0": torch.ones(2, 8),
+            "transformer.layers.0.attention.dense.matrix_B.0": torch.ones(8, 2)}
+    for record, shown in (({"lora_alpha": "big"}, "'big'"), ("x", "None"), ({"lora_alpha": -3}, "-3")):
+        path = tmp_path / "alpha.pt"
+        torch.save({"module": pair, "lora": record}, path)
+        with pytest.raises(CheckpointError, match=rf"^{path}: its recorded LoRA alpha \({shown} in .*\) is not a number > "
+                                                  r"0; give the run's alpha with --lora-alpha$"):
+            sat_lora_to_diffusers_checkpoint(path, tmp_path / "out")
+    flat = tmp_path / "flat.pt"
+    torch.save({"module": {**pair, "transformer.layers.0.attention.dense.matrix_B.0": torch.ones(8)}}, flat)
+    with pytest.raises(CheckpointError, match=r"matrix_B.0: a LoRA matrix is 2-D \(\[out, r\]\), found shape \[8\]$"):
+        sat_lora_to_diffusers_checkpoint(flat, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_state_dict_without_lora_is_an_error():
     weights = instantiate_from_config(parity_network_config("5b")).state_dict()
     with pytest.raises(ValueError, match="no LoRA matrices"):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from satvideo.atomic_files import folder_replaced_atomically
 from satvideo.config import instantiate_from_config, load_config, to_plain
-from satvideo.convert.checkpoints import WEIGHTS_NAME, diffusers_to_sat_checkpoint, write_diffusers_folder
+from satvideo.convert.checkpoints import WEIGHTS_NAME, diffusers_to_sat_checkpoint, write_diffusers_folders
 from satvideo.convert.transformer import (diffusers_to_sat_transformer, diffusers_transformer_config,
                                           network_config_from_diffusers, sat_to_diffusers_transformer)
 from satvideo.convert.vae import sat_vae_to_diffusers
@@ -142,7 +142,7 @@ def test_diffusers_folder_of_a_1_5_model_keeps_its_patch_bias(tmp_path):
     config = diffusers_transformer_config(parity_network_config("1.5_5b")["params"])
     assert config["patch_bias"] is False  # the official 1.5 value; it only affects diffusers' Conv2d patches
     model = random_diffusers_model(config)
-    write_diffusers_folder(tmp_path / "transformer", "CogVideoXTransformer3DModel", config, model.state_dict())
+    write_diffusers_folders([(tmp_path / "transformer", "CogVideoXTransformer3DModel", config, model.state_dict())])
     diffusers_to_sat_checkpoint(tmp_path / "transformer", tmp_path / "sat")
     network_config = load_config([tmp_path / "sat" / "model.yaml"]).model.network_config
     assert "bias" not in network_config.params.modules.patch_embed_config.params
@@ -257,7 +257,7 @@ def test_cli_refuses_to_replace_an_output_unless_told(tmp_path):
 
 def test_cli_names_the_diffusers_input_it_cannot_use(tmp_path):
     vae = tmp_path / "vae"
-    write_diffusers_folder(vae, "AutoencoderKLCogVideoX", {}, {"encoder.conv_in.weight": torch.zeros(2)})
+    write_diffusers_folders([(vae, "AutoencoderKLCogVideoX", {}, {"encoder.conv_in.weight": torch.zeros(2)})])
     out = str(tmp_path / "sat")
     assert run_cli("diffusers-to-sat", "--transformer", str(vae), "--out", out, expect_error=True) == \
         f"error: {vae} holds a AutoencoderKLCogVideoX, not a CogVideoXTransformer3DModel"
@@ -265,11 +265,16 @@ def test_cli_names_the_diffusers_input_it_cannot_use(tmp_path):
     config = diffusers_transformer_config(parity_network_config("5b")["params"])
     model = random_diffusers_model(config)
     transformer = tmp_path / "transformer"
-    write_diffusers_folder(transformer, "CogVideoXTransformer3DModel", {**config, "num_layers": 3}, model.state_dict())
+    write_diffusers_folders([(transformer, "CogVideoXTransformer3DModel", {**config, "num_layers": 3},
+                              model.state_dict())])
     message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(transformer), "--out", out)
     assert message.startswith(f"{transformer} does not fit its own config.json: missing keys (")
     assert "transformer.layers.2.attention.query_key_value.weight" in message
 
+    write_diffusers_folders([(transformer, "CogVideoXTransformer3DModel", {**config, "num_layers": "two"},
+                              model.state_dict())])
+    message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(transformer), "--out", out)
+    assert message == f"{transformer}: diffusers config num_layers='two': expected a whole number >= 1"
     (transformer / WEIGHTS_NAME).write_bytes(b"not a safetensors file")
     message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(transformer), "--out", out)
     assert message.startswith(f"{transformer / WEIGHTS_NAME} is not a readable safetensors file (")
@@ -277,6 +282,14 @@ def test_cli_names_the_diffusers_input_it_cannot_use(tmp_path):
     message = script_error("convert_weights.py", "diffusers-to-sat", "--transformer", str(transformer), "--out", out)
     assert message.startswith(f"{transformer / 'config.json'} is not readable JSON (")
     assert not (tmp_path / "sat").exists()
+
+
+def test_folders_written_together_appear_together_or_not_at_all(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):  # the second folder cannot be made: the first does not appear either
+        write_diffusers_folders([(tmp_path / "transformer", "CogVideoXTransformer3DModel", {}, {"w": torch.zeros(2)}),
+                                 (tmp_path / "file" / "vae", "AutoencoderKLCogVideoX", {}, {"w": torch.zeros(2)})])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
 
 
 def test_a_folder_replaced_atomically_is_whole_or_untouched(tmp_path):

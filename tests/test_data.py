@@ -134,6 +134,7 @@ def run_make_toy_dataset(*args: str) -> subprocess.CompletedProcess:
     (["--fps", "-8"], "--fps=-8: expected a number > 0"),
     (["--size", str(MIN_SIZE - 2)], f"--size={MIN_SIZE - 2}: expected an even whole number >= {MIN_SIZE} "),
     (["--size", str(MIN_SIZE + 1)], f"--size={MIN_SIZE + 1}: expected an even whole number >= {MIN_SIZE} "),
+    (["--seed", "-1"], "--seed=-1: expected a whole number from 0 to 4294967295"),
 ])
 def test_make_toy_dataset_script_refuses_a_bad_value_in_one_line(tmp_path, flags, message):
     out = tmp_path / "toy"  # in this process; the next test runs the command line
@@ -148,9 +149,13 @@ def test_make_toy_dataset_script_leaves_an_occupied_out_as_it_was_unless_told(tm
     last = one_line_error(run_make_toy_dataset("--out", str(tmp_path), *flags))
     assert last == f"error: --out {tmp_path} exists and is not empty; choose another folder or pass --overwrite"
     assert script_error("make_toy_dataset.py", "--out", str(notes), *flags) == f"--out {notes} is a file; give a folder"
+    assert script_error("make_toy_dataset.py", "--out", str(tmp_path), *flags, "--overwrite") == (
+        f"--out {tmp_path} holds notes.txt, which this tool does not write; give a new or empty folder")
     assert list(tmp_path.iterdir()) == [notes] and notes.read_text() == "mine"
-    assert run_make_toy_dataset("--out", str(tmp_path), *flags, "--overwrite").returncode == 0
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["labels", "videos"]
+    toy = tmp_path / "toy"  # an earlier toy dataset is what --overwrite replaces
+    assert run_make_toy_dataset("--out", str(toy), *flags).returncode == 0
+    assert run_make_toy_dataset("--out", str(toy), *flags, "--num", "2", "--overwrite").returncode == 0
+    assert sorted(path.name for path in toy.iterdir()) == ["labels", "videos"] and len(list(toy.glob("videos/*"))) == 2
 
 
 def test_make_toy_dataset_script_fills_an_empty_folder_at_the_smallest_size(tmp_path):
@@ -454,6 +459,12 @@ def run_check_toy_videos(folder: Path, *args: str) -> subprocess.CompletedProces
     command = [sys.executable, str(REPO / "scripts" / "check_toy_videos.py"), str(folder), *args]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
                           timeout=60)
+
+
+def test_check_script_names_a_manifest_it_cannot_read(tmp_path):
+    (tmp_path / "manifest.jsonl").write_bytes(b'{"file": "a.mp4", "prompt": "une vid\xe9o"}\n')
+    last = one_line_error(run_check_toy_videos(tmp_path))
+    assert last.startswith(f"error: {tmp_path / 'manifest.jsonl'} cannot be read ('utf-8' codec can't decode byte 0xe9")
 
 
 def folder_contents(folder: Path) -> dict[str, bytes]:

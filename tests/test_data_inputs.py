@@ -18,7 +18,7 @@ from satvideo.data.buckets import fillable_frames
 from satvideo.data.clips import VideoInfo
 from satvideo.data.frames import strided_indices
 from satvideo.data.health import SKIPPED, BadSample, UnusableData, tally_dict
-from satvideo.data.manifest import ManifestDataset
+from satvideo.data.manifest import ManifestDataset, read_manifest
 from satvideo.data.packed import PackedList
 from satvideo.data.sources import build_dataset
 from satvideo.data.toy import make_toy_dataset
@@ -130,6 +130,19 @@ def test_manifest_fields_are_checked_when_it_is_read(tmp_path, field, message):
     with pytest.raises(ValueError) as error:
         ManifestDataset(str(manifest), **PARAMS)
     assert str(error.value) == f"{manifest}:2: {message}"
+
+
+def test_a_manifest_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_bytes(b'\xef\xbb\xbf{"video": "a.mp4", "caption": "a"}\n')  # a byte-order mark is no part of it
+    assert [entry["video"] for entry in read_manifest(manifest)] == ["a.mp4"]
+
+    def refuse(path, *args, **kwargs):  # as a file without read access (root reads any, so it is simulated)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ValueError, match=rf"^manifest {manifest} cannot be read \(Permission denied\)$"):
+        read_manifest(manifest)
 
 
 def test_only_an_image_to_video_model_reads_a_samples_own_image(toy, tmp_path):

@@ -168,15 +168,16 @@ def test_bad_chunking_and_tiling_options_are_one_line(setup):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("fps", ["0", "-2"])
-def test_fps_not_above_zero_is_one_line(setup, fps):
+@pytest.mark.parametrize("fps", ["0", "-2", "99999999999999999999999"])
+def test_fps_out_of_range_is_one_line(setup, fps):
     latents_file, out = setup.folder / "fps.safetensors", setup.folder / "fps.mp4"
     save_file({"latents": torch.zeros(16, 1, 2, 2)}, str(latents_file), metadata={"fps": "12"})
     message = script_error("vae.py", "decode", str(latents_file), str(out), "--base", *setup.base, "--fps", fps)
-    assert message == f"--fps {fps}: expected a whole number > 0" and not out.exists()
+    assert message == f"--fps {fps}: expected a whole number from 1 to 1000" and not out.exists()
 
 
-@pytest.mark.parametrize("recorded, warned", [("12", False), ("0", True), ("nan", True), ("fast", True)])
+@pytest.mark.parametrize("recorded, warned", [("12", False), ("0", True), ("nan", True), ("fast", True),
+                                              ("1e-9", True)])
 def test_metadata_fps_is_taken_only_when_it_is_a_number_above_zero(setup, recorded, warned):
     latents_file, out = setup.folder / f"fps_{recorded}.safetensors", setup.folder / f"fps_{recorded}.mp4"
     save_file({"latents": torch.zeros(16, 1, 4, 4)}, str(latents_file), metadata={"fps": recorded})
@@ -184,9 +185,28 @@ def test_metadata_fps_is_taken_only_when_it_is_a_number_above_zero(setup, record
     assert result.returncode == 0, result.stderr
     expected = 8 if warned else 12
     assert f" at {expected} fps " in result.stdout and read_mp4(out)[1] == expected
-    warning = (f"{latents_file}: its metadata fps {recorded!r} is not a number > 0; writing at 8 fps "
-               "(--fps sets it)")
+    warning = (f"{latents_file}: its metadata fps {recorded!r} is not a number from 0.01 to 1000; writing at 8 "
+               "fps (--fps sets it)")
     assert (warning in result.stderr) == warned, result.stderr
+
+
+def test_outputs_that_cannot_be_written_as_asked_and_a_bad_seed_are_one_line(setup):
+    latents_file = setup.folder / "for_avi.safetensors"
+    save_file({"latents": torch.zeros(16, 1, 2, 2)}, str(latents_file))
+    avi = setup.folder / "video.avi"
+    assert script_error("vae.py", "decode", str(latents_file), str(avi), "--base", *setup.base) == (
+        f"output {avi}: decode writes an mp4; give a path ending in .mp4")
+    copy = setup.folder / "own.mp4"
+    copy.write_bytes(Path(setup.clip).read_bytes())
+    assert script_error("vae.py", "encode", str(copy), str(copy), "--base", *setup.base, "--overwrite") == (
+        f"output {copy} is the input video; give another path")
+    assert read_mp4(copy)[0].shape == read_mp4(setup.clip)[0].shape  # untouched
+    for seed in ("-1", str(2**70)):
+        assert script_error("vae.py", "decode", str(latents_file), str(setup.folder / "s.mp4"), "--base", *setup.base,
+                            "--seed", seed) == f"--seed={int(seed)}: expected a whole number from 0 to 4294967295"
+    usage = subprocess.run([sys.executable, "scripts/vae.py", "encode", "--help"], capture_output=True, text=True,
+                           cwd=ROOT).stdout
+    assert "\nusage: vae.py encode VIDEO OUT --base YAML_OR_OVERRIDE [...] [options]\n" in "\n" + usage
 
 
 @pytest.mark.parametrize("latents, problem", [

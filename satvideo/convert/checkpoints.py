@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
+import math
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,7 @@ from satvideo.atomic_files import folder_replaced_atomically, replaced_atomicall
 from satvideo.checkpoint import (LORA_METADATA, MODEL_STATES, NETWORK_PREFIX, network_state_dict, network_weights,
                                  read_model_states, weight_problems, without_recomputed_table, write_latest)
 from satvideo.config import (CheckpointError, CheckpointNotFound, ConfigError, SatvideoError, instantiate_from_config,
-                             load_config, to_plain)
+                             is_number, load_config, to_plain)
 from satvideo.convert.lora import sat_lora_to_peft
 from satvideo.convert.transformer import (diffusers_to_sat_transformer, diffusers_transformer_config,
                                           network_config_from_diffusers, sat_to_diffusers_transformer)
@@ -38,13 +39,15 @@ VAE_CLASS = "AutoencoderKLCogVideoX"
 SAT_ITERATION = 1
 
 
-def write_diffusers_folder(out_dir: str | Path, class_name: str, config: dict,
-                           state_dict: dict[str, torch.Tensor]) -> None:
-    """`config.json` and one safetensors file, the folder `{class_name}.from_pretrained` reads. The folder appears
-    whole or not at all; an earlier one at `out_dir` is replaced."""
-    with folder_replaced_atomically(out_dir) as partial:
-        (partial / "config.json").write_text(json.dumps({"_class_name": class_name, **config}, indent=2))
-        save_file({key: value.contiguous() for key, value in state_dict.items()}, partial / WEIGHTS_NAME)
+def write_diffusers_folders(folders: list[tuple[str | Path, str, dict, dict[str, torch.Tensor]]]) -> None:
+    """Each (out_dir, class name, config, state dict) as `config.json` and one safetensors file, the folder
+    `{class_name}.from_pretrained` reads. Every folder is filled before any takes its place, so a failure leaves
+    none of them written; an earlier folder at an out_dir is replaced."""
+    with ExitStack() as stack:
+        for out_dir, class_name, config, state_dict in folders:
+            partial = stack.enter_context(folder_replaced_atomically(out_dir))
+            (partial / "config.json").write_text(json.dumps({"_class_name": class_name, **config}, indent=2))
+            save_file({key: value.contiguous() for key, value in state_dict.items()}, partial / WEIGHTS_NAME)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -142,10 +145,11 @@ def sat_to_diffusers_checkpoint(config_paths: list[str], checkpoint: str | Path,
                                               scaling_factor=model.get("scale_factor"))
     with converting(checkpoint):
         transformer_config = diffusers_transformer_config(params)
-    write_diffusers_folder(out_dir, TRANSFORMER_CLASS, transformer_config, transformer)
+    folders = [(out_dir, TRANSFORMER_CLASS, transformer_config, transformer)]
     if vae is not None:
-        write_diffusers_folder(vae_out, VAE_CLASS, vae_config,
-                               {key: value.float() for key, value in sat_vae_to_diffusers(sat_vae).items()})
+        folders.append((vae_out, VAE_CLASS, vae_config,
+                        {key: value.float() for key, value in sat_vae_to_diffusers(sat_vae).items()}))
+    write_diffusers_folders(folders)
 
 
 def diffusers_to_sat_checkpoint(transformer_dir: str | Path, out_dir: str | Path,
@@ -186,7 +190,11 @@ def sat_lora_to_diffusers_checkpoint(checkpoint: str | Path, out_dir: str | Path
     """
     file, state = read_model_states(checkpoint)
     if lora_alpha is None:
-        lora_alpha = state.get(LORA_METADATA, {}).get("lora_alpha", 1.0)
+        record = state.get(LORA_METADATA) or {}
+        lora_alpha = record.get("lora_alpha", 1.0) if isinstance(record, dict) else None
+        if not (is_number(lora_alpha) and math.isfinite(lora_alpha) and lora_alpha > 0):
+            raise CheckpointError(f"{file}: its recorded LoRA alpha ({lora_alpha!r} in {record!r:.80}) is not a number "
+                                  "> 0; give the run's alpha with --lora-alpha")
     with converting(file):
         peft = sat_lora_to_peft(network_weights(state, file), lora_alpha)
     out_dir = Path(out_dir)

@@ -31,6 +31,9 @@ def sat_lora_to_peft(state_dict: dict[str, torch.Tensor], lora_alpha: float = 1.
         layer, projection, matrix, index = match.groups()
         if (projection, index) not in PEFT_TARGETS:
             raise ValueError(f"{key}: unexpected LoRA partition (q, k, v for query_key_value; one for dense)")
+        if value.ndim != 2:
+            raise ValueError(f"{key}: a LoRA matrix is 2-D ({'[r, in]' if matrix == 'A' else '[out, r]'}), found shape "
+                             f"{list(value.shape)}")
         if matrix == "B":
             rank = value.shape[1]
             value = value * (lora_alpha / rank)

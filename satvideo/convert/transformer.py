@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from satvideo.config import resolve_target, to_plain
+from satvideo.config import is_whole_number, resolve_target, to_plain
 from satvideo.dit.patch_embed import split_patch_size
 
 logger = logging.getLogger(__name__)
@@ -207,8 +207,17 @@ def diffusers_transformer_config(network_params: dict) -> dict:
     return config
 
 
+# the sizes a diffusers transformer config must give
+DIFFUSERS_SIZES = ("num_attention_heads", "attention_head_dim", "patch_size", "max_text_seq_length", "text_embed_dim",
+                   "time_embed_dim", "sample_frames", "sample_width", "sample_height", "num_layers", "in_channels",
+                   "out_channels")
+
+
 def network_config_from_diffusers(config: dict) -> dict:
     """satvideo `{target, params}` network config (official-style targets) for a diffusers transformer config."""
+    for name in DIFFUSERS_SIZES:
+        if not is_whole_number(config.get(name)) or config[name] < 1:
+            raise ValueError(f"diffusers config {name}={config.get(name)!r}: expected a whole number >= 1")
     for name, value in FIXED_DIFFUSERS_OPTIONS.items():
         if config.get(name, value) != value:
             raise ValueError(f"diffusers config {name}={config[name]!r}: satvideo supports only {value!r}")
@@ -217,7 +226,7 @@ def network_config_from_diffusers(config: dict) -> dict:
                        config["norm_eps"], SAT_NORM_EPS)
     heads, head_dim, patch = config["num_attention_heads"], config["attention_head_dim"], config["patch_size"]
     text_length = config["max_text_seq_length"]
-    if config["use_rotary_positional_embeddings"]:
+    if config.get("use_rotary_positional_embeddings", False):  # diffusers' default
         pos_embed = {"target": "dit_video_concat.Rotary3DPositionEmbeddingMixin",
                      "params": {"hidden_size_head": head_dim, "text_length": text_length}}
         if config.get("use_learned_positional_embeddings"):

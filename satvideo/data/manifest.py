@@ -26,21 +26,24 @@ def read_manifest(path: Path) -> list[dict]:
     """The manifest's entries; a line that is not a JSON object with a `video` is an error naming file and line."""
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no part of line 1
+    except OSError as error:  # a file without read access; UnicodeDecodeError, a ValueError, names itself
+        raise ValueError(f"manifest {path} cannot be read ({error.strerror or error})") from None
     entries = []
-    with path.open(encoding="utf-8", errors="strict") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
-                raise ValueError(f"{path}:{number}: expected an object with a \"video\" path")
-            problem = entry_problem(entry)
-            if problem:
-                raise ValueError(f"{path}:{number}: {problem}")
-            entries.append(entry)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("video"), str):
+            raise ValueError(f"{path}:{number}: expected an object with a \"video\" path")
+        problem = entry_problem(entry)
+        if problem:
+            raise ValueError(f"{path}:{number}: {problem}")
+        entries.append(entry)
     if not entries:
         raise ValueError(f"manifest {path} lists no clips")
     return entries

@@ -68,6 +68,9 @@ def check_toy_params(size: int, frames: int, fps: float,
         check_value(name, value, rule)
 
 
+TOY_ENTRIES = ("videos", "labels")  # all that make_toy_dataset writes in its folder
+
+
 def make_toy_dataset(
     out: str | Path, num: int = 64, size: int = 64, frames: int = 17, fps: int = 8, seed: int = 0
 ) -> list[tuple[Path, str]]:
