@@ -240,6 +240,19 @@ def test_bad_shapes_and_missing_mixins_are_reported():
         instantiate_from_config(config)
 
 
+def test_head_sizes_that_do_not_fit_the_width_are_refused_when_the_network_is_built():
+    config = tiny_network_config("5b")
+    config["params"]["num_attention_heads"] = 3
+    with pytest.raises(ConfigError, match=r"^model.network_config.params.hidden_size=64 is not a multiple of "
+                                          r"num_attention_heads=3$"):
+        instantiate_from_config(config)
+    config = tiny_network_config("5b")
+    config["params"]["modules"]["pos_embed_config"]["params"]["hidden_size_head"] = 32
+    with pytest.raises(ConfigError, match=r"hidden_size_head=32: the heads are 16 wide \(hidden_size 64 / "
+                                          r"num_attention_heads 4\)$"):
+        instantiate_from_config(config)
+
+
 def test_learnable_position_table_refuses_another_grid():
     model = build(tiny_network_config("5b_i2v"))
     inputs = tiny_inputs("5b_i2v")

@@ -122,6 +122,14 @@ class DiffusionTransformer(BaseModel):
             raise ConfigError("transformer_args.layernorm_order: only 'pre' is supported")
         if dtype not in DTYPES:
             raise ConfigError(f"model.network_config.params.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+        if hidden_size % num_attention_heads:
+            raise ConfigError(f"model.network_config.params.hidden_size={hidden_size} is not a multiple of "
+                              f"num_attention_heads={num_attention_heads}")
+        head_size = (modules.get("pos_embed_config", {}).get("params") or {}).get("hidden_size_head")
+        if head_size is not None and head_size != hidden_size // num_attention_heads:
+            raise ConfigError(f"model.network_config.params.modules.pos_embed_config.params.hidden_size_head="
+                              f"{head_size}: the heads are {hidden_size // num_attention_heads} wide (hidden_size "
+                              f"{hidden_size} / num_attention_heads {num_attention_heads})")
         if checkpoint_activations is None:
             checkpoint_activations = _transformer_option(transformer_args, "checkpoint_activations", False)
         device = torch.device(device)
