@@ -15,13 +15,14 @@ further adapters; `args.use_ema` loads the checkpoint's EMA weights.
 import hashlib
 import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from satvideo import distributed
-from satvideo.checkpoint import load_network, resolve_model_states
+from satvideo.checkpoint import load_network, lora_metadata, resolve_model_states
 from satvideo.cli import parse_config, run_entrypoint
 from satvideo.config import ConfigError, args_namespace
 from satvideo.engine import VideoDiffusionEngine, check_decode_args
@@ -46,6 +47,17 @@ def guidance_record(sampler) -> dict:
     record = {"name": type(guider).__name__, "scale": guider.scale}
     if hasattr(guider, "exp"):
         record.update(exp=guider.exp, schedule="1 + scale * (1 - cos(pi * ((steps - t) / steps) ** exp)) / 2")
+    return record
+
+
+def checkpoint_record(checkpoint: Path, args) -> dict:
+    """The weights the videos come from: the checkpoint file and, for an adapter-only checkpoint, the base file its
+    adapters were loaded over (args.lora_base, else the base the checkpoint records)."""
+    record = {"path": str(checkpoint), "sha256": file_sha256(checkpoint), "ema": args.use_ema}
+    adapters = lora_metadata(checkpoint)
+    if adapters is not None:
+        base = resolve_model_states(args.lora_base or adapters["base"])
+        record["base"] = {"path": str(base), "sha256": file_sha256(base), "lora_scale": args.lora_scale}
     return record
 
 
@@ -105,7 +117,7 @@ def main() -> None:
     run_record = {
         "sampler": {"name": type(engine.sampler).__name__, "num_steps": engine.sampler.num_steps},
         "guidance": guidance_record(engine.sampler), "fps": args.sampling_fps,
-        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(checkpoint), "ema": args.use_ema},
+        "checkpoint": checkpoint_record(checkpoint, args),
         "adapters": [{"path": path, "scale": scale} for path, scale in adapters],
         "config_sha256": hashlib.sha256(OmegaConf.to_yaml(config, resolve=True).encode()).hexdigest(),
         "satvideo_version": satvideo_version(), "dtype": str(dtype).removeprefix("torch."),

@@ -341,6 +341,19 @@ def test_args_lora_merges_at_sampling(tmp_path, base, adapter):
     assert result.returncode == 2 and "args.lora: adapter" in result.stderr.strip().splitlines()[-1]
 
 
+def test_a_sidecar_of_adapters_names_the_base_they_were_loaded_over(tmp_path, base, adapter):
+    from satvideo.checkpoint import resolve_model_states
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square moving left\n")
+    run(sample_command(adapter, tmp_path / "out", f"args.input_file={prompts}", "args.only_save_latents=true",
+                       f"model.first_stage_config.params.ckpt_path={base / 'vae.pt'}"))
+    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())["checkpoint"]
+    base_file = resolve_model_states(base)
+    assert record["path"] == str(adapter / "1" / MODEL_STATES)
+    assert record["base"] == {"path": str(base_file), "sha256": digest(base_file), "lora_scale": 1.0}
+
+
 @pytest.mark.parametrize("value, message", [
     ([{"path": "configs", "scale": "abc"}], "args.lora[0].scale='abc': expected a finite number"),
     ([{"path": "configs", "scale": [1, 2]}], "args.lora[0].scale=[1, 2]: expected a finite number"),
