@@ -12,6 +12,7 @@ make it again, and a line in `manifest.jsonl`. `args.load` may be a LoRA adapter
 further adapters; `args.use_ema` loads the checkpoint's EMA weights.
 """
 
+import argparse
 import hashlib
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from satvideo import distributed
-from satvideo.checkpoint import load_network, lora_metadata, resolve_model_states
+from satvideo.checkpoint import adapters_base, load_network, lora_metadata, resolve_model_states
 from satvideo.cli import parse_config, run_entrypoint
 from satvideo.config import ConfigError, args_namespace
 from satvideo.engine import VideoDiffusionEngine, check_decode_args
@@ -50,13 +51,13 @@ def guidance_record(sampler) -> dict:
     return record
 
 
-def checkpoint_record(checkpoint: Path, args) -> dict:
+def checkpoint_record(checkpoint: Path, args: argparse.Namespace) -> dict:
     """The weights the videos come from: the checkpoint file and, for an adapter-only checkpoint, the base file its
     adapters were loaded over (args.lora_base, else the base the checkpoint records)."""
     record = {"path": str(checkpoint), "sha256": file_sha256(checkpoint), "ema": args.use_ema}
     adapters = lora_metadata(checkpoint)
     if adapters is not None:
-        base = resolve_model_states(args.lora_base or adapters["base"])
+        base = resolve_model_states(adapters_base(adapters, checkpoint, args.lora_base))
         record["base"] = {"path": str(base), "sha256": file_sha256(base), "lora_scale": args.lora_scale}
     return record
 

@@ -127,16 +127,22 @@ def read_model_states(checkpoint_path: str | Path) -> tuple[Path, dict]:
     return file, state
 
 
-def state_dict_in(loaded: Any, key: str, file: Path | str) -> dict[str, torch.Tensor]:
-    """`loaded[key]`, or `loaded` itself when it has no `key` (a bare state dict), checked to map names to tensors."""
+def state_dict_in(loaded: Any, key: str, file: Path | str) -> dict:
+    """`loaded[key]`, or `loaded` itself when it has no `key` (a bare state dict); a CheckpointError unless a dict.
+    Its entries are checked (`tensors_only`) once the caller has dropped those it does not use."""
     state = loaded.get(key, loaded) if isinstance(loaded, dict) else loaded
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: not a checkpoint (holds a {type(state).__name__}, not a dict of weights)")
-    for name, value in state.items():
+    return state
+
+
+def tensors_only(weights: dict, file: Path | str) -> dict[str, torch.Tensor]:
+    """`weights`, checked to map names to tensors."""
+    for name, value in weights.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{file}: not a checkpoint: entry {str(name)[:80]!r} of its weights is a "
                                   f"{type(value).__name__}, not a tensor")
-    return state
+    return weights
 
 
 def network_weights(state: dict, file: Path | str) -> dict[str, torch.Tensor]:
@@ -155,7 +161,7 @@ def network_weights(state: dict, file: Path | str) -> dict[str, torch.Tensor]:
         weights[name] = value
     if ignored:
         logger.info("%s: ignored %d entries (frozen T5/VAE weights, recomputed position tables)", file, ignored)
-    return weights
+    return tensors_only(weights, file)
 
 
 def network_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
@@ -176,6 +182,14 @@ def lora_metadata(checkpoint_path: str | Path) -> dict | None:
     return state.get(LORA_METADATA) if isinstance(state, dict) else None
 
 
+def adapters_base(metadata: dict, file: Path | str, lora_base: str | None = None) -> str:
+    """The checkpoint adapter-only weights load over: `lora_base` (args.lora_base), else the base they record."""
+    base = lora_base or metadata.get("base")
+    if not base:
+        raise CheckpointError(f"{file} holds LoRA adapters only and records no base: set args.lora_base")
+    return base
+
+
 def ema_model_states(model_states_file: Path) -> Path:
     """{save}/{iteration}/mp_rank_00_model_states.pt -> {save}/{iteration}-ema/mp_rank_00_model_states.pt."""
     folder = model_states_file.parent
@@ -194,9 +208,7 @@ def load_network(network: nn.Module, checkpoint_path: str | Path, strict: bool =
     weights = network_weights(state, file)
     lora = state.get(LORA_METADATA)
     if lora is not None:
-        base = lora_base or lora.get("base")
-        if not base:
-            raise CheckpointError(f"{file} holds LoRA adapters only and records no base: set args.lora_base")
+        base = adapters_base(lora, file, lora_base)
         load_weights(network, network_state_dict(base), base, strict)
         load_weights(network, weights, file, strict, subset=True)
     else:

@@ -41,16 +41,16 @@ def nearest_existing(path: Path) -> Path:
     return next(candidate for candidate in (path, *path.parents) if candidate.exists())
 
 
-def check_output_folder(folder: str, flag: str, overwrite: bool) -> None:
-    """ConfigError unless `folder` can be written whole as an output: not a file nor below one, and absent or empty
-    unless `overwrite` (the --overwrite flag) lets it be replaced."""
+def check_output_folder(folder: str, flag: str, overwrite: bool, replaced_whole: bool = True) -> None:
+    """ConfigError unless `folder` can be written as an output: not a file nor below one, and absent or empty
+    unless `overwrite` (the --overwrite flag) lets it be replaced. `replaced_whole`: the folder is filled beside
+    itself and renamed into place, so its parent must take new entries; else files are written in it."""
     path = Path(folder)
     existing = nearest_existing(path)
     if not existing.is_dir():
         where = "is a file" if existing == path else f"lies below the file {existing}"
         raise ConfigError(f"{flag} {folder} {where}; give a folder")
-    # the folder is written beside itself and renamed into place, so its parent must take new entries
-    writable = nearest_existing(path.resolve().parent)
+    writable = nearest_existing(path.absolute().parent if replaced_whole else path)
     if not os.access(writable, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {folder}: cannot create files in {writable}")
     if path.is_dir() and any(path.iterdir()) and not overwrite:

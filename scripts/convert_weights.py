@@ -76,7 +76,8 @@ def main() -> None:
         check_apart([("--out", args.out)], [("--transformer", args.transformer), ("--vae", args.vae)])
         diffusers_to_sat_checkpoint(args.transformer, args.out, args.vae)
     else:
-        check_output_folder(args.out, "--out", overwrite=True)  # a folder that other files may share
+        # a folder that other files may share, in which one file is replaced
+        check_output_folder(args.out, "--out", overwrite=True, replaced_whole=False)
         if (Path(args.out) / LORA_WEIGHTS_NAME).exists() and not args.overwrite:
             raise ConfigError(f"--out {args.out} holds {LORA_WEIGHTS_NAME} already; choose another folder or pass "
                               "--overwrite")

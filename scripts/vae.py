@@ -16,9 +16,9 @@ frames decode to as many frames, 4k+1 with odd k to 4k+4 as in the official mode
 them to --size (multiples of 8), and writes the safetensors tensor "latents" [C, T', H/8, W/8], float32 and
 UNSCALED (the diffusion model takes them times model.scale_factor, recorded in the metadata) with metadata:
 source, frames, size, fps, config, overrides, posterior, seed, scale_factor. decode reads "latents" (refused
-before the VAE is built when a dimension is empty or a value is not finite) and writes an mp4 at --fps (> 0;
-default: the metadata's fps when it is a number from 0.01 to 1000, else 8 with a warning). An existing output is refused unless
---overwrite; an output appears whole or not at all.
+before the VAE is built when a dimension is empty or a value is not finite) and writes an mp4 at --fps (1 to
+1000; default: the metadata's fps when it is a number from 0.01 to 1000, else 8 with a warning). An existing
+output is refused unless --overwrite; an output appears whole or not at all.
 Each command ends with one line giving its time and peak memory (CUDA peak allocated; on the CPU, the peak
 resident set of the process).
 """
@@ -49,7 +49,7 @@ from satvideo.vae.autoencoder import LATENT_CHUNK_MULTIPLE, check_chunk_frames, 
 
 LATENTS_KEY = "latents"
 DEFAULT_FPS = 8
-MAX_FPS = 1000  # ffmpeg takes the rate with two decimals: at least 0.01
+MIN_FPS, MAX_FPS = 0.01, 1000  # the writer gives ffmpeg the rate with two decimals
 logger = logging.getLogger("vae")
 
 
@@ -89,7 +89,7 @@ def parse_options() -> argparse.Namespace:
     decode.add_argument("--tile", type=int, help="decode tiles of this many latent pixels square (e.g. 32)")
     decode.add_argument("--overlap", type=int, default=8, help="latent pixels shared by neighbouring tiles (8)")
     decode.add_argument("--fps", type=int, help=f"1 to {MAX_FPS}; default: the fps in the latents' metadata when it is a "
-                                                f"number from 0.01 to {MAX_FPS}, else {DEFAULT_FPS}")
+                                                f"number from {MIN_FPS} to {MAX_FPS}, else {DEFAULT_FPS}")
     return parser.parse_args()
 
 
@@ -217,7 +217,7 @@ def check_channels(path: str, latents: torch.Tensor, channels: int) -> None:
 
 
 def output_fps(path: str, requested: int | None, metadata: dict[str, str]) -> float:
-    """--fps, else the fps recorded in the latents' metadata when it lies in [0.01, MAX_FPS], else DEFAULT_FPS."""
+    """--fps, else the fps recorded in the latents' metadata when it lies in [MIN_FPS, MAX_FPS], else DEFAULT_FPS."""
     if requested is not None:
         if not 1 <= requested <= MAX_FPS:
             raise ConfigError(f"--fps {requested}: expected a whole number from 1 to {MAX_FPS}")
@@ -227,9 +227,9 @@ def output_fps(path: str, requested: int | None, metadata: dict[str, str]) -> fl
         fps = float(recorded)
     except (TypeError, ValueError):
         fps = math.nan
-    if 0.01 <= fps <= MAX_FPS:
+    if MIN_FPS <= fps <= MAX_FPS:
         return fps
-    found = "has no fps" if recorded is None else f"fps {recorded!r} is not a number from 0.01 to {MAX_FPS}"
+    found = "has no fps" if recorded is None else f"fps {recorded!r} is not a number from {MIN_FPS} to {MAX_FPS}"
     logger.warning("%s: its metadata %s; writing at %d fps (--fps sets it)", path, found, DEFAULT_FPS)
     return DEFAULT_FPS
 

@@ -202,3 +202,12 @@ def test_output_checks_refuse_a_folder_that_takes_no_new_files(tmp_path, monkeyp
     with pytest.raises(ConfigError, match=rf"^--out {locked / 'a.pt'}: cannot create files in {locked}$"):
         cli.check_output_file(locked / "a.pt", "--out", overwrite=False)
     cli.check_output_folder(str(tmp_path / "toy"), "--out", overwrite=False)
+    # a folder whose files are written in it needs only itself to take them (lora-to-diffusers' --out)
+    inside = locked / "lora"
+    inside.mkdir()
+    cli.check_output_folder(str(inside), "--out", overwrite=True, replaced_whole=False)
+    with pytest.raises(ConfigError, match=rf"^--out {locked}: cannot create files in {locked}$"):
+        cli.check_output_folder(str(locked), "--out", overwrite=True, replaced_whole=False)
+    # a symlinked --out is renamed beside the link, so the link's folder is the one checked
+    (tmp_path / "link").symlink_to(locked / "lora")
+    cli.check_output_folder(str(tmp_path / "link"), "--out", overwrite=True)

@@ -136,6 +136,11 @@ def test_a_manifest_that_cannot_be_read_is_named(tmp_path, monkeypatch):
     manifest = tmp_path / "clips.jsonl"
     manifest.write_bytes(b'\xef\xbb\xbf{"video": "a.mp4", "caption": "a"}\n')  # a byte-order mark is no part of it
     assert [entry["video"] for entry in read_manifest(manifest)] == ["a.mp4"]
+    manifest.write_text('{"video": "a.mp4", "caption": "two\u2028lines\x85"}\r\n', encoding="utf-8")  # raw in JSON
+    assert [entry["caption"] for entry in read_manifest(manifest)] == ["two\u2028lines\x85"]
+    manifest.write_bytes(b'{"video": "a.mp4", "caption": "une vid\xe9o"}\n')
+    with pytest.raises(UnicodeDecodeError):  # a ValueError, which the dataset reports with the path
+        read_manifest(manifest)
 
     def refuse(path, *args, **kwargs):  # as a file without read access (root reads any, so it is simulated)
         raise PermissionError(13, "Permission denied")

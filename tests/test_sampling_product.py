@@ -369,6 +369,9 @@ def test_args_lora_entries_are_checked(value, message):
     with pytest.raises(ConfigError) as error:
         adapter_list(OmegaConf.create({"lora": value}).lora)
     assert str(error.value) == message
+
+
+def test_the_scale_of_the_adapters_of_args_load_is_finite():
     with pytest.raises(ConfigError, match=r"^args.lora_scale=nan: expected a finite number$"):
         load_config(TINY, ["args.lora_scale=.nan"])
 
@@ -394,6 +397,11 @@ def test_peft_files_that_cannot_be_merged_are_one_line_and_a_partial_one_changes
                f"{prefix}.to_q.lora_B.weight": torch.ones(hidden, 3)}, str(ranks))
     with pytest.raises(ConfigError, match=r"found A \[2, \d+\], B \[\d+, 3\]$"):
         adapter_deltas(str(ranks))
+    flat = tmp_path / "flat.safetensors"
+    save_file({f"{prefix}.to_q.lora_A.weight": torch.ones(2, hidden), f"{prefix}.to_q.lora_B.weight": torch.ones(2)},
+              str(flat))
+    with pytest.raises(ConfigError, match=r"found A \[2, \d+\], B \[2\]$"):
+        adapter_deltas(str(flat))
     only_v = tmp_path / "only_v.safetensors"  # an adapter of to_v alone: the q and k rows stay as they are
     a, b = torch.randn(2, hidden), torch.randn(hidden, 2)
     save_file({f"{prefix}.to_v.lora_A.weight": a, f"{prefix}.to_v.lora_B.weight": b}, str(only_v))

@@ -177,8 +177,8 @@ def test_fps_out_of_range_is_one_line(setup, fps):
 
 
 @pytest.mark.parametrize("recorded, warned", [("12", False), ("0", True), ("nan", True), ("fast", True),
-                                              ("1e-9", True)])
-def test_metadata_fps_is_taken_only_when_it_is_a_number_above_zero(setup, recorded, warned):
+                                              ("1e-9", True), ("1001", True)])
+def test_metadata_fps_is_taken_only_when_it_is_from_one_hundredth_to_a_thousand(setup, recorded, warned):
     latents_file, out = setup.folder / f"fps_{recorded}.safetensors", setup.folder / f"fps_{recorded}.mp4"
     save_file({"latents": torch.zeros(16, 1, 4, 4)}, str(latents_file), metadata={"fps": recorded})
     result = run_tool("decode", str(latents_file), str(out), "--base", *setup.base, "--device", "cpu")

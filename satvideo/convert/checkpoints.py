@@ -41,8 +41,9 @@ SAT_ITERATION = 1
 
 def write_diffusers_folders(folders: list[tuple[str | Path, str, dict, dict[str, torch.Tensor]]]) -> None:
     """Each (out_dir, class name, config, state dict) as `config.json` and one safetensors file, the folder
-    `{class_name}.from_pretrained` reads. Every folder is filled before any takes its place, so a failure leaves
-    none of them written; an earlier folder at an out_dir is replaced."""
+    `{class_name}.from_pretrained` reads. Every folder is filled before any is renamed into place, so a failure
+    while writing (a full disk, a folder that cannot be made) leaves none of them; an earlier folder at an out_dir
+    is replaced."""
     with ExitStack() as stack:
         for out_dir, class_name, config, state_dict in folders:
             partial = stack.enter_context(folder_replaced_atomically(out_dir))

@@ -27,7 +27,8 @@ def read_manifest(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no part of line 1
+        # split at newlines only: splitlines would also cut a caption at U+2028 or \x85, which JSON may hold raw
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a byte-order mark is no part of line 1
     except OSError as error:  # a file without read access; UnicodeDecodeError, a ValueError, names itself
         raise ValueError(f"manifest {path} cannot be read ({error.strerror or error})") from None
     entries = []

@@ -112,6 +112,8 @@ def build_dataset(config: DictConfig, paths: str | list[str] | None, key: str, w
     if len(datasets) == 1 and weights == [1.0]:
         return datasets[0]
     for path, dataset, weight in zip(paths, datasets, weights):
+        if len(dataset) == 0:
+            raise ConfigError(f"{key} {path}: holds no samples")
         if int(len(dataset) * weight) == 0:
             raise ConfigError(f"args.train_data_weights: {path} holds {len(dataset)} samples, which at weight {weight:g} "
                               f"take no slot of the mixture (int(samples * weight) = 0); raise its weight")

@@ -9,7 +9,7 @@ file written by `lora-to-diffusers` (or any file without alphas) has the scale f
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ LORA_MIXIN = "sat.model.finetune.lora2.LoraMixin"
 PEFT_FILE = "pytorch_lora_weights.safetensors"
 PEFT_LORA = re.compile(r"(?:transformer\.)?transformer_blocks\.(\d+)\.attn1\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.weight$")
 PEFT_ROWS = {target: (projection, int(partition)) for (projection, partition), target in PEFT_TARGETS.items()}
-PARTITIONS = {"query_key_value": 3, "dense": 1}  # q, k, v stacked in one projection; the output projection alone
+PARTITIONS = Counter(projection for projection, _ in PEFT_TARGETS)  # query_key_value: 3 (q, k, v); dense: 1
 
 
 def add_lora_from_checkpoint(config: DictConfig, checkpoint: str) -> None:
@@ -100,10 +100,13 @@ def adapter_deltas(path: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"args.lora: {path} holds no LoRA matrices")
     for (layer, projection), partitions in pieces.items():
         for partition, matrices in partitions.items():
-            if set(matrices) != {"A", "B"} or matrices["B"].shape[1] != matrices["A"].shape[0]:
+            where = f"args.lora: {path}: layer {layer} {projection} partition {partition}"
+            if partition >= PARTITIONS[projection]:
+                raise ConfigError(f"{where}: {projection} has {PARTITIONS[projection]} partition(s)")
+            if (set(matrices) != {"A", "B"} or any(matrix.ndim != 2 for matrix in matrices.values())
+                    or matrices["B"].shape[1] != matrices["A"].shape[0]):
                 shapes = ", ".join(f"{name} {list(matrix.shape)}" for name, matrix in sorted(matrices.items()))
-                raise ConfigError(f"args.lora: {path}: layer {layer} {projection} partition {partition} needs a pair "
-                                  f"A [r, in] and B [out, r]; found {shapes}")
+                raise ConfigError(f"{where} needs a pair A [r, in] and B [out, r]; found {shapes}")
     rank = next(iter(next(iter(pieces.values())).values()))["A"].shape[0]
     scale = metadata.get("lora_alpha", 1.0) / metadata.get("r", rank)  # SAT's default alpha is 1
     deltas = {}

@@ -91,7 +91,7 @@ def read_jsonl_requests(path: str, seed: int, seeds_per_request: int = 1) -> lis
     """One JSON object per line with `prompt` and optionally the other REQUEST_KEYS; request i's seed defaults to
     seed + i * seeds_per_request (its videos take that seed and the next ones)."""
     requests = []
-    for number, line in enumerate(read_text(path, "args.input_file").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "args.input_file").split("\n"), start=1):  # not at U+2028
         if not line.strip():
             continue
         where = f"{path}:{number}"

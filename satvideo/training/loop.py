@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from satvideo import distributed
-from satvideo.checkpoint import (guard_deepspeed_loads, load_network, lora_metadata, read_latest, resolve_model_states,
-                                 safe_load, write_latest, write_zero3_model_states)
+from satvideo.checkpoint import (adapters_base, guard_deepspeed_loads, load_network, lora_metadata, read_latest,
+                                 resolve_model_states, safe_load, write_latest, write_zero3_model_states)
 from satvideo.config import CheckpointError, ConfigError, SatvideoError, args_namespace
 from satvideo.data.health import REASONS, SKIPPED
 from satvideo.data.sources import bucket_groups, build_dataset
@@ -90,7 +90,7 @@ def full_weights_of(load: str | None) -> str | None:
         return None
     adapters = lora_metadata(load)
     if adapters is not None:
-        return full_weights_of(adapters.get("base"))
+        return full_weights_of(adapters_base(adapters, load))
     return str(resolve_model_states(load).resolve())
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from satvideo.checkpoint import safe_load, state_dict_in
+from satvideo.checkpoint import safe_load, state_dict_in, tensors_only
 from satvideo.config import CheckpointNotFound, ConfigError, instantiate_from_config, is_whole_number
 from satvideo.vae.causal_conv import stream_over_time
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
@@ -18,7 +18,8 @@ def load_vae_state_dict(ckpt_path: str, ignore_keys: list[str] = ()) -> dict[str
     if not Path(ckpt_path).is_file():
         raise CheckpointNotFound(f"VAE checkpoint {ckpt_path} not found (config key `ckpt_path`)")
     state_dict = state_dict_in(safe_load(ckpt_path), "state_dict", ckpt_path)
-    return {key: value for key, value in state_dict.items() if not key.startswith(tuple(ignore_keys))}
+    return tensors_only({key: value for key, value in state_dict.items() if not key.startswith(tuple(ignore_keys))},
+                        ckpt_path)
 
 
 class VideoAutoencoder(nn.Module):
