@@ -207,3 +207,22 @@ def test_a_dataset_smaller_than_the_ranks_is_one_line(toy):
     with pytest.raises(ConfigError, match=r"^args.train_data holds 4 samples \(with args.train_data_weights\): no "
                                           r"micro-batch of args.batch_size=1 for each of 8 data-parallel ranks$"):
         batch_order(SFTDataset(str(toy), **PARAMS), 1, SimpleNamespace(seed=0), layout)
+
+
+def test_a_bucket_too_small_for_one_global_batch_is_named(caplog):
+    from types import SimpleNamespace
+
+    from satvideo.training.loop import batch_order
+
+    class Bucketed:  # 8 clips in bucket 0, 3 in bucket 1, as a bucketed dataset lists them
+        groups = [np.arange(8), np.arange(8, 11)]
+
+        def __len__(self) -> int:
+            return 11
+
+    layout = SimpleNamespace(data_rank=0, data_size=1)
+    with caplog.at_level("WARNING"):
+        order = batch_order(Bucketed(), 4, SimpleNamespace(seed=0), layout)
+    assert order.batches_per_epoch == 2
+    assert ("data.params.buckets [1] hold [3] samples, fewer than args.batch_size=4 x 1 data-parallel ranks: they are "
+            "never trained on") in caplog.text

@@ -244,10 +244,12 @@ def test_a_run_that_is_nan_every_step_stops_and_latest_stays(tmp_path, data):
     # validation decodes with these: a bad one would otherwise stop the run at its first validation
     ("args.decode_chunk_frames=3", r"^args.decode_chunk_frames must be a positive multiple of 2, got 3$"),
     ("args.vae_tiling=4", r"^args.vae_tiling=4 with args.vae_tile_overlap=8: need whole numbers, the tile larger"),
+    ("args.eval_interval=5 args.validation_prompts=[a] args.save=null",
+     r"^args.validation_prompts: validation videos are written under args.save; set it$"),
 ])
 def test_validation_and_decoding_options_are_checked_first(override, message):
     with pytest.raises(ConfigError, match=message):
-        check_training_args(args_namespace(load_config(TINY, [override])))
+        check_training_args(args_namespace(load_config(TINY, override.split())))
 
 
 def start_in_process(save: Path, data: Path, *overrides: str) -> None:
@@ -282,6 +284,9 @@ def test_a_start_that_fails_its_checks_leaves_the_run_folder_as_it_was(tmp_path,
                                               r"missing.png cannot be read"):
             start(save, "args.eval_interval=2", "args.validation_prompts=[a red square@@missing.png]",
                   "model.noised_image_input=true")
+        with pytest.raises(ConfigError, match=r"^args.validation_prompts=.*comments.txt: holds no prompt$"):
+            (tmp_path / "comments.txt").write_text("# nothing to sample\n\n")
+            start(save, "args.eval_interval=2", f"args.validation_prompts={tmp_path / 'comments.txt'}")
     assert (earlier / "training_config.yaml").read_text() == "the earlier run's\n"
     assert not (tmp_path / "new").exists()  # a folder the failed start created is gone again
 

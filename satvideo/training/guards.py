@@ -32,6 +32,8 @@ def check_training_args(args) -> None:
     if args.eval_interval and not (args.valid_data or args.validation_prompts):
         raise ConfigError("args.eval_interval is set but there is nothing to validate: give args.valid_data "
                           "and/or args.validation_prompts")
+    if args.eval_interval and args.validation_prompts and not args.save:
+        raise ConfigError("args.validation_prompts: validation videos are written under args.save; set it")
     check_decode_args(args)  # validation videos decode with these
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -131,6 +132,11 @@ def batch_order(dataset: Dataset, micro_batch: int, args, layout: Layout) -> Mic
         raise ConfigError(f"args.train_data holds {len(dataset)} samples (with args.train_data_weights): no "
                           f"micro-batch of args.batch_size={micro_batch} for each of {world_size} data-parallel ranks"
                           + (" within one bucket" if groups else ""))
+    unused = [(index, len(group)) for index, group in enumerate(groups or []) if len(group) < order.global_batch]
+    if unused:  # never drawn: a bucket trains only in whole global batches
+        logger.warning("data.params.buckets %s hold %s samples, fewer than args.batch_size=%d x %d data-parallel "
+                       "ranks: they are never trained on", [index for index, _ in unused],
+                       [count for _, count in unused], micro_batch, world_size)
     return order
 
 
@@ -236,14 +242,17 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
         if ema is not None and not skipped:
             ema.update()
 
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        saves = args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters)
+        # a window never spans a checkpoint, so that a resumed run logs the lines an uninterrupted one does
+        if iteration % args.log_interval == 0 or iteration == args.train_iters or saves:
             record = log.record(iteration, window, model, scheduler.get_last_lr()[0],
                                 micro_batch * accumulation * layout.data_size)
             log.write(record)
             window.reset()
             bad_data.after_window(iteration, record["samples"], record["bad_samples"])
 
-        if args.save and (iteration % args.save_interval == 0 or iteration == args.train_iters):
+        paused = time.perf_counter()  # saving and validating are not training time (step_time, samples_per_s)
+        if saves:
             if guard.in_row:  # weights unchanged by a skipped step: `latest` stays on the last good checkpoint
                 logger.warning("iteration %d: not saving, the last %d optimizer steps were skipped", iteration,
                                guard.in_row)
@@ -254,6 +263,7 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
             record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)
             log.write(record)
             log.log_videos(iteration, videos)
+        window.exclude(time.perf_counter() - paused)
 
 
 def resume(model, args, iteration: int, device: torch.device, ema: EMA | None, adapters_only: bool) -> int:

@@ -1,9 +1,10 @@
-"""The training log: one line per `args.log_interval` iterations on rank 0, the same record appended to
-`{save}/metrics.jsonl` and, with `args.wandb`, sent to Weights & Biases (offline when no API key is set).
+"""The training log: one line per `args.log_interval` iterations (and at every checkpoint) on rank 0, the same
+record appended to `{save}/metrics.jsonl` and, with `args.wandb`, sent to Weights & Biases (offline when no API key
+is set).
 
 Fields: iteration; loss (mean over the window's finite micro-batch losses, all ranks); lr; grad_norm (of the
-last update); nonfinite_losses and skipped_steps (in the window); samples_per_s (all ranks); step_time (s per
-iteration); peak_memory_gb (CUDA: peak allocated on rank 0 in the window; CPU: peak resident set of rank 0);
+last update); nonfinite_losses and skipped_steps (in the window); samples_per_s (all ranks) and step_time (s per
+iteration), both without the time spent saving checkpoints and validating; peak_memory_gb (CUDA: peak allocated on rank 0 in the window; CPU: peak resident set of rank 0);
 mfu (GPU only: model FLOPs per second over the GPU's dense bf16/fp16 peak); padded_clips and padded_frames;
 samples (drawn, all ranks) and bad_samples (those passed over, by reason, in the window; see data/health.py).
 """
@@ -65,7 +66,14 @@ class Window:
 
     def reset(self) -> None:
         self.sums = torch.zeros(len(self.FIELDS), device=self.device)
-        self.iterations, self.skipped, self.start = 0, 0, time.perf_counter()
+        self.iterations, self.skipped, self.start, self.excluded = 0, 0, time.perf_counter(), 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent in the window on other things than training (checkpoints, validation)."""
+        self.excluded += seconds
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
 
     def add_micro_batch(self, loss: torch.Tensor, padded: torch.Tensor, skipped: torch.Tensor) -> None:
         """`padded`: [B] frames padded per clip; `skipped`: [B, len(REASONS)] samples passed over before each."""
@@ -106,7 +114,7 @@ class MetricsLog:
     def record(self, iteration: int, window: Window, engine, lr: float, samples_per_iteration: int) -> dict:
         """The log record of a window (a collective: every rank calls it)."""
         totals = window.totals()
-        elapsed = time.perf_counter() - window.start
+        elapsed = window.training_seconds()
         grad_norm = engine.get_global_grad_norm()
         record = {
             "iteration": iteration,

@@ -38,7 +38,7 @@ def validation_prompts(value) -> list[str]:
         return read_prompts(value, "args.validation_prompts")
     if isinstance(value, (list, tuple, ListConfig)):
         return [str(prompt) for prompt in value]
-    raise TypeError(f"args.validation_prompts={value!r}: expected a list of prompts or a text file")
+    raise ConfigError(f"args.validation_prompts={value!r}: expected a list of prompts or a text file")
 
 
 def single_bucket_batches(groups: list, size: int) -> list[list[int]]:
@@ -55,6 +55,8 @@ class Validator:
         groups = bucket_groups(self.dataset) if self.dataset is not None else None
         self.bucketed = single_bucket_batches(groups, args.eval_batch_size) if groups is not None else None
         self.prompts = validation_prompts(args.validation_prompts)
+        if args.validation_prompts is not None and not self.prompts:
+            raise ConfigError(f"args.validation_prompts={args.validation_prompts}: holds no prompt")
         self.plan = self.checked_plan(config, args) if self.prompts else None
         layout = layout or Layout(data_rank=distributed.rank(), data_size=distributed.world_size())
         self.rank, self.world_size, self.writes = layout.data_rank, layout.data_size, layout.leads_its_group
