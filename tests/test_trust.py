@@ -1,6 +1,7 @@
 """Training a researcher can watch and trust: safe loading, the non-finite guard, the run folder (lock, config,
 metrics across resumes, pruning), validation, EMA and LoRA-only checkpoints."""
 
+import json
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bad_dataset import make_bad_dataset
 from test_training import LAUNCHER_VARIABLES, ROOT, TINY, metrics, run, train
 
 from satvideo import distributed
@@ -273,6 +275,9 @@ def test_a_start_that_fails_its_checks_leaves_the_run_folder_as_it_was(tmp_path,
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "training_config.yaml").write_text("the earlier run's\n")
+    bad_only = make_bad_dataset(tmp_path / "bad_only", good=1)  # then without its one good clip: nothing to use
+    (bad_only / "videos" / "00000.mp4").unlink()
+    (bad_only / "labels" / "00000.txt").unlink()
     for save in (earlier, tmp_path / "new"):
         with pytest.raises(ConfigError, match=r"args.train_data .*no_data"):
             start(save, f"args.train_data=[{tmp_path / 'no_data'}]")
@@ -284,6 +289,8 @@ def test_a_start_that_fails_its_checks_leaves_the_run_folder_as_it_was(tmp_path,
                                               r"missing.png cannot be read"):
             start(save, "args.eval_interval=2", "args.validation_prompts=[a red square@@missing.png]",
                   "model.noised_image_input=true")
+        with pytest.raises(ConfigError, match=r"^args.valid_data: \d+ samples in a row cannot be used"):
+            start(save, "args.eval_interval=2", f"args.valid_data=[{bad_only}]")
         with pytest.raises(ConfigError, match=r"^args.validation_prompts=.*comments.txt: holds no prompt$"):
             (tmp_path / "comments.txt").write_text("# nothing to sample\n\n")
             start(save, "args.eval_interval=2", f"args.validation_prompts={tmp_path / 'comments.txt'}")
@@ -477,6 +484,20 @@ def test_two_rank_validation_writes_loss_lines_and_videos_that_decode(tmp_path, 
         assert [video.name[:2] for video in videos] == ["00", "01", "02"]  # three prompts over two ranks
         frames, fps = read_mp4(videos[0])
         assert frames.shape == (9, 32, 32, 3) and round(fps) == 8
+
+
+def test_a_run_stopped_between_a_checkpoint_and_its_validation_validates_when_it_resumes(tmp_path, data):
+    validation = ("args.eval_interval=2", f"args.valid_data=[{data}]", "args.lr_decay_iters=4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, data, "args.train_iters=4", *QUICK, *validation)
+    train(resumed, data, "args.train_iters=2", *QUICK, *validation)
+    kept = [line for line in metrics(resumed) if "valid_loss" not in line]  # as if killed while validating
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in kept))
+    train(resumed, data, "args.train_iters=4", *QUICK, *validation)
+    timing = ("step_time", "samples_per_s", "peak_memory_gb")
+    logged = [[{key: value for key, value in line.items() if key not in timing} for line in metrics(run)]
+              for run in (straight, resumed)]
+    assert [line["iteration"] for line in logged[0] if "valid_loss" in line] == [2, 4] and logged[1] == logged[0]
 
 
 def test_validation_loss_is_the_same_at_every_evaluation_of_the_same_weights(tmp_path, data):

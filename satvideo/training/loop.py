@@ -37,7 +37,7 @@ from satvideo.training.guards import (DEFAULT_MAX_BAD_SHARE, BadDataGuard, Launc
 from satvideo.training.lr_schedule import lr_multiplier, warmup_iterations, weight_decay_groups
 from satvideo.training.metrics import MetricsLog, Window
 from satvideo.training.run_folder import (RNG_STATE, RunLock, check_resumable, prune_checkpoints, save_config,
-                                          truncate_metrics)
+                                          truncate_metrics, validation_logged)
 from satvideo.training.validation import Validator
 
 logger = logging.getLogger("satvideo.train")
@@ -223,6 +223,9 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     data = micro_batch_stream(dataset, order, start_iteration * accumulation, args,
                               pin_memory=args.pin_memory and device.type == "cuda")
     log = MetricsLog(args, config, device)
+    if (validator is not None and args.save and start_iteration and start_iteration % args.eval_interval == 0
+            and not validation_logged(Path(args.save), start_iteration)):
+        validate(validator, model, start_iteration, args, log)  # the run stopped between its save and this
     guard, launcher = NonFiniteGuard(model, args.max_nonfinite_steps), LauncherWatch()
     window = Window(device, copies=layout.sequence_size)
     for iteration in range(start_iteration + 1, args.train_iters + 1):
@@ -260,10 +263,15 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
                 save_checkpoint(model, args, iteration, device, ema, lora)
 
         if args.eval_interval and iteration % args.eval_interval == 0:  # after the save: it cannot cost a checkpoint
-            record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)
-            log.write(record)
-            log.log_videos(iteration, videos)
+            validate(validator, model, iteration, args, log)
         window.exclude(time.perf_counter() - paused)
+
+
+def validate(validator: Validator, model, iteration: int, args, log: MetricsLog) -> None:
+    """Validation at `iteration`: its record in the log, its videos under {save}/validation/."""
+    record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)
+    log.write(record)
+    log.log_videos(iteration, videos)
 
 
 def resume(model, args, iteration: int, device: torch.device, ema: EMA | None, adapters_only: bool) -> int:

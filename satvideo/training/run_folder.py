@@ -205,6 +205,21 @@ def truncate_metrics(folder: Path, iteration: int) -> None:
     write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
+def validation_logged(folder: Path, iteration: int) -> bool:
+    """Whether metrics.jsonl holds the validation record of `iteration` (one without a training `loss`)."""
+    path = folder / METRICS
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            if record["iteration"] == iteration and "loss" not in record:
+                return True
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+    return False
+
+
 def prune_checkpoints(folder: Path, keep_last: int | None, latest: int) -> None:
     """Remove all but the newest `keep_last` iteration folders (and their `-ema` folders); never `latest`."""
     if not keep_last:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig
 from torch.utils.data import default_collate
 
 from satvideo import distributed
-from satvideo.config import ConfigError
+from satvideo.config import ConfigError, SatvideoError
 from satvideo.data.sources import bucket_groups, build_dataset, model_reads_images
 from satvideo.parallel.layout import Layout
 from satvideo.sampling import VideoPlan, read_prompts, request_from_line, save_video, slugify
@@ -60,6 +60,11 @@ class Validator:
         self.plan = self.checked_plan(config, args) if self.prompts else None
         layout = layout or Layout(data_rank=distributed.rank(), data_size=distributed.world_size())
         self.rank, self.world_size, self.writes = layout.data_rank, layout.data_size, layout.leads_its_group
+        if self.dataset is not None:  # unusable data stops the run now, not at the first evaluation
+            try:
+                [self.dataset[index] for index in self.batch_indices(self.rank)]
+            except SatvideoError as error:
+                raise ConfigError(f"args.valid_data: {error}") from None
 
     def checked_plan(self, config: DictConfig, args) -> VideoPlan:
         """The sampling plan of the validation videos, every prompt (its image, for an image-to-video model, which
