@@ -121,19 +121,20 @@ def resolve_model_states(path: str | Path) -> Path:
 def read_model_states(checkpoint_path: str | Path) -> tuple[Path, dict]:
     """(the model-states file, its contents) of a run folder, iteration folder or file."""
     file = resolve_model_states(checkpoint_path)
-    state = safe_load(file, allowed=deepspeed_safe_globals())
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: not a checkpoint (holds a {type(state).__name__}, not a dict of weights)")
-    return file, state
+    return file, a_dict(safe_load(file, allowed=deepspeed_safe_globals()), file)
+
+
+def a_dict(loaded: Any, file: Path | str) -> dict:
+    """`loaded`, read from `file`; a CheckpointError unless it is a dict."""
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{file}: not a checkpoint (holds a {type(loaded).__name__}, not a dict of weights)")
+    return loaded
 
 
 def state_dict_in(loaded: Any, key: str, file: Path | str) -> dict:
     """`loaded[key]`, or `loaded` itself when it has no `key` (a bare state dict); a CheckpointError unless a dict.
     Its entries are checked (`tensors_only`) once the caller has dropped those it does not use."""
-    state = loaded.get(key, loaded) if isinstance(loaded, dict) else loaded
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: not a checkpoint (holds a {type(state).__name__}, not a dict of weights)")
-    return state
+    return a_dict(loaded.get(key, loaded) if isinstance(loaded, dict) else loaded, file)
 
 
 def tensors_only(weights: dict, file: Path | str) -> dict[str, torch.Tensor]:

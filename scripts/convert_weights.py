@@ -10,13 +10,13 @@ unless --overwrite, which replaces it. Errors are one line (the traceback with -
 """
 
 import argparse
-import math
 from pathlib import Path
 
 from satvideo.cli import check_output_folder, run_entrypoint
 from satvideo.config import ConfigError
 from satvideo.convert.checkpoints import (LORA_WEIGHTS_NAME, diffusers_to_sat_checkpoint,
                                           sat_lora_to_diffusers_checkpoint, sat_to_diffusers_checkpoint)
+from satvideo.convert.lora import is_lora_alpha
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,8 +68,8 @@ def main() -> None:
         check_output_folder(args.out, "--out", args.overwrite)
         if args.vae_out is not None:
             check_output_folder(args.vae_out, "--vae-out", args.overwrite)
-        check_apart([("--out", args.out), ("--vae-out", args.vae_out)],
-                    [("--checkpoint", args.checkpoint), ("--vae", args.vae), *(("--config", path) for path in args.config)])
+        inputs = [("--checkpoint", args.checkpoint), ("--vae", args.vae), *(("--config", path) for path in args.config)]
+        check_apart([("--out", args.out), ("--vae-out", args.vae_out)], inputs)
         sat_to_diffusers_checkpoint(args.config, args.checkpoint, args.out, args.vae, args.vae_out)
     elif args.command == "diffusers-to-sat":
         check_output_folder(args.out, "--out", args.overwrite)
@@ -81,7 +81,7 @@ def main() -> None:
         if (Path(args.out) / LORA_WEIGHTS_NAME).exists() and not args.overwrite:
             raise ConfigError(f"--out {args.out} holds {LORA_WEIGHTS_NAME} already; choose another folder or pass "
                               "--overwrite")
-        if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        if args.lora_alpha is not None and not is_lora_alpha(args.lora_alpha):
             raise ConfigError(f"--lora-alpha {args.lora_alpha}: expected a number > 0")
         sat_lora_to_diffusers_checkpoint(args.checkpoint, args.out, args.lora_alpha)
     print(f"{args.command}: wrote {args.out}")

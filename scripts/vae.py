@@ -88,8 +88,8 @@ def parse_options() -> argparse.Namespace:
     decode.add_argument("--chunk-frames", type=int, default=2, help="latent frames per decoding step, even (2)")
     decode.add_argument("--tile", type=int, help="decode tiles of this many latent pixels square (e.g. 32)")
     decode.add_argument("--overlap", type=int, default=8, help="latent pixels shared by neighbouring tiles (8)")
-    decode.add_argument("--fps", type=int, help=f"1 to {MAX_FPS}; default: the fps in the latents' metadata when it is a "
-                                                f"number from {MIN_FPS} to {MAX_FPS}, else {DEFAULT_FPS}")
+    decode.add_argument("--fps", type=int, help=f"1 to {MAX_FPS}; default: the fps in the latents' metadata when it "
+                                                f"is a number from {MIN_FPS} to {MAX_FPS}, else {DEFAULT_FPS}")
     return parser.parse_args()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -24,8 +23,8 @@ from satvideo.atomic_files import folder_replaced_atomically, replaced_atomicall
 from satvideo.checkpoint import (LORA_METADATA, MODEL_STATES, NETWORK_PREFIX, network_state_dict, network_weights,
                                  read_model_states, weight_problems, without_recomputed_table, write_latest)
 from satvideo.config import (CheckpointError, CheckpointNotFound, ConfigError, SatvideoError, instantiate_from_config,
-                             is_number, load_config, to_plain)
-from satvideo.convert.lora import sat_lora_to_peft
+                             load_config, to_plain)
+from satvideo.convert.lora import is_lora_alpha, sat_lora_to_peft
 from satvideo.convert.transformer import (diffusers_to_sat_transformer, diffusers_transformer_config,
                                           network_config_from_diffusers, sat_to_diffusers_transformer)
 from satvideo.convert.vae import SAT_ONLY_PREFIXES, diffusers_vae_config, diffusers_vae_to_sat, sat_vae_to_diffusers
@@ -193,7 +192,7 @@ def sat_lora_to_diffusers_checkpoint(checkpoint: str | Path, out_dir: str | Path
     if lora_alpha is None:
         record = state.get(LORA_METADATA) or {}
         lora_alpha = record.get("lora_alpha", 1.0) if isinstance(record, dict) else None
-        if not (is_number(lora_alpha) and math.isfinite(lora_alpha) and lora_alpha > 0):
+        if not is_lora_alpha(lora_alpha):
             raise CheckpointError(f"{file}: its recorded LoRA alpha ({lora_alpha!r} in {record!r:.80}) is not a number "
                                   "> 0; give the run's alpha with --lora-alpha")
     with converting(file):

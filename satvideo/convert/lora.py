@@ -6,9 +6,12 @@ when a file carries no alphas. Folding SAT's scale into B makes the exported fil
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
+
+from satvideo.config import is_number
 
 SAT_LORA = re.compile(r"transformer\.layers\.(\d+)\.attention\.(query_key_value|dense)\.matrix_([AB])\.(\d+)$")
 # (SAT projection, partition index) -> diffusers attention submodule
@@ -16,6 +19,11 @@ PEFT_TARGETS = {("query_key_value", "0"): "to_q", ("query_key_value", "1"): "to_
                 ("query_key_value", "2"): "to_v", ("dense", "0"): "to_out.0"}
 # diffusers' CogVideoX LoRA loader reads transformer keys under this prefix.
 PEFT_PREFIX = "transformer."
+
+
+def is_lora_alpha(value: object) -> bool:
+    """A usable `lora_alpha`: a finite number > 0."""
+    return is_number(value) and math.isfinite(value) and value > 0
 
 
 def sat_lora_to_peft(state_dict: dict[str, torch.Tensor], lora_alpha: float = 1.0) -> dict[str, torch.Tensor]:

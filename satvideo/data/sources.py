@@ -115,8 +115,8 @@ def build_dataset(config: DictConfig, paths: str | list[str] | None, key: str, w
         if len(dataset) == 0:
             raise ConfigError(f"{key} {path}: holds no samples")
         if int(len(dataset) * weight) == 0:
-            raise ConfigError(f"args.train_data_weights: {path} holds {len(dataset)} samples, which at weight {weight:g} "
-                              f"take no slot of the mixture (int(samples * weight) = 0); raise its weight")
+            raise ConfigError(f"args.train_data_weights: {path} holds {len(dataset)} samples, which at weight "
+                              f"{weight:g} take no slot of the mixture (int(samples * weight) = 0); raise its weight")
     return WeightedConcat(datasets, weights)
 
 

@@ -4,7 +4,8 @@ is set).
 
 Fields: iteration; loss (mean over the window's finite micro-batch losses, all ranks); lr; grad_norm (of the
 last update); nonfinite_losses and skipped_steps (in the window); samples_per_s (all ranks) and step_time (s per
-iteration), both without the time spent saving checkpoints and validating; peak_memory_gb (CUDA: peak allocated on rank 0 in the window; CPU: peak resident set of rank 0);
+iteration), both without the time spent saving checkpoints and validating; peak_memory_gb (CUDA: peak allocated
+on rank 0 in the window; CPU: peak resident set of rank 0);
 mfu (GPU only: model FLOPs per second over the GPU's dense bf16/fp16 peak); padded_clips and padded_frames;
 samples (drawn, all ranks) and bad_samples (those passed over, by reason, in the window; see data/health.py).
 """

@@ -20,7 +20,7 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from satvideo.atomic_files import write_text_atomically
-from satvideo.config import ConfigError, TrainingError, args_namespace, load_config, to_plain
+from satvideo.config import ConfigError, TrainingError, args_namespace, is_number, load_config, to_plain
 from satvideo.training.deepspeed_setup import deepspeed_config, zero_stage
 
 LOCK = "run.lock"
@@ -190,34 +190,31 @@ def first_difference(before: object, now: object, path: str) -> tuple[str, objec
     return None if before == now else (path, before, now)
 
 
+def metrics_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(line, record) of each whole record in a metrics.jsonl; a line cut by a kill is passed over."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and is_number(record.get("iteration")):
+            yield line, record
+
+
 def truncate_metrics(folder: Path, iteration: int) -> None:
     """Drop the metrics lines after `iteration` (logged after the checkpoint a resumed run starts from)."""
     path = folder / METRICS
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by the kill
-    write_text_atomically(path, "".join(line + "\n" for line in kept))
+    if path.is_file():
+        kept = [line for line, record in metrics_records(path) if record["iteration"] <= iteration]
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def validation_logged(folder: Path, iteration: int) -> bool:
     """Whether metrics.jsonl holds the validation record of `iteration` (one without a training `loss`)."""
-    path = folder / METRICS
-    if not path.is_file():
-        return False
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            if record["iteration"] == iteration and "loss" not in record:
-                return True
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a kill
-    return False
+    return any(record["iteration"] == iteration and "loss" not in record
+               for _, record in metrics_records(folder / METRICS))
 
 
 def prune_checkpoints(folder: Path, keep_last: int | None, latest: int) -> None:
