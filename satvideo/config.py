@@ -47,6 +47,7 @@ ARGS_DEFAULTS: dict[str, Any] = {
     # EMA of the trainable weights, saved as {save}/{iteration}-ema/ (SAT layout) and resumed exactly
     "ema_decay": None,
     "use_ema": False,  # sampling: load the EMA weights of the checkpoint
+    "validate_ema": False,  # training: validation also measures the EMA weights and samples its videos with them
     # LoRA adapters at sampling: the base checkpoint (default: the one the run started from) and the scale
     "lora_base": None,
     "lora_scale": 1.0,

@@ -343,7 +343,7 @@ def test_a_run_resumes_only_as_it_was_trained_and_a_finished_one_is_left_alone(t
 def test_a_failing_validation_costs_no_checkpoint(tmp_path, data, monkeypatch):
     from satvideo.training.validation import Validator
 
-    def broken(self, engine, iteration, out_dir):
+    def broken(self, engine, iteration, out_dir, ema=None):
         raise RuntimeError("validation broke")
 
     monkeypatch.chdir(ROOT)
@@ -476,9 +476,12 @@ def test_two_rank_validation_writes_loss_lines_and_videos_that_decode(tmp_path, 
     train(save, data, "args.train_iters=4", "args.log_interval=2", "args.save_interval=4", "args.batch_size=2",
           "args.eval_interval=2", f"args.valid_data=[{data}]", "args.eval_iters=2", "args.eval_batch_size=1",
           f"args.validation_prompts={prompts}", "model.sampler_config.params.num_steps=2",
-          "model.sampler_config.params.guider_config.params.num_steps=2", nproc=2)
+          "model.sampler_config.params.guider_config.params.num_steps=2", "args.ema_decay=0.5",
+          "args.validate_ema=true", nproc=2)
     valid = [line for line in metrics(save) if "valid_loss" in line]
     assert [line["iteration"] for line in valid] == [2, 4] and all(line["valid_loss"] > 0 for line in valid)
+    # the average (owned by one rank per weight, broadcast to the other) differs from the trained weights
+    assert all(0 < line["valid_loss_ema"] != line["valid_loss"] for line in valid)
     for iteration in (2, 4):
         videos = sorted((save / "validation" / f"{iteration:07d}").glob("*.mp4"))
         assert [video.name[:2] for video in videos] == ["00", "01", "02"]  # three prompts over two ranks
@@ -500,6 +503,32 @@ def test_a_run_stopped_between_a_checkpoint_and_its_validation_validates_when_it
     assert [line["iteration"] for line in logged[0] if "valid_loss" in line] == [2, 4] and logged[1] == logged[0]
 
 
+def test_ema_swapped_in_holds_the_average_and_gives_the_trained_weights_back_bit_for_bit():
+    network = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    network[1].weight.requires_grad_(False)  # frozen: not averaged, not touched
+    ema = EMA(network, 0.5)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn_like(parameter) / 3)
+    ema.update()
+    trained = {name: value.clone() for name, value in network.state_dict().items()}
+    with ema.swapped_in():
+        for name, value in network.state_dict().items():
+            expected = ema.average.get(name, trained[name])
+            assert torch.equal(value, expected) and (name not in ema.average or not torch.equal(value, trained[name]))
+    for name, value in network.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+
+@pytest.mark.parametrize("overrides", [[], ["args.eval_interval=2", "args.valid_data=[x]"],
+                                       ["args.ema_decay=0.9", "args.validation_prompts=[a]", "args.save=x"]])
+def test_validate_ema_needs_an_average_and_validation(overrides):
+    args = args_namespace(load_config(TINY, ["args.validate_ema=true", *overrides]))
+    with pytest.raises(ConfigError, match="args.validate_ema: validating the EMA weights needs args.ema_decay and "
+                                          "args.eval_interval"):
+        check_training_args(args)
+
+
 def test_validation_loss_is_the_same_at_every_evaluation_of_the_same_weights(tmp_path, data):
     from satvideo.training.validation import Validator
 
@@ -515,10 +544,10 @@ def test_validation_loss_is_the_same_at_every_evaluation_of_the_same_weights(tmp
 
 # --- EMA and LoRA: exact resume, adapter-only checkpoints, sampling -------------------------------------------
 
-def straight_and_resumed(tmp_path, data, *overrides, nproc: int = 1):
+def straight_and_resumed(tmp_path, data, *overrides, nproc: int = 1, straight_only: tuple[str, ...] = ()):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     overrides = ("args.lr_decay_iters=4", *overrides)  # the same schedule whatever train_iters says
-    train(straight, data, "args.train_iters=4", *QUICK, *overrides, nproc=nproc)
+    train(straight, data, "args.train_iters=4", *QUICK, *overrides, *straight_only, nproc=nproc)
     train(resumed, data, "args.train_iters=2", *QUICK, *overrides, nproc=nproc)
     assert "resumed from" in train(resumed, data, "args.train_iters=4", *QUICK, *overrides, nproc=nproc)
     return straight, resumed
@@ -532,13 +561,28 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_zero3_full_run_with_ema_resumes_bit_exactly(tmp_path, data):
-    straight, resumed = straight_and_resumed(tmp_path, data, "args.zero_stage=3", "args.ema_decay=0.9")
+def test_zero3_full_run_with_ema_resumes_bit_exactly_and_validates_its_average(tmp_path, data):
+    validation = ("args.eval_interval=2", f"args.valid_data=[{data}]", "args.eval_iters=2")
+    straight, resumed = straight_and_resumed(tmp_path, data, "args.zero_stage=3", "args.ema_decay=0.9",
+                                             straight_only=(*validation, "args.validate_ema=true"))
+    # the run that swapped its average in for validation twice trained as the one that never validated
     assert_same_weights(straight, resumed)
     assert_same_weights(straight / "4-ema" / MODEL_STATES, resumed / "4-ema" / MODEL_STATES)
     ema = network_state_dict(straight / "4-ema" / MODEL_STATES)
     weights = network_state_dict(straight)
     assert ema.keys() == weights.keys() and any(not torch.equal(ema[k], weights[k]) for k in ema)
+
+    from satvideo.training.validation import Validator
+
+    logged = [line for line in metrics(straight) if "valid_loss" in line][-1]
+    config = load_config(TINY, [*validation, "args.lr_decay_iters=4"])
+    args = args_namespace(config)
+    for use_ema, key in ((False, "valid_loss"), (True, "valid_loss_ema")):  # the saved weights, measured afresh
+        torch.manual_seed(args.seed)  # the frozen VAE and text encoder the run built
+        engine = VideoDiffusionEngine.for_training(config, args)
+        load_network(engine.network, straight, use_ema=use_ema)
+        record, _ = Validator(config, args, torch.device("cpu"))(engine, 4, None)
+        assert logged["iteration"] == 4 and record["valid_loss"] == pytest.approx(logged[key], rel=1e-5), key
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,14 @@ partition of every weight (`ds_tensor`); otherwise each weight is averaged by on
 largest first to balance memory. For exact resume each rank saves its shard beside the checkpoint
 (`{save}/{iteration}/ema_rank{r}.pt`); for sampling rank 0 also writes the whole average in the SAT layout,
 `{save}/{iteration}-ema/mp_rank_00_model_states.pt`, in the network's dtype (`args.use_ema` loads it).
+`swapped_in` puts the average into the network for a while (validation with `args.validate_ema`) and then gives the
+trained weights back bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -84,6 +88,39 @@ class EMA:
             folder = iteration_dir.parent / f"{iteration_dir.name}-ema"
             folder.mkdir(parents=True, exist_ok=True)
             torch.save({"module": weights, "ema_decay": self.decay}, folder / MODEL_STATES)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The average in the network's trainable weights for the duration; every rank takes part. Rank 0 keeps the
+        trained weights on the CPU meanwhile and hands them back to every rank afterwards, so training goes on
+        exactly as without the swap (one copy of the trainable weights in rank 0's memory, none on the GPUs)."""
+        trained = {}
+        with torch.no_grad():
+            for name, parameter in self.named:
+                average = self.gather(name, parameter)
+                with self.whole(parameter):
+                    if self.rank == 0:
+                        trained[name] = parameter.data.to("cpu", copy=True)
+                    parameter.data.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, parameter in self.named:
+                    with self.whole(parameter):
+                        if self.rank == 0:
+                            parameter.data.copy_(trained.pop(name))
+                        if not self.partitioned and self.world_size > 1:  # ZeRO-3 broadcasts on leaving `whole`
+                            dist.broadcast(parameter.data, src=0)
+
+    def whole(self, parameter: torch.Tensor) -> contextlib.AbstractContextManager:
+        """A context in which `parameter.data` is the whole weight and what rank 0 writes into it reaches every rank's
+        partition on leaving (ZeRO-3); without partitions the weight is whole already."""
+        if not self.partitioned:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([parameter], modifier_rank=0)
 
     def gather(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
         if self.partitioned:  # every rank holds an equal-size slice of the flat, padded weight

@@ -34,6 +34,8 @@ def check_training_args(args) -> None:
                           "and/or args.validation_prompts")
     if args.eval_interval and args.validation_prompts and not args.save:
         raise ConfigError("args.validation_prompts: validation videos are written under args.save; set it")
+    if args.validate_ema and not (args.ema_decay and args.eval_interval):
+        raise ConfigError("args.validate_ema: validating the EMA weights needs args.ema_decay and args.eval_interval")
     check_decode_args(args)  # validation videos decode with these
 
 

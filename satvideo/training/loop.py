@@ -225,7 +225,7 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
     log = MetricsLog(args, config, device)
     if (validator is not None and args.save and start_iteration and start_iteration % args.eval_interval == 0
             and not validation_logged(Path(args.save), start_iteration)):
-        validate(validator, model, start_iteration, args, log)  # the run stopped between its save and this
+        validate(validator, model, start_iteration, args, log, ema)  # the run stopped between its save and this
     guard, launcher = NonFiniteGuard(model, args.max_nonfinite_steps), LauncherWatch()
     window = Window(device, copies=layout.sequence_size)
     for iteration in range(start_iteration + 1, args.train_iters + 1):
@@ -263,13 +263,14 @@ def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) ->
                 save_checkpoint(model, args, iteration, device, ema, lora)
 
         if args.eval_interval and iteration % args.eval_interval == 0:  # after the save: it cannot cost a checkpoint
-            validate(validator, model, iteration, args, log)
+            validate(validator, model, iteration, args, log, ema)
         window.exclude(time.perf_counter() - paused)
 
 
-def validate(validator: Validator, model, iteration: int, args, log: MetricsLog) -> None:
+def validate(validator: Validator, model, iteration: int, args, log: MetricsLog, ema: EMA | None) -> None:
     """Validation at `iteration`: its record in the log, its videos under {save}/validation/."""
-    record, videos = validator(model.module, iteration, Path(args.save) if args.save else None)
+    record, videos = validator(model.module, iteration, Path(args.save) if args.save else None,
+                               ema if args.validate_ema else None)
     log.write(record)
     log.log_videos(iteration, videos)
 

@@ -17,6 +17,7 @@ Validation draws nothing from the global RNG, so a resumed run stays bit-identic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from satvideo.config import ConfigError, SatvideoError
 from satvideo.data.sources import bucket_groups, build_dataset, model_reads_images
 from satvideo.parallel.layout import Layout
 from satvideo.sampling import VideoPlan, read_prompts, request_from_line, save_video, slugify
+from satvideo.training.ema import EMA
 
 
 def validation_prompts(value) -> list[str]:
@@ -79,14 +81,19 @@ class Validator:
                 raise ConfigError(f"args.validation_prompts: {error}") from None
         return plan
 
-    def __call__(self, engine, iteration: int, out_dir: Path | None) -> tuple[dict, list[Path]]:
-        """(a metrics record, the paths of all validation videos) — every rank calls it."""
+    def __call__(self, engine, iteration: int, out_dir: Path | None, ema: EMA | None = None
+                 ) -> tuple[dict, list[Path]]:
+        """(a metrics record, the paths of all validation videos) — every rank calls it. With `ema` the record also
+        holds `valid_loss_ema`, the loss of the averaged weights, and the videos are sampled with those."""
         engine.eval()
         try:
             record = {"iteration": iteration}
             if self.dataset is not None:
                 record["valid_loss"] = self.loss(engine)
-            videos = self.videos(engine, iteration, out_dir) if self.prompts and out_dir is not None else []
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                if ema is not None and self.dataset is not None:
+                    record["valid_loss_ema"] = self.loss(engine)
+                videos = self.videos(engine, iteration, out_dir) if self.prompts and out_dir is not None else []
         finally:
             engine.train()
         return record, videos
