@@ -529,6 +529,22 @@ def test_validate_ema_needs_an_average_and_validation(overrides):
         check_training_args(args)
 
 
+@pytest.mark.parametrize("overrides, drawn", [(["args.eval_iters=3", "args.eval_batch_size=3"], "draws 9"),
+                                               (["args.eval_iters=8"], None),
+                                               (["args.eval_iters=3", "args.eval_batch_size=3",
+                                                 "data.params.buckets=[[9,32,32]]"], None),  # 3 batches of 8
+                                               (["args.eval_iters=4", "args.eval_batch_size=3",
+                                                 "data.params.buckets=[[9,32,32]]"], "draws 4")])
+def test_a_validation_set_smaller_than_one_evaluation_is_named(data, caplog, overrides, drawn):
+    from satvideo.training.validation import Validator
+
+    config = load_config(TINY, [f"args.valid_data=[{data}]", "args.eval_interval=1", *overrides])
+    with caplog.at_level("WARNING", logger="satvideo.train"):
+        Validator(config, args_namespace(config), torch.device("cpu"))
+    warnings = [record.getMessage() for record in caplog.records if "count more than once" in record.getMessage()]
+    assert [drawn in message for message in warnings] == ([True] if drawn else [])
+
+
 def test_validation_loss_is_the_same_at_every_evaluation_of_the_same_weights(tmp_path, data):
     from satvideo.training.validation import Validator
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from satvideo.data.sources import bucket_groups, build_dataset, model_reads_imag
 from satvideo.parallel.layout import Layout
 from satvideo.sampling import VideoPlan, read_prompts, request_from_line, save_video, slugify
 from satvideo.training.ema import EMA
+
+logger = logging.getLogger("satvideo.train")
 
 
 def validation_prompts(value) -> list[str]:
@@ -67,6 +70,22 @@ class Validator:
                 [self.dataset[index] for index in self.batch_indices(self.rank)]
             except SatvideoError as error:
                 raise ConfigError(f"args.valid_data: {error}") from None
+            self.warn_about_repeats()
+
+    def warn_about_repeats(self) -> None:
+        """The loss weighs every drawn sample alike: a validation set smaller than one evaluation's draws counts
+        some of its samples more than once."""
+        batches = self.args.eval_iters * self.world_size
+        if self.bucketed is not None and batches > len(self.bucketed):
+            logger.warning("args.valid_data makes %d single-bucket batches of args.eval_batch_size=%d; args.eval_iters"
+                           "=%d on %d data-parallel ranks draws %d, so some count more than once in valid_loss",
+                           len(self.bucketed), self.args.eval_batch_size, self.args.eval_iters, self.world_size,
+                           batches)
+        elif self.bucketed is None and batches * self.args.eval_batch_size > len(self.dataset):
+            logger.warning("args.valid_data holds %d samples; args.eval_iters=%d x args.eval_batch_size=%d x %d "
+                           "data-parallel ranks draws %d, so some count more than once in valid_loss",
+                           len(self.dataset), self.args.eval_iters, self.args.eval_batch_size, self.world_size,
+                           batches * self.args.eval_batch_size)
 
     def checked_plan(self, config: DictConfig, args) -> VideoPlan:
         """The sampling plan of the validation videos, every prompt (its image, for an image-to-video model, which
