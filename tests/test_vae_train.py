@@ -250,3 +250,12 @@ def test_the_frame_rule_accepts_exactly_the_counts_that_reconstruct_to_themselve
         with torch.no_grad():
             decoded = vae.decode(vae.encode(torch.randn(1, 3, frames, 8, 8)), chunk_frames=None).shape[2]
         assert accepts(frames) == (decoded == frames), (frames, decoded)
+
+
+def test_load_clips_takes_each_usable_clip_once_and_no_stand_in(tmp_path):
+    from bad_dataset import BAD_SAMPLES, make_bad_dataset
+
+    folder = make_bad_dataset(tmp_path / "data", good=3)
+    clips = train.load_clips(str(folder), size=32, frames=9, fps=8)
+    assert clips.shape == (3, 3, 9, 32, 32) and len(BAD_SAMPLES) == 8  # 3 good clips of 11 samples
+    assert len({clip.numpy().tobytes() for clip in clips}) == 3  # no clip twice

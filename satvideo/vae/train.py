@@ -31,6 +31,7 @@ from satvideo.cli import check_output_file, run_entrypoint
 from satvideo.config import (ARGS_RULES, ConfigError, Rule, TrainingError, check_value, instantiate_from_config,
                              is_whole_number, load_config, number_rule, whole_rule)
 from satvideo.data import SFTDataset
+from satvideo.data.health import SKIPPED
 from satvideo.data.sft import find_videos
 from satvideo.vae.autoencoder import VideoAutoencoder
 
@@ -53,9 +54,11 @@ def finite(rule: Rule) -> Rule:
 
 
 def load_clips(data_dir: str, size: int, frames: int, fps: int) -> Tensor:
-    """Every clip of the dataset as one tensor [N, 3, T, H, W] in [-1, 1]."""
+    """Every usable clip of the dataset, once each, as one tensor [N, 3, T, H, W] in [-1, 1]. The dataset hands out
+    a stand-in for a bad clip; those items are left out, since the stand-in is loaded as itself as well."""
     dataset = SFTDataset(data_dir, video_size=[size, size], fps=fps, max_num_frames=frames, skip_frms_num=0)
-    clips = torch.stack([dataset[i]["mp4"] for i in range(len(dataset))])  # [N, T, 3, H, W]
+    items = [dataset[i] for i in range(len(dataset))]
+    clips = torch.stack([item["mp4"] for item in items if not item[SKIPPED].any()])  # [N, T, 3, H, W]
     return clips.permute(0, 2, 1, 3, 4).contiguous()
 
 
