@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=8 scripts/precompute.py --out cache/ --base ...   # each rank a share of the clips
 
 Each distinct sample of args.train_data (mixed by args.train_data_weights or not) is encoded once, in the run's
-precision; bad samples are left out and counted by reason. The manifest (cache.json) is written last, after every
-rank has finished. Then train with `data.target=satvideo.data.CachedDataset args.train_data=[cache/]`.
+precision; bad samples are counted by reason, and each one's row in the manifest (cache.json) names the clip that
+stands in for it when training reads the videos, so the cache mixes sources and buckets exactly as they do. The
+manifest is written last, after every rank has finished. Then train with `data.target=satvideo.data.CachedDataset args.train_data=[cache/]`.
 
 The cache is built beside --out and moved into place only when complete and judged as training would judge its
 data (data.max_bad_share): a run that fails or is killed leaves an earlier cache there as it was. An --out that holds
@@ -21,13 +22,13 @@ import torch
 
 from satvideo import distributed
 from satvideo.cli import check_output_folder, is_config_file, run_entrypoint
-from satvideo.config import ConfigError, args_namespace, load_config
+from satvideo.config import ConfigError, TrainingError, args_namespace, load_config
 from satvideo.data.cache import MANIFEST, SHARDS, CacheSource, cache_key, source_paths, write_cache
 from satvideo.data.clips import ClipDataset
-from satvideo.data.sources import build_dataset, check_weights, leaf_datasets
+from satvideo.data.sources import build_dataset, check_slots, check_weights, leaf_datasets
 from satvideo.engine import build_frozen_parts, check_encode_chunk_frames, place_frozen_parts
 from satvideo.training.deepspeed_setup import deepspeed_config, training_dtype
-from satvideo.training.guards import DEFAULT_MAX_BAD_SHARE, BadDataGuard
+from satvideo.training.guards import DEFAULT_MAX_BAD_SHARE, MIN_DRAWS_JUDGED, BadDataGuard
 
 
 def cache_sources(config, args) -> list[CacheSource]:
@@ -40,7 +41,22 @@ def cache_sources(config, args) -> list[CacheSource]:
             raise ConfigError(f"args.train_data {path}: precompute reads video datasets (data.target a ClipDataset "
                               f"such as satvideo.data.SFTDataset), not {type(dataset).__name__}")
     weights = check_weights(args.train_data_weights, len(paths))
+    if len(paths) > 1 or weights != [1.0]:  # as training from the videos mixes them
+        check_slots("args.train_data", paths, [datasets[path] for path in paths], weights)
     return [CacheSource(path, weight, datasets[path]) for path, weight in zip(paths, weights)]
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """--out is written in place of a folder, never through a link, and --overwrite replaces only a cache: a
+    folder that holds anything besides cache.json and shards is refused, naming what else it holds."""
+    if out.is_symlink():
+        raise ConfigError(f"--out {out} is a symbolic link; give the folder it points to ({out.resolve()})")
+    check_output_folder(str(out), "--out", overwrite)
+    if out.is_dir() and any(out.iterdir()):
+        others = sorted(path.name for path in out.iterdir() if path.name != MANIFEST and not path.match(SHARDS))
+        if others:
+            raise ConfigError(f"--out {out} holds files that are not part of a cache ({', '.join(others[:3])}"
+                              f"{' ...' if len(others) > 3 else ''}); --overwrite replaces only a cache")
 
 
 def main() -> None:
@@ -54,10 +70,7 @@ def main() -> None:
     options = parser.parse_args()
     if options.clips_per_shard < 1:
         raise ConfigError(f"--clips-per-shard={options.clips_per_shard}: expected a whole number >= 1")
-    check_output_folder(options.out, "--out", options.overwrite)
-    out = Path(options.out)
-    if out.is_dir() and any(out.iterdir()) and not ((out / MANIFEST).exists() or any(out.glob(SHARDS))):
-        raise ConfigError(f"--out {options.out} holds files and is not a cache; --overwrite replaces only a cache")
+    check_out(Path(options.out), options.overwrite)
     config = load_config([item for item in options.base if is_config_file(item)],
                          [item for item in options.base if not is_config_file(item)])
     args = args_namespace(config)
@@ -84,16 +97,27 @@ def main() -> None:
 
 
 def check_bad_share(manifest: dict, max_bad_share: float, out: str) -> None:
-    """As training from the videos would stop (BadDataGuard): no clip at all, or more bad ones than
-    data.max_bad_share, is an error, and the new cache does not replace what --out holds."""
-    good, bad = manifest["count"], manifest["skipped"]
+    """As training from the videos would stop, the new cache does not replace what --out holds: no clip at all, a
+    sample for which no clip of its source (and bucket) can stand in, or more bad draws in an epoch of the mixture
+    than data.max_bad_share (judged as BadDataGuard judges, over at least MIN_DRAWS_JUDGED draws)."""
+    good, reasons = manifest["count"], ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items())
     if good == 0:
-        reasons = ", ".join(f"{reason} {count}" for reason, count in bad.items())
         raise ConfigError(f"no clip of args.train_data could be cached ({reasons}); scripts/check_dataset.py lists "
                           "the files")
-    guard = BadDataGuard(max_bad_share)
-    guard.add(good, bad)
-    guard.check(f"precompute ({good} clips encoded, not written to {out})")
+    unusable = manifest["unusable"]
+    if unusable:
+        raise TrainingError(f"precompute ({good} clips encoded, not written to {out}): no clip of its source and shape "
+                            f"can stand in for {len(unusable)} samples, the first {unusable[0]} ({reasons}); training "
+                            "from the videos would stop there: scripts/check_dataset.py lists the files")
+    BadDataGuard(max_bad_share)  # checks the value
+    sources = manifest["sources"]
+    drawn = sum(int((source["end"] - source["start"]) * source["weight"]) for source in sources)
+    bad = sum(int((source["end"] - source["start"]) * source["weight"]) * source["bad"] / (source["end"] - source["start"])
+              for source in sources)
+    if bad > max_bad_share * max(drawn, MIN_DRAWS_JUDGED):
+        raise TrainingError(f"precompute ({good} clips encoded, not written to {out}): an epoch of the mixture draws "
+                            f"{drawn} samples, {bad:.0f} of them bad ({bad / drawn:.1%}, above data.max_bad_share="
+                            f"{max_bad_share:g}): {reasons}; scripts/check_dataset.py lists the files")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ written last; training from it loses exactly what training from the videos loses
 stale, unfinished and mixed caches."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -177,40 +178,72 @@ def mixed_cache(tmp_path_factory) -> dict:
     return {"cache": folder / "cache", "output": output, "vae": vae, "vae_file": vae_file, "overrides": overrides}
 
 
-def test_bad_clips_are_left_out_and_counted_and_each_sample_of_a_mix_is_cached_once(mixed_cache):
+def test_a_cache_mixes_sources_with_bad_clips_exactly_as_the_videos_are_mixed(mixed_cache):
     reasons = sorted(set(BAD_SAMPLES.values()), key=list(REASONS).index)
     assert (f"cached 5 clips in {mixed_cache['cache']} (1 shards by 1 rank(s)" in mixed_cache["output"]
             and f"left out: 8 ({', '.join(f'{reason} 1' for reason in reasons)})" in mixed_cache["output"])
     manifest = json.loads((mixed_cache["cache"] / MANIFEST).read_text())
-    assert manifest["count"] == 5 and [(s["start"], s["end"], s["weight"]) for s in manifest["sources"]] == [
-        (0, 3, 1.0), (3, 5, 2.0)]
-    dataset = CachedDataset(str(mixed_cache["cache"]), **PARAMS)
-    assert len(dataset) == 3 + 2 * 2  # int(n * weight) slots per source, as WeightedConcat mixes the videos
-    labels = [(mixed_cache["cache"].parent / source / "labels" / f"0000{i}.txt").read_text().strip()
-              for source, count in (("bad", 3), ("clean", 2)) for i in range(count)]
-    assert [dataset[index]["txt"] for index in range(len(dataset))] == labels + labels[3:]
+    assert manifest["count"] == 5 and [(s["start"], s["end"], s["weight"], s["bad"]) for s in manifest["sources"]] == [
+        (0, 11, 1.0, 8), (11, 13, 2.0, 0)]  # a row per sample: the 8 bad ones name their stand-ins
+    cached = CachedDataset(str(mixed_cache["cache"]), **PARAMS)
+    config = load_config(TINY, mixed_cache["overrides"])
+    args = args_namespace(config)
+    videos = build_dataset(config, args.train_data, "args.train_data", args.train_data_weights)
+    assert len(cached) == len(videos) == 11 + 2 * 2  # int(samples * weight) slots per source, bad samples included
+    assert [cached[index]["txt"] for index in range(len(cached))] == [videos[index]["txt"]
+                                                                       for index in range(len(videos))]
 
 
-def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_ones():
+def judge(good: int, bad: dict, max_bad_share, sources: list[tuple[int, float, int]], unusable=()) -> None:
+    """precompute's check of a manifest with `sources` given as (samples, weight, bad samples)."""
     import runpy
 
+    check_bad_share = runpy.run_path(str(Path(ROOT) / "scripts" / "precompute.py"))["check_bad_share"]
+    rows = [{"start": 0, "end": samples, "weight": weight, "bad": count} for samples, weight, count in sources]
+    check_bad_share({"count": good, "skipped": bad, "sources": rows, "unusable": list(unusable)}, max_bad_share,
+                    "cache/")
+
+
+def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_draws():
     from satvideo.config import SatvideoError
 
-    check_bad_share = runpy.run_path(str(Path(ROOT) / "scripts" / "precompute.py"))["check_bad_share"]
-
-    def judge(good: int, bad: dict, max_bad_share) -> None:
-        check_bad_share({"count": good, "skipped": bad}, max_bad_share, "cache/")
-
-    judge(95, {"empty_file": 5}, 0.05)  # at the limit, not above
-    judge(18, {"empty_file": 2}, 0.05)  # judged over at least 100, as training judges it
-    with pytest.raises(SatvideoError, match=r"^precompute \(94 clips encoded, not written to cache/\): 6 of 100 "
-                                            r"samples drawn could not be used \(6.0%, above data.max_bad_share=0.05\): "
-                                            r"empty_file 6"):
-        judge(94, {"empty_file": 6}, 0.05)
+    judge(95, {"empty_file": 5}, 0.05, [(100, 1.0, 5)])  # at the limit, not above
+    judge(18, {"empty_file": 2}, 0.05, [(20, 1.0, 2)])  # judged over at least 100 draws, as training judges
+    with pytest.raises(SatvideoError, match=r"^precompute \(94 clips encoded, not written to cache/\): an epoch of the "
+                                            r"mixture draws 100 samples, 6 of them bad \(6.0%, above data.max_bad_share="
+                                            r"0.05\): empty_file 6"):
+        judge(94, {"empty_file": 6}, 0.05, [(100, 1.0, 6)])
+    # 3 bad of 100 distinct samples, but the source holding them draws 10 times as often: 30 of 190 draws
+    with pytest.raises(SatvideoError, match=r"draws 190 samples, 30 of them bad \(15.8%"):
+        judge(97, {"empty_file": 3}, 0.05, [(90, 1.0, 0), (10, 10.0, 3)])
+    with pytest.raises(SatvideoError, match=r"^precompute \(3 clips encoded, not written to cache/\): no clip of its "
+                                            r"source and shape can stand in for 2 samples, the first a.mp4 of shape "
+                                            r"\[9, 32, 64\] \(empty_caption 2\)"):
+        judge(3, {"empty_caption": 2}, 1.0, [(3, 1.0, 0)], ["a.mp4 of shape [9, 32, 64]", "b.mp4 of shape [9, 32, 64]"])
     with pytest.raises(SatvideoError, match=r"^no clip of args.train_data could be cached \(missing_caption 8\)"):
-        judge(0, {"missing_caption": 8}, 1.0)
+        judge(0, {"missing_caption": 8}, 1.0, [])
     with pytest.raises(SatvideoError, match=r"^data.max_bad_share='abc': expected a share between 0 and 1"):
-        judge(8, {}, "abc")
+        judge(8, {}, "abc", [(8, 1.0, 0)])
+
+
+def test_precompute_refuses_what_training_from_the_videos_refuses(tmp_path, toy_data):
+    toy2 = tmp_path / "toy2"
+    make_toy_dataset(toy2, num=3, size=32, frames=9, fps=8, seed=1)
+    assert one_line_error(run_precompute(tmp_path / "c1", f"args.train_data=[{toy_data},{toy2}]",
+                                         "args.train_data_weights=[1,0.2]")) == (
+        f"error: args.train_data_weights: {toy2} holds 3 samples, which at weight 0.2 take no slot of the mixture "
+        "(int(samples * weight) = 0); raise its weight")
+    unusable = tmp_path / "unusable"  # a source none of whose clips can be used
+    bad = make_bad_dataset(tmp_path / "bad", good=1)
+    (unusable / "videos").mkdir(parents=True)
+    (unusable / "labels").mkdir()
+    for stem in ("bad_zero_bytes", "bad_text"):
+        shutil.copy(bad / "videos" / f"{stem}.mp4", unusable / "videos")
+        shutil.copy(bad / "labels" / f"{stem}.txt", unusable / "labels")
+    error = one_line_error(run_precompute(tmp_path / "c2", f"args.train_data=[{toy_data},{unusable}]",
+                                          "data.max_bad_share=1"))
+    assert error.startswith(f"error: precompute (16 clips encoded, not written to {tmp_path / 'c2'}): no clip of its "
+                            f"source and shape can stand in for 2 samples, the first ") and not (tmp_path / "c2").exists()
 
 
 def run_precompute(out: Path, *arguments: str) -> subprocess.CompletedProcess:
@@ -229,7 +262,8 @@ def test_an_earlier_cache_survives_a_precompute_that_fails_and_is_replaced_only_
         f"--out {previous} exists and is not empty; choose another folder or pass --overwrite")
     bad = make_bad_dataset(tmp_path / "bad", good=1)
     assert one_line_error(run_precompute(previous, f"args.train_data=[{bad}]", "--overwrite")).startswith(
-        f"error: precompute (1 clips encoded, not written to {previous}): 8 of 9 samples drawn could not be used")
+        f"error: precompute (1 clips encoded, not written to {previous}): an epoch of the mixture draws 9 samples, 8 "
+        "of them bad")
     nan_vae = tmp_path / "nan_vae.pt"
     vae = instantiate_from_config(load_config(TINY).model.first_stage_config)
     torch.save({"state_dict": {key: torch.full_like(value, float("nan")) for key, value in vae.state_dict().items()}},
@@ -256,8 +290,41 @@ def test_precompute_refuses_an_out_it_cannot_or_must_not_replace(tmp_path, toy_d
         f"--out {tmp_path / 'a_file' / 'cache'} lies below the file {tmp_path / 'a_file'}; give a folder")
     assert refusal(tmp_path / "a_file") == f"--out {tmp_path / 'a_file'} is a file; give a folder"
     assert refusal(tmp_path, "--overwrite") == (
-        f"--out {tmp_path} holds files and is not a cache; --overwrite replaces only a cache")
+        f"--out {tmp_path} holds files that are not part of a cache (a_file); --overwrite replaces only a cache")
     assert (tmp_path / "a_file").read_text() == "mine"
+    work = tmp_path / "work"  # a cache with a researcher's notes and a run beside it
+    work.mkdir()
+    for name in (MANIFEST, "shard-000-00000.safetensors", "notes.txt", "run1"):
+        (work / name).write_text("kept")
+    assert refusal(work, "--overwrite") == (
+        f"--out {work} holds files that are not part of a cache (notes.txt, run1); --overwrite replaces only a cache")
+    assert (work / "notes.txt").read_text() == "kept"
+    (tmp_path / "link").symlink_to(work)
+    assert refusal(tmp_path / "link", "--overwrite") == (
+        f"--out {tmp_path / 'link'} is a symbolic link; give the folder it points to ({work})")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m["sources"][0].update(start=-3), "sources[0]"),
+    (lambda m: m["sources"][0].update(weight="2"), "sources[0]"),
+    (lambda m: m["sources"][0].update(end=30), "sources[0]"),
+    (lambda m: m["sources"][0].update(start=5, end=4), "sources[0]"),
+    (lambda m: m.update(sources=[]), "sources"),
+    (lambda m: m["shards"].__setitem__(0, "/elsewhere/shard-000-00000.safetensors"), "shards"),
+    (lambda m: m["clips"][3].update(shard=99), "clips[3]"),
+    (lambda m: m["clips"][3].pop("key"), "clips[3]"),
+    (lambda m: m["key"].pop("data"), "key"),
+    (lambda m: m.update(clips={}), "clips"),
+])
+def test_a_hand_edited_manifest_is_refused_naming_the_field(tmp_path, sharded_cache, edit, field):
+    cache, _ = sharded_cache
+    edited = tmp_path / "cache"
+    shutil.copytree(cache, edited)
+    manifest = json.loads((edited / MANIFEST).read_text())
+    edit(manifest)
+    (edited / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"^the cache {edited}: {MANIFEST} field {re.escape(field)} is not "):
+        CachedDataset(str(edited), **PARAMS)
 
 
 @pytest.mark.slow

@@ -565,7 +565,7 @@ def test_cached_batches_train_exactly_as_the_videos_they_came_from(toy, tmp_path
     torch.manual_seed(0)
     engine = VideoDiffusionEngine.from_config(load_config(["configs/tiny/model.yaml", "configs/tiny/vae.yaml"]).model)
     write_cache(engine.first_stage_model, engine.conditioner, [CacheSource(str(out), 1.0, videos)], tmp_path / "cache",
-                key={"data": data_key(params)})
+                key={"data": data_key(params), "frozen": {}})
     cached = CachedDataset(str(tmp_path / "cache"), **params)
     assert len(cached) == len(videos) and cached[3]["txt"] == videos[3]["txt"]
     live = {"mp4": torch.stack([videos[i]["mp4"] for i in (0, 1)]), "txt": [videos[i]["txt"] for i in (0, 1)]}

@@ -6,11 +6,12 @@ transformer: the VAE posterior moments (mean and log-variance, unscaled) and the
                                                  [L, D] in the run's precision (for image-to-video models also
                                                  `{id}.first_frame` [3, H, W], the conditioning frame in pixels),
                                                  metadata `{id}.caption` and `{id}.padded_frames`
-    {cache}/cache.json                           the manifest: the clip count; for each clip its shard, key,
-                                                 latent shape and bucket (with buckets); the sources and their
-                                                 weights; the bad samples left out, by reason; whether it holds
-                                                 first frames; and the KEY (all that decides what the cache
-                                                 holds) with its sha256
+    {cache}/cache.json                           the manifest: the clip count; for each sample the shard, key,
+                                                 latent shape and bucket (with buckets) of the clip training from
+                                                 the videos loads for it (a bad sample's stand-in); the sources,
+                                                 their weights, row ranges and bad samples; the bad samples by
+                                                 reason; whether it holds first frames; and the KEY (all that
+                                                 decides what the cache holds) with its sha256
 
 `scripts/precompute.py` writes it; under torchrun rank r encodes every world_size-th sample. Rank 0 writes the
 manifest, atomically, only after every rank has finished, so a cache without cache.json is an interrupted one,
@@ -48,7 +49,7 @@ from satvideo.atomic_files import folder_replaced_atomically, partial_folder, wr
 from satvideo.config import (ConfigError, TrainingError, check_parameters, get_obj_from_str, resolve_target,
                              to_plain)
 from satvideo.data.buckets import members_of_buckets
-from satvideo.data.clips import ClipDataset
+from satvideo.data.clips import MAX_CONSECUTIVE_BAD, ClipDataset
 from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
 from satvideo.data.packed import PackedList
 from satvideo.data.sources import WeightedConcat, model_reads_images
@@ -303,32 +304,49 @@ def clips_in_shards(folder: Path) -> dict[int, tuple[str, list[int]]]:
     return clips
 
 
+def stand_in_clip(dataset: ClipDataset, index: int, first_id: int, clips: dict) -> int | None:
+    """The clip id that training from the videos loads for sample `index` (itself, or the stand-in the dataset
+    hands out for a bad sample); None where the dataset would find none and stop the run."""
+    for attempt in range(min(MAX_CONSECUTIVE_BAD, dataset.group_size(index))):
+        clip_id = first_id + dataset.stand_in(index, attempt)
+        if clip_id in clips:
+            return clip_id
+    return None
+
+
 def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths: list[int],
                 skipped: torch.Tensor, first_frames: bool) -> dict:
-    """The manifest of the shards in `folder`: clips in sample order, each source's range of them."""
+    """The manifest of the shards in `folder`: a row per sample, in sample order, each naming the clip training from
+    the videos would load for it (a bad sample's row names its stand-in), and each source's range of rows; so the
+    cache mixes and buckets its clips exactly as the videos are. Samples for which the videos would find no clip
+    are listed under `unusable`, which precompute refuses."""
     clips = clips_in_shards(folder)
     datasets = distinct_datasets(sources)
     shards = sorted({shard for shard, _ in clips.values()})
     shard_index = {shard: index for index, shard in enumerate(shards)}
-    rows, ranges, first_id = [], [], 0
+    rows, ranges, unusable, first_id = [], [], [], 0
     for dataset in datasets:
-        start = len(rows)
-        for clip_id in range(first_id, first_id + len(dataset)):
-            if clip_id in clips:
-                shard, shape = clips[clip_id]
-                row = {"shard": shard_index[shard], "key": str(clip_id), "latent_shape": shape}
-                if dataset.bucket_of is not None:
-                    row["bucket"] = int(dataset.bucket_of[clip_id - first_id])
-                rows.append(row)
-        ranges.append((start, len(rows)))
+        start, bad = len(rows), 0
+        for index in range(len(dataset)):
+            clip_id = stand_in_clip(dataset, index, first_id, clips)
+            if clip_id is None:
+                unusable.append(f"{dataset.names[index]} of shape {list(dataset.shape(index))}")
+                continue
+            bad += clip_id != first_id + index
+            shard, shape = clips[clip_id]
+            row = {"shard": shard_index[shard], "key": str(clip_id), "latent_shape": shape}
+            if dataset.bucket_of is not None:
+                row["bucket"] = int(dataset.bucket_of[index])
+            rows.append(row)
+        ranges.append((start, len(rows), bad))
         first_id += len(dataset)
     source_rows = []
     for source in sources:
-        start, end = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
-        source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end})
-    return {"format": FORMAT, "count": len(rows), "key": key, "key_sha256": key_hash(key), "text_widths": text_widths,
-            "first_frames": first_frames, "sources": source_rows, "skipped": tally_dict(skipped), "shards": shards,
-            "clips": rows}
+        start, end, bad = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
+        source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end, "bad": bad})
+    return {"format": FORMAT, "count": len(clips), "key": key, "key_sha256": key_hash(key),
+            "text_widths": text_widths, "first_frames": first_frames, "sources": source_rows,
+            "skipped": tally_dict(skipped), "unusable": unusable, "shards": shards, "clips": rows}
 
 
 def write_cache(vae: nn.Module, conditioner: nn.Module, sources: list[CacheSource], out_dir: str | Path, key: dict,
@@ -356,9 +374,9 @@ def write_cache(vae: nn.Module, conditioner: nn.Module, sources: list[CacheSourc
             manifest = manifest_of(building, key, sources, widths, skipped.cpu(), first_frames)
             write_text_atomically(building / MANIFEST, json.dumps(manifest, indent=1))
         distributed.barrier()
+        if accept is not None:  # judged first: a refused cache may hold what training's checks refuse as well
+            accept(json.loads((building / MANIFEST).read_text(encoding="utf-8")))
         manifest = read_manifest(building)
-        if accept is not None:
-            accept(manifest)
         distributed.barrier()  # every rank has read the manifest before rank 0 moves the folder into place
     return manifest
 
@@ -387,10 +405,46 @@ def read_manifest(folder: Path) -> dict:
     absent = [field for field in MANIFEST_FIELDS if field not in manifest]
     if absent:
         raise ConfigError(f"the cache {folder}: {MANIFEST} lacks {', '.join(absent)}: {REMAKE}")
+    check_manifest_values(folder, manifest)
     missing = [shard for shard in manifest["shards"] if not (folder / shard).is_file()]
     if missing:
         raise ConfigError(f"the cache {folder} lacks {len(missing)} of its shards ({missing[0]} ...): {REMAKE}")
     return manifest
+
+
+def check_manifest_values(folder: Path, manifest: dict) -> None:
+    """The types and ranges of what training reads of a manifest, so that a damaged or hand-edited cache.json is
+    refused at start in one line rather than met in a data worker, or read as other data."""
+    def refuse(field: str, expected: str) -> None:
+        raise ConfigError(f"the cache {folder}: {MANIFEST} field {field} is not {expected}: {REMAKE}")
+
+    def whole(value, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    key, shards, clips, sources = manifest["key"], manifest["shards"], manifest["clips"], manifest["sources"]
+    if not (isinstance(key, dict) and all(isinstance(key.get(part), dict) for part in ("data", "frozen"))):
+        refuse("key", "a mapping with the data and frozen keys")
+    if not (isinstance(shards, list) and all(isinstance(shard, str) and Path(shard).name == shard
+                                             and Path(shard).match(SHARDS) for shard in shards)):
+        refuse("shards", f"a list of file names {SHARDS} in the cache folder")
+    if not (isinstance(manifest["text_widths"], list) and all(whole(width, 1, 2**20)
+                                                              for width in manifest["text_widths"])):
+        refuse("text_widths", "a list of positive widths")
+    if not isinstance(clips, list):
+        refuse("clips", "a list")
+    for number, clip in enumerate(clips):
+        if not (isinstance(clip, dict) and whole(clip.get("shard"), 0, len(shards) - 1)
+                and isinstance(clip.get("key"), str) and clip["key"].isdigit()
+                and ("bucket" not in clip or whole(clip["bucket"], 0, 2**31))):
+            refuse(f"clips[{number}]", f"a clip (a shard number below {len(shards)}, a numeric key, a bucket)")
+    if not (isinstance(sources, list) and sources):
+        refuse("sources", "a non-empty list")
+    for number, source in enumerate(sources):
+        if not (isinstance(source, dict) and whole(source.get("start"), 0, len(clips) - 1)
+                and whole(source.get("end"), source["start"] + 1, len(clips))
+                and isinstance(source.get("weight"), (int, float)) and not isinstance(source["weight"], bool)
+                and 0 < source["weight"] < float("inf") and int((source["end"] - source["start"]) * source["weight"])):
+            refuse(f"sources[{number}]", f"a source (rows start < end <= {len(clips)}, a weight that gives it a slot)")
 
 
 def check_shard_headers(folder: Path, shards: list[str]) -> None:
@@ -424,6 +478,9 @@ class CachedDataset(Dataset):
         self.bucket_of: np.ndarray | None = None
         self.groups: list[np.ndarray] | None = None
         buckets = [clip["bucket"] for clip in manifest["clips"] if "bucket" in clip]
+        if buckets and (len(buckets) != len(manifest["clips"]) or max(buckets) >= len(data_params["buckets"])):
+            raise ConfigError(f"the cache {self.folder}: {MANIFEST} gives buckets to some clips or beyond the "
+                              f"{len(data_params['buckets'])} of data.params.buckets: {REMAKE}")
         if buckets:
             source_of, local = self.order.slots()
             starts = np.asarray([source["start"] for source in sources], dtype=np.int64)

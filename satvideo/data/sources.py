@@ -111,13 +111,18 @@ def build_dataset(config: DictConfig, paths: str | list[str] | None, key: str, w
             raise ConfigError(f"{key} {path}: {error}") from error
     if len(datasets) == 1 and weights == [1.0]:
         return datasets[0]
+    check_slots(key, paths, datasets, weights)
+    return WeightedConcat(datasets, weights)
+
+
+def check_slots(key: str, paths: list[str], datasets: list[Dataset], weights: list[float]) -> None:
+    """Every source of a mixture takes at least one slot of it."""
     for path, dataset, weight in zip(paths, datasets, weights):
         if len(dataset) == 0:
             raise ConfigError(f"{key} {path}: holds no samples")
         if int(len(dataset) * weight) == 0:
             raise ConfigError(f"args.train_data_weights: {path} holds {len(dataset)} samples, which at weight "
                               f"{weight:g} take no slot of the mixture (int(samples * weight) = 0); raise its weight")
-    return WeightedConcat(datasets, weights)
 
 
 def clip_params(part: dict) -> dict:
