@@ -2,6 +2,7 @@
 outputs and gradients, with video tokens that split unevenly."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -66,3 +67,22 @@ def test_sequence_parallel_validation_equals_one_rank(tmp_path, toy_data):
     assert len(valid[0]) == 1 and valid[1] == pytest.approx(valid[0], rel=1e-5)
     videos = sorted((tmp_path / "sp" / "validation" / "0000002").glob("*.mp4"))
     assert [video.name for video in videos] == ["00_a-red-square-moving-left.mp4"]  # written once, by rank 0
+
+
+@pytest.mark.parametrize("world, sequence_size, cfg_size, heads, message", [
+    (3, 3, 1, 4, "args.sequence_parallel_size=3 does not divide model.network_config.params.num_attention_heads=4: "
+              "each rank of a sequence-parallel group attends with an equal share of the heads"),
+    (6, 2, 2, 4, "6 ranks do not divide into groups of args.sequence_parallel_size=2 x args.cfg_parallel_size=2"),
+])
+def test_a_layout_that_does_not_divide_the_ranks_or_heads_is_one_line_before_any_group(monkeypatch, world,
+                                                                                      sequence_size, cfg_size, heads,
+                                                                                      message):
+    from satvideo.config import ConfigError
+    from satvideo.parallel import layout
+
+    monkeypatch.setattr(layout.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(layout.dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(layout.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(layout.dist, "new_group", lambda ranks: pytest.fail("a group was made"))
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        layout.build_layout(sequence_size, cfg_size, heads)

@@ -31,15 +31,20 @@ class Layout:
         return self.sequence_rank == 0 and self.cfg_rank == 0
 
 
-def build_layout(sequence_size: int = 1, cfg_size: int = 1) -> Layout:
-    """This rank's place in the job (every rank calls it: creating groups is collective). The sizes are checked
-    when the config loads (config.ARGS_RULES)."""
+def build_layout(sequence_size: int = 1, cfg_size: int = 1, heads: int | None = None) -> Layout:
+    """This rank's place in the job (every rank calls it: creating groups is collective). The sizes themselves are
+    checked when the config loads (config.ARGS_RULES); here, that they divide the ranks and the model's `heads`
+    (each rank of a sequence-parallel group attends with a whole share of them), before any weight loads."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     per_replica = sequence_size * cfg_size
     if world % per_replica:
         raise ConfigError(f"{world} ranks do not divide into groups of args.sequence_parallel_size={sequence_size} "
                           f"x args.cfg_parallel_size={cfg_size}")
+    if heads is not None and heads % sequence_size:
+        raise ConfigError(f"args.sequence_parallel_size={sequence_size} does not divide "
+                          f"model.network_config.params.num_attention_heads={heads}: each rank of a sequence-parallel "
+                          "group attends with an equal share of the heads")
     layout = Layout(data_rank=rank // per_replica, data_size=world // per_replica,
                     cfg_rank=rank // sequence_size % cfg_size, cfg_size=cfg_size,
                     sequence_rank=rank % sequence_size, sequence_size=sequence_size)
