@@ -411,6 +411,13 @@ def test_changed_vae_or_text_encoder_weights_are_refused_without_loading_them(tm
         check_caches(*cache_config(cache, f"{vae_key}={vae_file}", f"{embedder}.params.max_length=16"))
     with pytest.raises(ConfigError, match=r"made with model.encode_chunk_frames=None, the config says 4"):
         check_caches(*cache_config(cache, f"{vae_key}={vae_file}", "model.encode_chunk_frames=4"))
+    encoder = "model.first_stage_config.params.encoder_config"
+    for same in (f"{encoder}.params.temporal_compress_times=4", f"{encoder}.params.resolution=256",
+                 f"{encoder}.target=satvideo.vae.encoder.ContextParallelEncoder3D"):  # written another way
+        assert check_caches(*cache_config(cache, f"{vae_key}={vae_file}", same)) == [32], same
+    with pytest.raises(ConfigError, match=rf"^the cache {cache} was made with {encoder}.params.ch=16, the config says "
+                                          r"32: make it again"):
+        check_caches(*cache_config(cache, f"{vae_key}={vae_file}", f"{encoder}.params.ch=32"))
 
 
 def test_a_large_weight_file_is_fingerprinted_by_its_content_from_sampled_blocks(tmp_path):

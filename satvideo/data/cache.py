@@ -46,8 +46,8 @@ from torch.utils.data import Dataset
 
 from satvideo import distributed
 from satvideo.atomic_files import folder_replaced_atomically, partial_folder, write_text_atomically
-from satvideo.config import (ConfigError, TrainingError, check_parameters, get_obj_from_str, resolve_target,
-                             to_plain)
+from satvideo.config import (ConfigError, TrainingError, check_parameters, drop_keys_without_effect, get_obj_from_str,
+                             resolve_target, to_plain)
 from satvideo.data.buckets import members_of_buckets
 from satvideo.data.clips import MAX_CONSECUTIVE_BAD, ClipDataset
 from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
@@ -57,7 +57,7 @@ from satvideo.data.sources import WeightedConcat, model_reads_images
 logger = logging.getLogger(__name__)
 
 MANIFEST = "cache.json"
-FORMAT = 2  # 1: one safetensors file per clip, no key
+FORMAT = 3  # 1: one safetensors file per clip, no key; 2: rows for good clips only, encoder settings as written
 SHARDS = "shard-*.safetensors"
 VAE_WEIGHTS = "the VAE weights (model.first_stage_config.params.ckpt_path)"
 # Weight files are fingerprinted by their size and SAMPLED_BLOCKS blocks of BLOCK bytes spread over them.
@@ -142,14 +142,27 @@ def text_encoder_weights(params: dict, where: str) -> dict:
     return {"files": folder_fingerprint(folder)}
 
 
+def encoder_settings(encoder_config: dict | None) -> dict:
+    """The VAE encoder's class and every parameter (defaults included, official keys without effect left out), by
+    config key: an encoder written another way but built the same compares equal, and a change is named exactly."""
+    where = "model.first_stage_config.params.encoder_config"
+    if not isinstance(encoder_config, dict) or "target" not in encoder_config:
+        return {where: encoder_config}
+    target = resolve_target(encoder_config["target"])
+    factory = get_obj_from_str(target)
+    params = drop_keys_without_effect(target, dict(encoder_config.get("params") or {}))
+    settings = {f"{where}.target": f"{factory.__module__}.{factory.__qualname__}"}
+    settings.update({f"{where}.params.{name}": value for name, value in resolved_params(factory, params).items()})
+    return settings
+
+
 def frozen_parts_key(model_config: DictConfig | dict, seed: int) -> dict:
     """What decides the cached moments and features besides the clips, by config key (or, for weights, by a
     description): the VAE encoder's settings, `model.encode_chunk_frames`, each text encoder's target and
     `max_length`, and the weights of both (fingerprints; none of them is loaded)."""
     model = to_plain(model_config)
     vae = model["first_stage_config"].get("params") or {}
-    key = {"model.first_stage_config.params.encoder_config": vae.get("encoder_config"),
-           "model.encode_chunk_frames": model.get("encode_chunk_frames"),
+    key = {**encoder_settings(vae.get("encoder_config")), "model.encode_chunk_frames": model.get("encode_chunk_frames"),
            VAE_WEIGHTS: vae_weights(vae, seed)}
     for index, embedder in enumerate(model["conditioner_config"]["params"]["emb_models"]):
         where = f"model.conditioner_config.params.emb_models.{index}"
@@ -401,7 +414,8 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict):
         raise ConfigError(f"the cache {folder}: {MANIFEST} holds no manifest: {REMAKE}")
     if manifest.get("format") != FORMAT:
-        raise ConfigError(f"the cache {folder} is in an older layout (one file per clip): {REMAKE}")
+        raise ConfigError(f"the cache {folder} is in another layout (format {manifest.get('format')!r}, this satvideo "
+                          f"reads {FORMAT}): {REMAKE}")
     absent = [field for field in MANIFEST_FIELDS if field not in manifest]
     if absent:
         raise ConfigError(f"the cache {folder}: {MANIFEST} lacks {', '.join(absent)}: {REMAKE}")
