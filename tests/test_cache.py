@@ -304,6 +304,27 @@ def test_precompute_refuses_an_out_it_cannot_or_must_not_replace(tmp_path, toy_d
         f"--out {tmp_path / 'link'} is a symbolic link; give the folder it points to ({work})")
 
 
+def test_a_shard_of_another_cache_or_one_without_its_clips_is_refused(tmp_path, sharded_cache, mixed_cache):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cache, _ = sharded_cache
+    edited = tmp_path / "cache"
+    shutil.copytree(cache, edited)
+    first = sorted(edited.glob("shard-*.safetensors"))[0]
+    shutil.copy(next(mixed_cache["cache"].glob("shard-*.safetensors")), first)
+    with pytest.raises(ConfigError, match=rf"^the cache {edited}: shard {first.name} was written for another cache "):
+        CachedDataset(str(edited), **PARAMS)
+    shutil.copy(cache / first.name, first)
+    with safe_open(str(first), framework="pt") as shard:  # the same cache's shard, one clip's features gone
+        tensors = {name: shard.get_tensor(name) for name in shard.keys() if name != "0.text_features"}
+        metadata = shard.metadata()
+    save_file(tensors, str(first), metadata=metadata)
+    with pytest.raises(ConfigError, match=rf"^the cache {edited}: shard {first.name} lacks 1 of the tensors "
+                                          rf"{MANIFEST} places in it \(0.text_features ...\)"):
+        CachedDataset(str(edited), **PARAMS)
+
+
 @pytest.mark.parametrize("edit, field", [
     (lambda m: m["sources"][0].update(start=-3), "sources[0]"),
     (lambda m: m["sources"][0].update(weight="2"), "sources[0]"),

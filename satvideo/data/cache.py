@@ -57,6 +57,7 @@ from satvideo.data.sources import WeightedConcat, model_reads_images
 logger = logging.getLogger(__name__)
 
 MANIFEST = "cache.json"
+SHARD_KEY = "cache_key_sha256"  # shard metadata: the sha256 of the key of the cache the shard was written for
 FORMAT = 3  # 1: one safetensors file per clip, no key; 2: rows for good clips only, encoder settings as written
 SHARDS = "shard-*.safetensors"
 VAE_WEIGHTS = "the VAE weights (model.first_stage_config.params.ckpt_path)"
@@ -64,7 +65,7 @@ VAE_WEIGHTS = "the VAE weights (model.first_stage_config.params.ckpt_path)"
 BLOCK = 2**20
 SAMPLED_BLOCKS = 16
 REMAKE = "make it again with scripts/precompute.py"
-MANIFEST_FIELDS = ("key", "shards", "clips", "sources", "text_widths")  # what training reads of a manifest
+MANIFEST_FIELDS = ("key", "key_sha256", "shards", "clips", "sources", "text_widths")  # what training reads
 
 
 # --- the key: what decides the cache's contents ---------------------------------------------------------------
@@ -236,10 +237,11 @@ def encode_clip(vae: nn.Module, conditioner: nn.Module, item: dict, chunk_frames
 
 
 class ShardWriter:
-    """Clips into `shard-{rank:03d}-{n:05d}.safetensors` files of up to `clips_per_shard` clips each."""
+    """Clips into `shard-{rank:03d}-{n:05d}.safetensors` files of up to `clips_per_shard` clips each, each shard
+    marked with the sha256 of its cache's key (SHARD_KEY in its metadata)."""
 
-    def __init__(self, folder: Path, rank: int, clips_per_shard: int):
-        self.folder, self.rank, self.clips_per_shard = folder, rank, clips_per_shard
+    def __init__(self, folder: Path, rank: int, clips_per_shard: int, key_sha256: str):
+        self.folder, self.rank, self.clips_per_shard, self.key_sha256 = folder, rank, clips_per_shard, key_sha256
         self.tensors: dict[str, torch.Tensor] = {}
         self.metadata: dict[str, str] = {}
         self.clips = 0  # in the shard being filled
@@ -256,7 +258,7 @@ class ShardWriter:
         if not self.tensors:
             return
         save_file(self.tensors, str(self.folder / f"shard-{self.rank:03d}-{self.written:05d}.safetensors"),
-                  metadata=self.metadata)
+                  metadata={**self.metadata, SHARD_KEY: self.key_sha256})
         self.written += 1
         self.tensors, self.metadata, self.clips = {}, {}, 0
 
@@ -376,7 +378,7 @@ def write_cache(vae: nn.Module, conditioner: nn.Module, sources: list[CacheSourc
     main = distributed.is_main_process()
     with folder_replaced_atomically(out_dir) if main else nullcontext(building) as building:
         distributed.barrier()  # rank 0 has made the folder
-        writer = ShardWriter(building, distributed.rank(), clips_per_shard)
+        writer = ShardWriter(building, distributed.rank(), clips_per_shard, key_hash(key))
         bad = encode_share(vae, conditioner, distinct_datasets(sources), writer, chunk_frames, first_frames)
         skipped = tally_of(bad).to(next(vae.parameters()).device)
         if distributed.world_size() > 1:
@@ -461,15 +463,27 @@ def check_manifest_values(folder: Path, manifest: dict) -> None:
             refuse(f"sources[{number}]", f"a source (rows start < end <= {len(clips)}, a weight that gives it a slot)")
 
 
-def check_shard_headers(folder: Path, shards: list[str]) -> None:
-    """Each shard's header opens: a damaged shard is refused at start, not met by a data worker mid-run."""
-    for shard in shards:
+def check_shards(folder: Path, manifest: dict) -> None:
+    """Each shard's header opens, belongs to this cache (its key's sha256) and holds the tensors the manifest
+    places in it: a damaged or swapped shard is refused at start, not met by a data worker mid-run."""
+    tensors = ("moments", "text_features", "first_frame") if manifest.get("first_frames") else ("moments",
+                                                                                                "text_features")
+    expected: list[set[str]] = [set() for _ in manifest["shards"]]
+    for clip in manifest["clips"]:
+        expected[clip["shard"]].update(f"{clip['key']}.{tensor}" for tensor in tensors)
+    for shard, names in zip(manifest["shards"], expected):
         try:
-            with safe_open(str(folder / shard), framework="pt"):
-                pass
+            with safe_open(str(folder / shard), framework="pt") as opened:
+                key, held = (opened.metadata() or {}).get(SHARD_KEY), set(opened.keys())
         except Exception as error:  # safetensors raises its own SafetensorError
             raise ConfigError(f"the cache {folder}: shard {shard} is damaged ({str(error).splitlines()[0][:120]}): "
                               f"{REMAKE}") from None
+        if key != manifest.get("key_sha256"):
+            raise ConfigError(f"the cache {folder}: shard {shard} was written for another cache (key {str(key)[:12]}, "
+                              f"{MANIFEST} says {str(manifest.get('key_sha256'))[:12]}): {REMAKE}")
+        if not names <= held:
+            raise ConfigError(f"the cache {folder}: shard {shard} lacks {len(names - held)} of the tensors "
+                              f"{MANIFEST} places in it ({min(names - held)} ...): {REMAKE}")
 
 
 class CachedDataset(Dataset):
@@ -482,7 +496,7 @@ class CachedDataset(Dataset):
         manifest = read_manifest(self.folder)
         check_key(self.folder, manifest["key"]["data"], data_key(data_params))
         self.shards: list[str] = manifest["shards"]
-        check_shard_headers(self.folder, self.shards)
+        check_shards(self.folder, manifest)
         self.first_frames = bool(manifest.get("first_frames"))
         self.clips = PackedList((clip["shard"], clip["key"]) for clip in manifest["clips"])  # [shard, key] each
         sources = manifest["sources"]
