@@ -7,7 +7,8 @@
 Each distinct sample of args.train_data (mixed by args.train_data_weights or not) is encoded once, in the run's
 precision; bad samples are counted by reason, and each one's row in the manifest (cache.json) names the clip that
 stands in for it when training reads the videos, so the cache mixes sources and buckets exactly as they do. The
-manifest is written last, after every rank has finished. Then train with `data.target=satvideo.data.CachedDataset args.train_data=[cache/]`.
+manifest is written last, after every rank has finished. Then train with
+`data.target=satvideo.data.CachedDataset args.train_data=[cache/]`.
 
 The cache is built beside --out and moved into place only when complete and judged as training would judge its
 data (data.max_bad_share): a run that fails or is killed leaves an earlier cache there as it was. An --out that holds
@@ -110,10 +111,9 @@ def check_bad_share(manifest: dict, max_bad_share: float, out: str) -> None:
                             f"can stand in for {len(unusable)} samples, the first {unusable[0]} ({reasons}); training "
                             "from the videos would stop there: scripts/check_dataset.py lists the files")
     BadDataGuard(max_bad_share)  # checks the value
-    sources = manifest["sources"]
-    drawn = sum(int((source["end"] - source["start"]) * source["weight"]) for source in sources)
-    bad = sum(int((source["end"] - source["start"]) * source["weight"]) * source["bad"] / (source["end"] - source["start"])
-              for source in sources)
+    rows = [(source["end"] - source["start"], source["weight"], source["bad"]) for source in manifest["sources"]]
+    drawn = sum(int(samples * weight) for samples, weight, _ in rows)
+    bad = sum(int(samples * weight) * bad_samples / samples for samples, weight, bad_samples in rows)
     if bad > max_bad_share * max(drawn, MIN_DRAWS_JUDGED):
         raise TrainingError(f"precompute ({good} clips encoded, not written to {out}): an epoch of the mixture draws "
                             f"{drawn} samples, {bad:.0f} of them bad ({bad / drawn:.1%}, above data.max_bad_share="
