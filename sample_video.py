@@ -98,7 +98,7 @@ def main() -> None:
         raise ConfigError("args.input_type=cli reads the terminal: run it in one process, not under torchrun")
     # replicas share the requests; the ranks of one sequence/CFG group sample the same videos together
     layout = build_layout(args.sequence_parallel_size, args.cfg_parallel_size,
-                          config.model.network_config.params.num_attention_heads)
+                          config.model.network_config.params.get("num_attention_heads"))
     requests = requests[layout.data_rank::layout.data_size]
 
     add_lora_from_checkpoint(config, args.load)

@@ -29,7 +29,9 @@ from satvideo.data.clips import ClipDataset
 from satvideo.data.sources import build_dataset, check_slots, check_weights, leaf_datasets
 from satvideo.engine import build_frozen_parts, check_encode_chunk_frames, place_frozen_parts
 from satvideo.training.deepspeed_setup import deepspeed_config, training_dtype
-from satvideo.training.guards import DEFAULT_MAX_BAD_SHARE, MIN_DRAWS_JUDGED, BadDataGuard
+from satvideo.training.guards import DEFAULT_MAX_BAD_SHARE, BadDataGuard
+
+CACHE_FILES = (SHARDS, "[0-9]*.safetensors")  # shards, and the per-clip files of the first cache layout
 
 
 def cache_sources(config, args) -> list[CacheSource]:
@@ -54,7 +56,8 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a symbolic link; give the folder it points to ({out.resolve()})")
     check_output_folder(str(out), "--out", overwrite)
     if out.is_dir() and any(out.iterdir()):
-        others = sorted(path.name for path in out.iterdir() if path.name != MANIFEST and not path.match(SHARDS))
+        others = sorted(path.name for path in out.iterdir()
+                        if path.name != MANIFEST and not any(path.match(files) for files in CACHE_FILES))
         if others:
             raise ConfigError(f"--out {out} holds files that are not part of a cache ({', '.join(others[:3])}"
                               f"{' ...' if len(others) > 3 else ''}); --overwrite replaces only a cache")
@@ -83,7 +86,7 @@ def main() -> None:
     conditioner, vae = build_frozen_parts(config.model.conditioner_config, config.model.first_stage_config)
     check_encode_chunk_frames(vae, config.model.get("encode_chunk_frames"))  # before any clip is encoded
     place_frozen_parts(conditioner, vae, device, dtype)
-    judge = partial(check_bad_share, max_bad_share=config.data.get("max_bad_share", DEFAULT_MAX_BAD_SHARE),
+    judge = partial(check_bad_share, guard=BadDataGuard(config.data.get("max_bad_share", DEFAULT_MAX_BAD_SHARE)),
                     out=options.out)
     manifest = write_cache(vae, conditioner, sources, options.out, key, options.clips_per_shard,
                            config.model.get("encode_chunk_frames"), bool(config.model.get("noised_image_input")),
@@ -93,14 +96,14 @@ def main() -> None:
         left_out = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"
         frames = " with their first frames" if manifest["first_frames"] else ""
         print(f"cached {manifest['count']} clips{frames} in {options.out} ({len(manifest['shards'])} shards by "
-              f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples left out: "
+              f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples, each stood in for by a clip of its source: "
               f"{sum(skipped.values())} ({left_out})", flush=True)
 
 
-def check_bad_share(manifest: dict, max_bad_share: float, out: str) -> None:
+def check_bad_share(manifest: dict, guard: BadDataGuard, out: str) -> None:
     """As training from the videos would stop, the new cache does not replace what --out holds: no clip at all, a
     sample for which no clip of its source (and bucket) can stand in, or more bad draws in an epoch of the mixture
-    than data.max_bad_share (judged as BadDataGuard judges, over at least MIN_DRAWS_JUDGED draws)."""
+    (the samples WeightedConcat draws, each source's `bad_draws`) than `guard` (data.max_bad_share) allows."""
     good, reasons = manifest["count"], ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items())
     if good == 0:
         raise ConfigError(f"no clip of args.train_data could be cached ({reasons}); scripts/check_dataset.py lists "
@@ -110,14 +113,12 @@ def check_bad_share(manifest: dict, max_bad_share: float, out: str) -> None:
         raise TrainingError(f"precompute ({good} clips encoded, not written to {out}): no clip of its source and shape "
                             f"can stand in for {len(unusable)} samples, the first {unusable[0]} ({reasons}); training "
                             "from the videos would stop there: scripts/check_dataset.py lists the files")
-    BadDataGuard(max_bad_share)  # checks the value
-    rows = [(source["end"] - source["start"], source["weight"], source["bad"]) for source in manifest["sources"]]
-    drawn = sum(int(samples * weight) for samples, weight, _ in rows)
-    bad = sum(int(samples * weight) * bad_samples / samples for samples, weight, bad_samples in rows)
-    if bad > max_bad_share * max(drawn, MIN_DRAWS_JUDGED):
+    drawn = sum(int((source["end"] - source["start"]) * source["weight"]) for source in manifest["sources"])
+    bad = sum(source["bad_draws"] for source in manifest["sources"])
+    if guard.too_many(bad, drawn):
         raise TrainingError(f"precompute ({good} clips encoded, not written to {out}): an epoch of the mixture draws "
-                            f"{drawn} samples, {bad:.0f} of them bad ({bad / drawn:.1%}, above data.max_bad_share="
-                            f"{max_bad_share:g}): {reasons}; scripts/check_dataset.py lists the files")
+                            f"{drawn} samples, {bad} of them bad ({bad / drawn:.1%}, above data.max_bad_share="
+                            f"{guard.max_bad_share:g}): {reasons}; scripts/check_dataset.py lists the files")
 
 
 if __name__ == "__main__":

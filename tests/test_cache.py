@@ -72,7 +72,7 @@ def test_two_ranks_write_shards_and_training_from_them_loses_what_training_from_
     assert [clip["key"] for clip in manifest["clips"]] == [str(i) for i in range(16)]  # in sample order
     assert {manifest["shards"][clip["shard"]][:9] for clip in manifest["clips"][1::2]} == {"shard-001"}
     assert all(clip["latent_shape"] == [16, 3, 4, 4] for clip in manifest["clips"])
-    assert "cached 16 clips" in output and "6 shards by 2 rank(s)" in output and "left out: 0 (none)" in output
+    assert "cached 16 clips" in output and "6 shards by 2 rank(s)" in output and "stood in for by a clip of its source: 0 (none)" in output
 
     common = ("args.train_iters=4", "args.log_interval=1", "args.save_interval=1000", "args.batch_size=2",
               "args.eval_interval=2", "args.eval_iters=2", POSTERIOR_MEAN)
@@ -181,7 +181,7 @@ def mixed_cache(tmp_path_factory) -> dict:
 def test_a_cache_mixes_sources_with_bad_clips_exactly_as_the_videos_are_mixed(mixed_cache):
     reasons = sorted(set(BAD_SAMPLES.values()), key=list(REASONS).index)
     assert (f"cached 5 clips in {mixed_cache['cache']} (1 shards by 1 rank(s)" in mixed_cache["output"]
-            and f"left out: 8 ({', '.join(f'{reason} 1' for reason in reasons)})" in mixed_cache["output"])
+            and f"a clip of its source: 8 ({', '.join(f'{reason} 1' for reason in reasons)})" in mixed_cache["output"])
     manifest = json.loads((mixed_cache["cache"] / MANIFEST).read_text())
     assert manifest["count"] == 5 and [(s["start"], s["end"], s["weight"], s["bad"]) for s in manifest["sources"]] == [
         (0, 11, 1.0, 8), (11, 13, 2.0, 0)]  # a row per sample: the 8 bad ones name their stand-ins
@@ -195,13 +195,15 @@ def test_a_cache_mixes_sources_with_bad_clips_exactly_as_the_videos_are_mixed(mi
 
 
 def judge(good: int, bad: dict, max_bad_share, sources: list[tuple[int, float, int]], unusable=()) -> None:
-    """precompute's check of a manifest with `sources` given as (samples, weight, bad samples)."""
+    """precompute's check of a manifest with `sources` given as (samples, weight, bad draws in an epoch)."""
     import runpy
 
+    from satvideo.training.guards import BadDataGuard
+
     check_bad_share = runpy.run_path(str(Path(ROOT) / "scripts" / "precompute.py"))["check_bad_share"]
-    rows = [{"start": 0, "end": samples, "weight": weight, "bad": count} for samples, weight, count in sources]
-    check_bad_share({"count": good, "skipped": bad, "sources": rows, "unusable": list(unusable)}, max_bad_share,
-                    "cache/")
+    rows = [{"start": 0, "end": samples, "weight": weight, "bad_draws": count} for samples, weight, count in sources]
+    check_bad_share({"count": good, "skipped": bad, "sources": rows, "unusable": list(unusable)},
+                    BadDataGuard(max_bad_share), "cache/")
 
 
 def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_draws():
@@ -215,7 +217,7 @@ def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_draws():
         judge(94, {"empty_file": 6}, 0.05, [(100, 1.0, 6)])
     # 3 bad of 100 distinct samples, but the source holding them draws 10 times as often: 30 of 190 draws
     with pytest.raises(SatvideoError, match=r"draws 190 samples, 30 of them bad \(15.8%"):
-        judge(97, {"empty_file": 3}, 0.05, [(90, 1.0, 0), (10, 10.0, 3)])
+        judge(97, {"empty_file": 3}, 0.05, [(90, 1.0, 0), (10, 10.0, 30)])
     with pytest.raises(SatvideoError, match=r"^precompute \(3 clips encoded, not written to cache/\): no clip of its "
                                             r"source and shape can stand in for 2 samples, the first a.mp4 of shape "
                                             r"\[9, 32, 64\] \(empty_caption 2\)"):
@@ -224,6 +226,20 @@ def test_precompute_stops_as_training_would_on_no_clip_or_too_many_bad_draws():
         judge(0, {"missing_caption": 8}, 1.0, [])
     with pytest.raises(SatvideoError, match=r"^data.max_bad_share='abc': expected a share between 0 and 1"):
         judge(8, {}, "abc", [(8, 1.0, 0)])
+
+
+def test_bad_draws_are_counted_over_the_samples_an_epoch_draws(tmp_path, toy_data):
+    from satvideo.data.health import SKIPPED
+
+    bad = make_bad_dataset(tmp_path / "bad", good=3)  # 00000..00002, then the 8 bad ones
+    overrides = [f"args.train_data=[{bad},{toy_data}]", "args.train_data_weights=[0.5,1]", "data.max_bad_share=1"]
+    precompute(tmp_path / "cache", *overrides)
+    source = json.loads((tmp_path / "cache" / MANIFEST).read_text())["sources"][0]
+    config = load_config(TINY, overrides)
+    args = args_namespace(config)
+    videos = build_dataset(config, args.train_data, "args.train_data", args.train_data_weights)
+    drawn = [int(videos[index][SKIPPED].sum()) for index in range(int(11 * 0.5))]  # the half of `bad` an epoch draws
+    assert sum(drawn) == 2 and (source["bad"], source["bad_draws"]) == (8, 2)
 
 
 def test_precompute_refuses_what_training_from_the_videos_refuses(tmp_path, toy_data):

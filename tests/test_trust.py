@@ -580,8 +580,9 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_zero3_full_run_with_ema_resumes_bit_exactly_and_validates_its_average(tmp_path, data):
     validation = ("args.eval_interval=2", f"args.valid_data=[{data}]", "args.eval_iters=2")
     straight, resumed = straight_and_resumed(tmp_path, data, "args.zero_stage=3", "args.ema_decay=0.9",
-                                             straight_only=(*validation, "args.validate_ema=true"))
-    # the run that swapped its average in for validation twice trained as the one that never validated
+                                             straight_only=(*validation, "args.validate_ema=true"), nproc=2)
+    # the run that swapped its average in for validation twice (gathered from and given back to both ranks'
+    # partitions) trained as the one that never validated
     assert_same_weights(straight, resumed)
     assert_same_weights(straight / "4-ema" / MODEL_STATES, resumed / "4-ema" / MODEL_STATES)
     ema = network_state_dict(straight / "4-ema" / MODEL_STATES)
@@ -591,7 +592,7 @@ def test_zero3_full_run_with_ema_resumes_bit_exactly_and_validates_its_average(t
     from satvideo.training.validation import Validator
 
     logged = [line for line in metrics(straight) if "valid_loss" in line][-1]
-    config = load_config(TINY, [*validation, "args.lr_decay_iters=4"])
+    config = load_config(TINY, [*validation, "args.lr_decay_iters=4", "args.eval_iters=4"])  # both ranks' batches
     args = args_namespace(config)
     for use_ema, key in ((False, "valid_loss"), (True, "valid_loss_ema")):  # the saved weights, measured afresh
         torch.manual_seed(args.seed)  # the frozen VAE and text encoder the run built

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from satvideo import distributed
 from satvideo.atomic_files import folder_replaced_atomically, partial_folder, write_text_atomically
 from satvideo.config import (ConfigError, TrainingError, check_parameters, drop_keys_without_effect, get_obj_from_str,
-                             resolve_target, to_plain)
+                             is_number, is_whole_number, resolve_target, to_plain)
 from satvideo.data.buckets import members_of_buckets
 from satvideo.data.clips import MAX_CONSECUTIVE_BAD, ClipDataset
 from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
@@ -65,6 +65,7 @@ VAE_WEIGHTS = "the VAE weights (model.first_stage_config.params.ckpt_path)"
 BLOCK = 2**20
 SAMPLED_BLOCKS = 16
 REMAKE = "make it again with scripts/precompute.py"
+MAX_SLOTS = 2**40  # slots of one source in a mixture: far beyond any dataset, far below what overflows
 MANIFEST_FIELDS = ("key", "key_sha256", "shards", "clips", "sources", "text_widths")  # what training reads
 
 
@@ -341,24 +342,26 @@ def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths
     shard_index = {shard: index for index, shard in enumerate(shards)}
     rows, ranges, unusable, first_id = [], [], [], 0
     for dataset in datasets:
-        start, bad = len(rows), 0
+        start, stood_in = len(rows), np.zeros(len(dataset), dtype=bool)
         for index in range(len(dataset)):
             clip_id = stand_in_clip(dataset, index, first_id, clips)
             if clip_id is None:
                 unusable.append(f"{dataset.names[index]} of shape {list(dataset.shape(index))}")
                 continue
-            bad += clip_id != first_id + index
+            stood_in[index] = clip_id != first_id + index
             shard, shape = clips[clip_id]
             row = {"shard": shard_index[shard], "key": str(clip_id), "latent_shape": shape}
             if dataset.bucket_of is not None:
                 row["bucket"] = int(dataset.bucket_of[index])
             rows.append(row)
-        ranges.append((start, len(rows), bad))
+        ranges.append((start, len(rows), stood_in))
         first_id += len(dataset)
     source_rows = []
     for source in sources:
-        start, end, bad = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
-        source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end, "bad": bad})
+        start, end, stood_in = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
+        slots = int(len(stood_in) * source.weight)  # the samples an epoch draws, as WeightedConcat.slots() gives them
+        source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end,
+                            "bad": int(stood_in.sum()), "bad_draws": int(stood_in[np.arange(slots) % len(stood_in)].sum())})
     return {"format": FORMAT, "count": len(clips), "key": key, "key_sha256": key_hash(key),
             "text_widths": text_widths, "first_frames": first_frames, "sources": source_rows,
             "skipped": tally_dict(skipped), "unusable": unusable, "shards": shards, "clips": rows}
@@ -435,7 +438,7 @@ def check_manifest_values(folder: Path, manifest: dict) -> None:
         raise ConfigError(f"the cache {folder}: {MANIFEST} field {field} is not {expected}: {REMAKE}")
 
     def whole(value, low: int, high: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return is_whole_number(value) and low <= value <= high
 
     key, shards, clips, sources = manifest["key"], manifest["shards"], manifest["clips"], manifest["sources"]
     if not (isinstance(key, dict) and all(isinstance(key.get(part), dict) for part in ("data", "frozen"))):
@@ -458,8 +461,8 @@ def check_manifest_values(folder: Path, manifest: dict) -> None:
     for number, source in enumerate(sources):
         if not (isinstance(source, dict) and whole(source.get("start"), 0, len(clips) - 1)
                 and whole(source.get("end"), source["start"] + 1, len(clips))
-                and isinstance(source.get("weight"), (int, float)) and not isinstance(source["weight"], bool)
-                and 0 < source["weight"] < float("inf") and int((source["end"] - source["start"]) * source["weight"])):
+                and is_number(source.get("weight")) and 1 <= (source["end"] - source["start"]) * source["weight"]
+                < MAX_SLOTS):
             refuse(f"sources[{number}]", f"a source (rows start < end <= {len(clips)}, a weight that gives it a slot)")
 
 

@@ -93,7 +93,8 @@ class EMA:
     def swapped_in(self) -> Iterator[None]:
         """The average in the network's trainable weights for the duration; every rank takes part. Rank 0 keeps the
         trained weights on the CPU meanwhile and hands them back to every rank afterwards, so training goes on
-        exactly as without the swap (one copy of the trainable weights in rank 0's memory, none on the GPUs)."""
+        exactly as without the swap (one copy of the trainable weights in rank 0's memory, none on the GPUs). When
+        the block raises, the weights are not given back: that needs every rank, and the run is stopping."""
         trained = {}
         with torch.no_grad():
             for name, parameter in self.named:
@@ -102,16 +103,14 @@ class EMA:
                     if self.rank == 0:
                         trained[name] = parameter.data.to("cpu", copy=True)
                     parameter.data.copy_(average)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, parameter in self.named:
-                    with self.whole(parameter):
-                        if self.rank == 0:
-                            parameter.data.copy_(trained.pop(name))
-                        if not self.partitioned and self.world_size > 1:  # ZeRO-3 broadcasts on leaving `whole`
-                            dist.broadcast(parameter.data, src=0)
+        yield
+        with torch.no_grad():
+            for name, parameter in self.named:
+                with self.whole(parameter):
+                    if self.rank == 0:
+                        parameter.data.copy_(trained.pop(name))
+                    if not self.partitioned and self.world_size > 1:  # ZeRO-3 broadcasts on leaving `whole`
+                        dist.broadcast(parameter.data, src=0)
 
     def whole(self, parameter: torch.Tensor) -> contextlib.AbstractContextManager:
         """A context in which `parameter.data` is the whole weight and what rank 0 writes into it reaches every rank's

@@ -119,11 +119,15 @@ class BadDataGuard:
         for reason, count in bad.items():
             self.bad[reason] += count
 
+    def too_many(self, bad: int, drawn: int) -> bool:
+        """The rule: more bad samples than max_bad_share of those drawn, judged over at least MIN_DRAWS_JUDGED."""
+        return bad > self.max_bad_share * max(drawn, MIN_DRAWS_JUDGED)
+
     def check(self, where: str) -> None:
         """TrainingError starting with `where` when the bad share so far is above the limit."""
         total_bad = sum(self.bad.values())
         drawn = self.good + total_bad
-        if total_bad > self.max_bad_share * max(drawn, MIN_DRAWS_JUDGED):
+        if self.too_many(total_bad, drawn):
             reasons = ", ".join(f"{reason} {count}" for reason, count in self.bad.items() if count)
             raise TrainingError(f"{where}: {total_bad} of {drawn} samples drawn could not be used "
                                 f"({total_bad / drawn:.1%}, above data.max_bad_share={self.max_bad_share:g}): "

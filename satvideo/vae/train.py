@@ -31,7 +31,7 @@ from satvideo.cli import check_output_file, run_entrypoint
 from satvideo.config import (ARGS_RULES, ConfigError, Rule, TrainingError, check_value, instantiate_from_config,
                              is_whole_number, load_config, number_rule, whole_rule)
 from satvideo.data import SFTDataset
-from satvideo.data.health import SKIPPED
+from satvideo.data.health import BadSample
 from satvideo.data.sft import find_videos
 from satvideo.vae.autoencoder import VideoAutoencoder
 
@@ -54,12 +54,18 @@ def finite(rule: Rule) -> Rule:
 
 
 def load_clips(data_dir: str, size: int, frames: int, fps: int) -> Tensor:
-    """Every usable clip of the dataset, once each, as one tensor [N, 3, T, H, W] in [-1, 1]. The dataset hands out
-    a stand-in for a bad clip; those items are left out, since the stand-in is loaded as itself as well."""
+    """Every usable clip of the dataset, once each, as one tensor [N, 3, T, H, W] in [-1, 1]; bad ones are left out
+    (loaded as themselves, not through the stand-ins a training dataset hands out)."""
     dataset = SFTDataset(data_dir, video_size=[size, size], fps=fps, max_num_frames=frames, skip_frms_num=0)
-    items = [dataset[i] for i in range(len(dataset))]
-    clips = torch.stack([item["mp4"] for item in items if not item[SKIPPED].any()])  # [N, T, 3, H, W]
-    return clips.permute(0, 2, 1, 3, 4).contiguous()
+    clips = []
+    for index in range(len(dataset)):
+        try:
+            clips.append(dataset.load(index)["mp4"])  # [T, 3, H, W]
+        except BadSample:
+            continue
+    if not clips:
+        raise ConfigError(f"--data {data_dir}: no clip can be used; scripts/check_dataset.py lists the files")
+    return torch.stack(clips).permute(0, 2, 1, 3, 4).contiguous()
 
 
 def train_vae(model: VideoAutoencoder, clips: Tensor, iters: int, batch_size: int = 4, lr: float = 1e-3,
