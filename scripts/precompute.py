@@ -96,8 +96,8 @@ def main() -> None:
         left_out = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"
         frames = " with their first frames" if manifest["first_frames"] else ""
         print(f"cached {manifest['count']} clips{frames} in {options.out} ({len(manifest['shards'])} shards by "
-              f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples, each stood in for by a clip of its source: "
-              f"{sum(skipped.values())} ({left_out})", flush=True)
+              f"{distributed.world_size()} rank(s), key {manifest['key_sha256'][:12]}); bad samples, each stood in "
+              f"for by a clip of its source: {sum(skipped.values())} ({left_out})", flush=True)
 
 
 def check_bad_share(manifest: dict, guard: BadDataGuard, out: str) -> None:

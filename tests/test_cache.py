@@ -72,7 +72,8 @@ def test_two_ranks_write_shards_and_training_from_them_loses_what_training_from_
     assert [clip["key"] for clip in manifest["clips"]] == [str(i) for i in range(16)]  # in sample order
     assert {manifest["shards"][clip["shard"]][:9] for clip in manifest["clips"][1::2]} == {"shard-001"}
     assert all(clip["latent_shape"] == [16, 3, 4, 4] for clip in manifest["clips"])
-    assert "cached 16 clips" in output and "6 shards by 2 rank(s)" in output and "stood in for by a clip of its source: 0 (none)" in output
+    assert "cached 16 clips" in output and "6 shards by 2 rank(s)" in output
+    assert "stood in for by a clip of its source: 0 (none)" in output
 
     common = ("args.train_iters=4", "args.log_interval=1", "args.save_interval=1000", "args.batch_size=2",
               "args.eval_interval=2", "args.eval_iters=2", POSTERIOR_MEAN)

@@ -360,8 +360,9 @@ def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths
     for source in sources:
         start, end, stood_in = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
         slots = int(len(stood_in) * source.weight)  # the samples an epoch draws, as WeightedConcat.slots() gives them
+        bad_draws = int(stood_in[np.arange(slots) % len(stood_in)].sum())
         source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end,
-                            "bad": int(stood_in.sum()), "bad_draws": int(stood_in[np.arange(slots) % len(stood_in)].sum())})
+                            "bad": int(stood_in.sum()), "bad_draws": bad_draws})
     return {"format": FORMAT, "count": len(clips), "key": key, "key_sha256": key_hash(key),
             "text_widths": text_widths, "first_frames": first_frames, "sources": source_rows,
             "skipped": tally_dict(skipped), "unusable": unusable, "shards": shards, "clips": rows}
