@@ -179,9 +179,11 @@ def test_uniform_sampling_is_ignored_on_eight_ranks_or_fewer_as_in_the_original(
     assert rank_intervals(world_size) == [(0, 1000)] * world_size
 
 
-def test_uniform_sampling_on_sixteen_ranks_follows_the_original_formula():
-    # one group per rank (the original needs group_num > 0 here and stops): width 1000 // 16 = 62
-    assert rank_intervals(16) == [(62 * rank, 62 * (rank + 1)) for rank in range(16)]
+def test_uniform_sampling_follows_the_original_formula_where_the_original_runs():
+    # group_num 8 on 16 ranks: two ranks per group, width 1000 // 8 = 125
+    assert rank_intervals(16, group_num=8) == [(125 * (rank // 2), 125 * (rank // 2 + 1)) for rank in range(16)]
+    # one group per rank where the original needs group_num > 0 and stops: all of [0, 1000) covered
+    assert rank_intervals(16) == [(1000 * rank // 16, 1000 * (rank + 1) // 16) for rank in range(16)]
     # the 1.5 configs' group_num: 40 (world_size must then divide by 40 in the original)
     intervals = rank_intervals(80, group_num=40)
     assert intervals[0] == intervals[1] == (0, 25) and intervals[78] == intervals[79] == (975, 1000)
@@ -191,8 +193,14 @@ def test_uniform_sampling_on_sixteen_ranks_follows_the_original_formula():
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
 def test_min_ranks_option_stratifies_small_worlds(world_size):
     intervals = rank_intervals(world_size, uniform_sampling_min_ranks=2)
-    width = 1000 // world_size
-    assert intervals == [(width * rank, width * (rank + 1)) for rank in range(world_size)]
+    assert intervals == [(1000 * rank // world_size, 1000 * (rank + 1) // world_size) for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size, group_num", [(80, 0), (128, 0), (16, 40), (48, 40), (3, 0)])
+def test_where_the_original_stops_every_timestep_is_drawn_by_some_rank(world_size, group_num):
+    intervals = sorted(set(timestep_interval(rank, world_size, 1000, group_num) for rank in range(world_size)))
+    assert intervals[0][0] == 0 and intervals[-1][1] == 1000
+    assert all(previous[1] == following[0] for previous, following in zip(intervals, intervals[1:]))
 
 
 def test_group_num_larger_than_the_world_gives_every_rank_its_own_interval():
@@ -205,7 +213,7 @@ def test_uniform_sampling_reads_the_process_group(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 2)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 16)
-    assert DiscreteSampling(DISCRETIZATION, 1000, uniform_sampling=True).interval() == (124, 186)
+    assert DiscreteSampling(DISCRETIZATION, 1000, uniform_sampling=True).interval() == (125, 187)
     assert DiscreteSampling(DISCRETIZATION, 1000).interval() == (0, 1000)
 
 

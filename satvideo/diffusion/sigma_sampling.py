@@ -14,15 +14,20 @@ def timestep_interval(rank: int, world_size: int, num_idx: int, group_num: int =
 
     As the original: G = group_num groups of world_size / G consecutive ranks, group g drawing from
     [g * w, (g + 1) * w) with w = num_idx // G (when G does not divide num_idx, the last num_idx % G
-    timesteps are never drawn). Where the original stops, satvideo goes on: group_num 0 means one group per
-    rank, G is capped at world_size and num_idx, and when G does not divide world_size rank r is in group
-    r * G // world_size.
+    timesteps are never drawn). Where the original stops (group_num 0, or one that does not divide world_size),
+    satvideo goes on: group_num 0 means one group per rank, G is capped at world_size and num_idx, rank r is in
+    group r * G // world_size, and group g draws from [g * num_idx // G, (g + 1) * num_idx // G), so that every
+    timestep is drawn by some rank.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if group_num and world_size % group_num == 0 and group_num <= num_idx:  # the original's case
+        width = num_idx // group_num
+        group = rank // (world_size // group_num)
+        return group * width, (group + 1) * width
     groups = min(group_num or world_size, world_size, num_idx)
-    group, width = rank * groups // world_size, num_idx // groups
-    return group * width, (group + 1) * width
+    group = rank * groups // world_size
+    return group * num_idx // groups, (group + 1) * num_idx // groups
 
 
 class DiscreteSampling:
