@@ -271,3 +271,17 @@ def test_bad_sampling_num_frames_are_refused():
     assert latent_frame_count(SimpleNamespace(sampling_num_frames=13), one) == 13
     with pytest.raises(ConfigError, match=r"^args.sampling_num_frames=0: expected a whole number >= 1 \(or null\)$"):
         load_config([], ["args.sampling_num_frames=0"])  # refused when the config loads
+
+
+@pytest.mark.parametrize("family", ["cogvideox_5b.yaml", "cogvideox1.5_5b.yaml"])
+def test_the_project_sft_config_trains_with_the_official_batch_and_timestep_groups(family):
+    def setup(files: list[str]) -> tuple[int, dict]:
+        config = load_config(files, ["args.train_data=[data/sft]"])
+        ds = deepspeed_config(config, args_namespace(config), on_gpu=False)
+        sampler = to_plain(config.model.loss_fn_config.params.sigma_sampler_config.params)
+        return ds["train_micro_batch_size_per_gpu"], {key: sampler.get(key) for key in ("uniform_sampling",
+                                                                                          "group_num")}
+
+    project = setup([f"configs/{family}", "configs/sft.yaml"])
+    original = setup(official(family, "sft.yaml"))
+    assert project == original and project[0] == 2
