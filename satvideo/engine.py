@@ -404,15 +404,16 @@ class VideoDiffusionEngine(nn.Module):
                 raise ValueError("this is an image-to-video model: give a first frame for each prompt")
             model_inputs["concat_images"] = self.image_condition(first_frames.to(device, dtype), frames + pad,
                                                                  noise_images=False)
-        x = randn((len(prompts), frames + pad, channels, height, width), generator, device, dtype)
+        # The sampling state is fp32 whatever the network's precision, from the first noise draw on (as the original)
+        x = randn((len(prompts), frames + pad, channels, height, width), generator, device, torch.float32)
 
         start, fixed = 0, 0
         if init_latents is not None:
-            start, x = self.noised_to_strength(init_latents.to(device, dtype), x, strength, pad)
+            start, x = self.noised_to_strength(init_latents.to(device, torch.float32), x, strength, pad)
             if start is None:
                 return init_latents
         if prefix_latents is not None:
-            prefix = prefix_latents.to(device, dtype)
+            prefix = prefix_latents.to(device, torch.float32)
             x[:, :pad] = prefix[:, :1]
             x[:, pad : pad + prefix.shape[1]] = prefix
             fixed = pad + prefix.shape[1]

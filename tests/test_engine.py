@@ -133,6 +133,22 @@ def test_sampling_is_reproducible_from_the_seed():
     assert torch.equal(first, second) and not torch.equal(first, other)
 
 
+def test_a_bf16_model_samples_from_fp32_noise_with_an_fp32_state_as_the_original():
+    engine = tiny_engine().to(torch.bfloat16)
+    engine.sampler.num_steps = 2
+    states = []
+
+    def denoise(network, x, alpha, cond, **kwargs):  # keeps the sampling state handed to it at each step
+        states.append(x)
+        return torch.zeros_like(x)
+
+    engine.denoiser.forward = denoise
+    engine.sample(["a red square"], (3, 16, 4, 4), torch.Generator().manual_seed(7))
+    noise = torch.randn((1, 3, 16, 4, 4), generator=torch.Generator().manual_seed(7))  # fp32, as the original draws
+    assert len(states) == 2 and all(state.dtype == torch.float32 for state in states)
+    assert torch.equal(states[0][:1], noise)  # the first step's state is the noise itself ([uncond; cond] batch)
+
+
 def test_image_to_video_model_requires_a_first_frame():
     engine = tiny_engine(noised_image_input=True)
     with pytest.raises(ValueError, match="image-to-video model: give a first frame"):
