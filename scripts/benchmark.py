@@ -383,7 +383,7 @@ def sampling_case(size: Size, device: torch.device) -> Row:
         "target": "satvideo.diffusion.VideoDDIMSampler",
         "params": {"num_steps": size.sample_steps,
                    "discretization_config": {"target": "satvideo.diffusion.ZeroSNRDDPMDiscretization",
-                                             "params": {"shift_scale": 1.0}},
+                                             "params": {"shift_scale": 1.0, "timestep_spacing": "trailing"}},
                    "guider_config": {"target": "satvideo.diffusion.DynamicCFG",
                                      "params": {"scale": 6, "exp": 5, "num_steps": size.sample_steps}}}})
     engine = VideoDiffusionEngine.from_config(config.model)

@@ -15,6 +15,7 @@ from satvideo.diffusion import (
     VPSDEDPMPP2MSampler,
     ZeroSNRDDPMDiscretization,
 )
+from satvideo.config import ConfigError
 from satvideo.diffusion.denoiser import append_dims
 from satvideo.diffusion.discretization import trailing_timesteps
 from satvideo.diffusion.sigma_sampling import timestep_interval
@@ -122,7 +123,9 @@ def test_trailing_timesteps():
     assert trailing_timesteps(1, 1000) == [999]
     assert trailing_timesteps(1000, 1000) == list(range(999, -1, -1))
     with pytest.raises(ValueError, match=r"num_steps must be in \[1, 1000\], got 0"):
-        trailing_timesteps(0, 1000)
+        ZeroSNRDDPMDiscretization(timestep_spacing="trailing").timesteps(0)
+    with pytest.raises(ConfigError, match=r"timestep_spacing='leading': expected one of linspace, trailing"):
+        ZeroSNRDDPMDiscretization(timestep_spacing="leading")
 
 
 # denoiser

@@ -139,8 +139,16 @@ def test_alpha_table_matches_diffusers(shift_scale):
     torch.testing.assert_close(ours, theirs.double(), rtol=0, atol=1e-12)
 
 
-def test_timesteps_match_diffusers_trailing_spacing():
+def test_timesteps_are_the_originals_by_default():
     discretization = ZeroSNRDDPMDiscretization()
+    for num_steps in range(1, 1001):  # the original: np.linspace(999, 0, n, endpoint=False) cut to integers
+        expected = [int(999 + k * (-999 / num_steps)) for k in range(num_steps)]  # numpy's start + k * step
+        assert discretization.timesteps(num_steps) == expected, num_steps
+    assert discretization.timesteps(30)[:3] == [999, 965, 932]  # trailing: 999, 966, 932
+
+
+def test_timesteps_match_diffusers_trailing_spacing():
+    discretization = ZeroSNRDDPMDiscretization(timestep_spacing="trailing")
     scheduler = diffusers_scheduler(CogVideoXDDIMScheduler, 1.0)
     for num_steps in range(1, 1001):
         scheduler.set_timesteps(num_steps)

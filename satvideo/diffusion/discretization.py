@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from satvideo.config import instantiate_from_config
+from satvideo.config import ConfigError, instantiate_from_config
 
 
 def scaled_linear_betas(beta_start: float, beta_end: float, num_timesteps: int) -> Tensor:
@@ -29,16 +29,25 @@ def rescale_to_zero_terminal_snr(alphas_cumprod_sqrt: Tensor) -> Tensor:
     return (alphas_cumprod_sqrt - last) * first / (first - last)
 
 
+def linspace_timesteps(num_steps: int, num_timesteps: int) -> list[int]:
+    """The raw timesteps a num_steps sampler visits, noisiest first, as the original picks them: num_steps values
+    evenly spaced from num_timesteps - 1 down towards 0, truncated to integers."""
+    return [int(t) for t in np.linspace(num_timesteps - 1, 0, num_steps, endpoint=False).astype(int)]
+
+
 def trailing_timesteps(num_steps: int, num_timesteps: int) -> list[int]:
     """The raw timesteps a num_steps sampler visits, noisiest first, as diffusers' "trailing" spacing.
 
     Evaluated with numpy's arange exactly as diffusers does, so that values landing on .5 round alike;
     that arange yields one value too many for some step counts (61, 103, ...), hence the cut to num_steps.
+    The two spacings agree at 22 step counts (10, 20, 25, 40, 50, 100 among them) and differ by one timestep at
+    some steps of the others.
     """
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
     spaced = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps))[:num_steps]
     return [int(t) - 1 for t in spaced]
+
+
+TIMESTEP_SPACINGS = {"linspace": linspace_timesteps, "trailing": trailing_timesteps}
 
 
 class ZeroSNRDDPMDiscretization:
@@ -47,7 +56,8 @@ class ZeroSNRDDPMDiscretization:
     `alphas_cumprod_sqrt[t]` (float64, indexed by the raw timestep t) falls from about 0.9996 at t = 0 to
     exactly 0 at t = num_timesteps - 1. With `post_shift` the SNR shift is applied after the rescale rather
     than before; `keep_start` (pre-shift only) adjusts linear_start so that alphas_cumprod[0] is the same as
-    without the shift.
+    without the shift. `timestep_spacing` chooses the timesteps a sampler visits: `linspace` as the original,
+    `trailing` as diffusers' CogVideoX schedulers.
     """
 
     def __init__(
@@ -58,7 +68,12 @@ class ZeroSNRDDPMDiscretization:
         shift_scale: float = 1.0,
         keep_start: bool = False,
         post_shift: bool = False,
+        timestep_spacing: str = "linspace",
     ):
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ConfigError(f"discretization_config.params.timestep_spacing={timestep_spacing!r}: expected one of "
+                              f"{', '.join(TIMESTEP_SPACINGS)}")
+        self.spacing = TIMESTEP_SPACINGS[timestep_spacing]
         if keep_start and not post_shift:
             # the shift then maps alphas_cumprod[0] to 1 - (the given linear_start)
             linear_start = linear_start / (shift_scale + (1 - shift_scale) * linear_start)
@@ -73,7 +88,9 @@ class ZeroSNRDDPMDiscretization:
 
     def timesteps(self, num_steps: int) -> list[int]:
         """Raw timesteps of a num_steps sampling run, noisiest (num_timesteps - 1) first."""
-        return trailing_timesteps(num_steps, self.num_timesteps)
+        if not 1 <= num_steps <= self.num_timesteps:
+            raise ValueError(f"num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
+        return self.spacing(num_steps, self.num_timesteps)
 
 
 def timestep_alphas(discretization_config: dict, num_idx: int, do_append_zero: bool, flip: bool) -> Tensor:

@@ -1,8 +1,9 @@
 """Samplers for v-prediction on the zero-terminal-SNR discretization: DDIM and DPM-Solver++(2M).
 
 A sampler is called as `sampler(denoiser, x, cond, uc, generator)` where x is the initial noise and
-`denoiser(x, alpha [B], cond) -> x0` is the engine's closure around the DiscreteDenoiser. The run visits
-diffusers' "trailing" timesteps, then steps to alpha = 1 where the state is the last x0 estimate.
+`denoiser(x, alpha [B], cond) -> x0` is the engine's closure around the DiscreteDenoiser. The run visits the
+discretization's timesteps (the original's spacing, or diffusers' "trailing" one with `timestep_spacing: trailing`),
+then steps to alpha = 1 where the state is the last x0 estimate.
 
 Two differences from other implementations, on purpose:
 - The alphas are those of the training table at the visited timesteps, as in diffusers; the official SAT
