@@ -180,7 +180,7 @@ def train(config: DictConfig) -> None:
 def run(config: DictConfig, args, device: torch.device, lock: RunLock | None) -> None:
     # ranks of one sequence-parallel group train on the same samples, timesteps and noise
     layout = build_layout(args.sequence_parallel_size, heads=config.model.network_config.params.get("num_attention_heads"))
-    if args.cfg_parallel_size > 1:
+    if args.cfg_parallel_size > 1 and distributed.is_main_process():
         logger.warning("args.cfg_parallel_size=%d applies to sample_video.py only; training and its validation "
                        "videos do not split the guidance batch, so it is ignored here", args.cfg_parallel_size)
     # a bad path should not wait for the model

@@ -70,7 +70,8 @@ class Validator:
                 [self.dataset[index] for index in self.batch_indices(self.rank)]
             except SatvideoError as error:
                 raise ConfigError(f"args.valid_data: {error}") from None
-            self.warn_about_repeats()
+            if distributed.is_main_process():
+                self.warn_about_repeats()
 
     def warn_about_repeats(self) -> None:
         """The loss weighs every drawn sample alike: a validation set smaller than one evaluation's draws counts
