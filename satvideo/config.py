@@ -83,7 +83,9 @@ ARGS_DEFAULTS: dict[str, Any] = {
     "latent_channels": 16,
     "image2video": False,
     "num_samples": 1,
-    "decode_chunk_frames": 2,
+    # latent frames decoded at a time: "original" chooses the original's chunks for each video (2 frames at 49 and
+    # 81 frames, 4 at 161); a number fixes them (2 keeps decode memory flat in the length); null: one pass
+    "decode_chunk_frames": "original",
     "vae_tiling": None,  # decode tiles of this many latent pixels square (e.g. 32: 256 px) to bound memory
     "vae_tile_overlap": 8,  # latent pixels shared by neighbouring tiles, blended
     "only_save_latents": False,  # write the sampled latents (safetensors) instead of decoding them

@@ -29,7 +29,8 @@ from satvideo.diffusion.discretization import noise_std
 from satvideo.diffusion.samplers import Generators, randn
 from satvideo.parallel.cfg import evaluate_halves
 from satvideo.parallel.context_vae import decode_context_parallel, encode_context_parallel, gives_every_rank_a_chunk
-from satvideo.vae.autoencoder import LATENT_CHUNK_MULTIPLE, check_chunk_frames, check_tiling
+from satvideo.vae.autoencoder import (LATENT_CHUNK_MULTIPLE, ORIGINAL_CHUNKS, check_chunk_frames, check_tiling,
+                                      original_chunk_frames)
 from satvideo.vae.regularizer import DiagonalGaussianRegularizer
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def check_encode_chunk_frames(vae: nn.Module, encode_chunk_frames: int | None) -
 def check_decode_args(args) -> None:
     """`args.decode_chunk_frames`, `args.vae_tiling` and `args.vae_tile_overlap`, checked before anything loads:
     a bad value would otherwise stop sampling, or a training run at its first validation, at the first decode."""
-    if args.decode_chunk_frames is not None:
+    if args.decode_chunk_frames not in (None, ORIGINAL_CHUNKS):
         check_chunk_frames(args.decode_chunk_frames, LATENT_CHUNK_MULTIPLE, "args.decode_chunk_frames")
     if args.vae_tiling is not None:
         check_tiling(args.vae_tiling, args.vae_tile_overlap, ("args.vae_tiling", "args.vae_tile_overlap"))
@@ -282,15 +283,18 @@ class VideoDiffusionEngine(nn.Module):
         return (latents * self.scale_factor).permute(0, 2, 1, 3, 4).contiguous()
 
     @torch.no_grad()
-    def decode_first_stage(self, latents: torch.Tensor, chunk_frames: int = 2, tile: int | None = None,
-                           overlap: int = 8, context_group=None) -> torch.Tensor:
-        """[B, T', C, h, w] scaled latents -> [B, T, 3, H, W] pixels, `chunk_frames` latent frames at a time and,
+    def decode_first_stage(self, latents: torch.Tensor, chunk_frames: int | str | None = ORIGINAL_CHUNKS,
+                           tile: int | None = None, overlap: int = 8, context_group=None) -> torch.Tensor:
+        """[B, T', C, h, w] scaled latents -> [B, T, 3, H, W] pixels, `chunk_frames` latent frames at a time
+        ("original": the original's chunks for T', see original_chunk_frames) and,
         with `tile`, `tile` x `tile` latent pixels at a time (see VideoAutoencoder.decode_tiled). With
         `context_group` (every rank of it calls this) the chunks are decoded over its ranks, with the same result,
         when there are at least as many chunks as ranks (satvideo/parallel/context_vae.py); chunk_frames None
         decodes in one pass on every rank."""
         vae_dtype = next(self.first_stage_model.parameters()).dtype
         z = (latents / self.scale_factor).permute(0, 2, 1, 3, 4).to(vae_dtype)  # [B, C, T', h, w]
+        if chunk_frames == ORIGINAL_CHUNKS:
+            chunk_frames = original_chunk_frames(z.shape[2])
         if not tile and gives_every_rank_a_chunk(z.shape[2], chunk_frames, context_group):
             return decode_context_parallel(self.first_stage_model, z, context_group,
                                            chunk_frames).permute(0, 2, 1, 3, 4).float()

@@ -285,3 +285,25 @@ def test_the_project_sft_config_trains_with_the_official_batch_and_timestep_grou
     project = setup([f"configs/{family}", "configs/sft.yaml"])
     original = setup(official(family, "sft.yaml"))
     assert project == original and project[0] == 2
+
+
+@pytest.mark.parametrize("latent_frames", [3, 13, 21, 41])
+def test_decoding_uses_the_originals_chunks_by_default(latent_frames):
+    from satvideo.vae.autoencoder import original_chunk_frames
+    from satvideo.vae.causal_conv import time_chunks
+
+    count = min(10, latent_frames // 2) or 1  # the original: this many chunks, the first (T % count) one longer
+    original = [latent_frames // count + (index < latent_frames % count) for index in range(count)]
+    chunks = time_chunks(latent_frames, original_chunk_frames(latent_frames))
+    assert [chunk.stop - chunk.start for chunk in chunks] == original
+    assert load_config([]).args.decode_chunk_frames == "original"
+
+
+def test_the_default_decode_of_a_161_frame_video_is_the_originals_4_frame_chunking():
+    torch.manual_seed(0)
+    engine = VideoDiffusionEngine.from_config(load_config(["configs/tiny/model.yaml", "configs/tiny/vae.yaml"]).model)
+    latents = torch.randn(1, 41, 16, 2, 2, generator=torch.Generator().manual_seed(0))  # [B, T', C, h, w]
+    with torch.no_grad():
+        default, four, two = (engine.decode_first_stage(latents, **chunking) for chunking in
+                              ({}, {"chunk_frames": 4}, {"chunk_frames": 2}))
+    assert default.shape == (1, 161, 3, 16, 16) and torch.equal(default, four) and not torch.equal(default, two)

@@ -120,6 +120,19 @@ def blend_ramp(length: int, overlap: int, ramp_in: bool, ramp_out: bool, like: T
     return ramp
 
 
+ORIGINAL_CHUNKS = "original"  # args.decode_chunk_frames: the chunks the original decodes a video in
+
+
+def original_chunk_frames(num_frames: int) -> int:
+    """The chunk size whose chunks (`time_chunks`: the first takes the remainder) are those the original decodes
+    `num_frames` latent frames in: k = min(10, num_frames // 2) chunks of num_frames // k frames, the first
+    num_frames % k of them one longer. Exact where those are even with at most one longer chunk (13, 21 and 41
+    frames: 49, 81 and 161 pixel frames); elsewhere the largest multiple of LATENT_CHUNK_MULTIPLE below."""
+    chunks = min(10, num_frames // 2)
+    size = num_frames // chunks if chunks else num_frames
+    return max(LATENT_CHUNK_MULTIPLE, size - size % LATENT_CHUNK_MULTIPLE)
+
+
 def check_chunk_frames(chunk_frames: int, multiple: int, name: str = "chunk_frames") -> None:
     """Chunks after the first must not start with a lone causal 'first frame' at any resampling level. `name` is
     the option the value came from, for the message."""
