@@ -41,6 +41,13 @@ def nearest_existing(path: Path) -> Path:
     return next(candidate for candidate in (path, *path.parents) if candidate.exists())
 
 
+def other_entries(folder: Path, patterns: tuple[str, ...]) -> str:
+    """The names in `folder` that match none of `patterns`, sorted, the first three listed ("a, b, c ..."); empty
+    when there are none."""
+    others = sorted(path.name for path in folder.iterdir() if not any(path.match(pattern) for pattern in patterns))
+    return ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+
+
 def check_output_folder(folder: str, flag: str, overwrite: bool, replaced_whole: bool = True) -> None:
     """ConfigError unless `folder` can be written as an output: not a file nor below one, and absent or empty
     unless `overwrite` (the --overwrite flag) lets it be replaced. `replaced_whole`: the folder is filled beside

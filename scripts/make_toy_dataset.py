@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from satvideo.atomic_files import folder_replaced_atomically
-from satvideo.cli import check_output_folder, run_entrypoint
+from satvideo.cli import check_output_folder, other_entries, run_entrypoint
 from satvideo.config import ARGS_RULES, ConfigError, check_value, whole_rule
 from satvideo.data.toy import MIN_SIZE, TOY_ENTRIES, check_toy_params, make_toy_dataset
 
@@ -25,10 +25,10 @@ def main() -> None:
     args = parser.parse_args()
     check_output_folder(args.out, "--out", args.overwrite)
     out = Path(args.out)
-    foreign = sorted(path.name for path in out.iterdir() if path.name not in TOY_ENTRIES) if out.is_dir() else []
+    foreign = other_entries(out, TOY_ENTRIES) if out.is_dir() else ""
     if foreign:  # --overwrite replaces an earlier toy dataset, not a folder that holds other things
-        raise ConfigError(f"--out {args.out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
-                          "which this tool does not write; give a new or empty folder")
+        raise ConfigError(f"--out {args.out} holds {foreign}, which this tool does not write; give a new or empty "
+                          "folder")
     check_value("--num", args.num, whole_rule(1))
     check_value("--seed", args.seed, ARGS_RULES["seed"])
     check_toy_params(args.size, args.frames, args.fps, ("--size", "--frames", "--fps"))

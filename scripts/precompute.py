@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from satvideo import distributed
-from satvideo.cli import check_output_folder, is_config_file, run_entrypoint
+from satvideo.cli import check_output_folder, is_config_file, other_entries, run_entrypoint
 from satvideo.config import ConfigError, TrainingError, args_namespace, load_config
 from satvideo.data.cache import MANIFEST, SHARDS, CacheSource, cache_key, source_paths, write_cache
 from satvideo.data.clips import ClipDataset
@@ -31,7 +31,7 @@ from satvideo.engine import build_frozen_parts, check_encode_chunk_frames, place
 from satvideo.training.deepspeed_setup import deepspeed_config, training_dtype
 from satvideo.training.guards import DEFAULT_MAX_BAD_SHARE, BadDataGuard
 
-CACHE_FILES = (SHARDS, "[0-9]*.safetensors")  # shards, and the per-clip files of the first cache layout
+CACHE_FILES = (MANIFEST, SHARDS, "[0-9]*.safetensors")  # with the per-clip files of the first layout
 
 
 def cache_sources(config, args) -> list[CacheSource]:
@@ -55,12 +55,10 @@ def check_out(out: Path, overwrite: bool) -> None:
     if out.is_symlink():
         raise ConfigError(f"--out {out} is a symbolic link; give the folder it points to ({out.resolve()})")
     check_output_folder(str(out), "--out", overwrite)
-    if out.is_dir() and any(out.iterdir()):
-        others = sorted(path.name for path in out.iterdir()
-                        if path.name != MANIFEST and not any(path.match(files) for files in CACHE_FILES))
-        if others:
-            raise ConfigError(f"--out {out} holds files that are not part of a cache ({', '.join(others[:3])}"
-                              f"{' ...' if len(others) > 3 else ''}); --overwrite replaces only a cache")
+    others = other_entries(out, CACHE_FILES) if out.is_dir() else ""
+    if others:
+        raise ConfigError(f"--out {out} holds files that are not part of a cache ({others}); --overwrite replaces "
+                          "only a cache")
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ from satvideo.atomic_files import folder_replaced_atomically, partial_folder, wr
 from satvideo.config import (ConfigError, TrainingError, check_parameters, drop_keys_without_effect, get_obj_from_str,
                              is_number, is_whole_number, resolve_target, to_plain)
 from satvideo.data.buckets import members_of_buckets
-from satvideo.data.clips import MAX_CONSECUTIVE_BAD, ClipDataset
+from satvideo.data.clips import ClipDataset
 from satvideo.data.health import BadSample, FirstOfEachReason, tally_dict, tally_of
 from satvideo.data.packed import PackedList
 from satvideo.data.sources import WeightedConcat, model_reads_images
@@ -320,16 +320,6 @@ def clips_in_shards(folder: Path) -> dict[int, tuple[str, list[int]]]:
     return clips
 
 
-def stand_in_clip(dataset: ClipDataset, index: int, first_id: int, clips: dict) -> int | None:
-    """The clip id that training from the videos loads for sample `index` (itself, or the stand-in the dataset
-    hands out for a bad sample); None where the dataset would find none and stop the run."""
-    for attempt in range(min(MAX_CONSECUTIVE_BAD, dataset.group_size(index))):
-        clip_id = first_id + dataset.stand_in(index, attempt)
-        if clip_id in clips:
-            return clip_id
-    return None
-
-
 def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths: list[int],
                 skipped: torch.Tensor, first_frames: bool) -> dict:
     """The manifest of the shards in `folder`: a row per sample, in sample order, each naming the clip training from
@@ -344,7 +334,9 @@ def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths
     for dataset in datasets:
         start, stood_in = len(rows), np.zeros(len(dataset), dtype=bool)
         for index in range(len(dataset)):
-            clip_id = stand_in_clip(dataset, index, first_id, clips)
+            # the clip training from the videos loads for it: itself, or the stand-in the dataset hands out
+            clip_id = next((first_id + candidate for candidate in dataset.candidates(index)
+                            if first_id + candidate in clips), None)
             if clip_id is None:
                 unusable.append(f"{dataset.names[index]} of shape {list(dataset.shape(index))}")
                 continue
@@ -359,8 +351,8 @@ def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths
     source_rows = []
     for source in sources:
         start, end, stood_in = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
-        slots = int(len(stood_in) * source.weight)  # the samples an epoch draws, as WeightedConcat.slots() gives them
-        bad_draws = int(stood_in[np.arange(slots) % len(stood_in)].sum())
+        _, drawn = WeightedConcat([stood_in], [source.weight]).slots()  # the samples an epoch draws
+        bad_draws = int(stood_in[drawn].sum())
         source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end,
                             "bad": int(stood_in.sum()), "bad_draws": bad_draws})
     return {"format": FORMAT, "count": len(clips), "key": key, "key_sha256": key_hash(key),
@@ -393,9 +385,10 @@ def write_cache(vae: nn.Module, conditioner: nn.Module, sources: list[CacheSourc
             manifest = manifest_of(building, key, sources, widths, skipped.cpu(), first_frames)
             write_text_atomically(building / MANIFEST, json.dumps(manifest, indent=1))
         distributed.barrier()
+        manifest = parsed_manifest(building)
         if accept is not None:  # judged first: a refused cache may hold what training's checks refuse as well
-            accept(json.loads((building / MANIFEST).read_text(encoding="utf-8")))
-        manifest = read_manifest(building)
+            accept(manifest)
+        checked_manifest(building, manifest)
         distributed.barrier()  # every rank has read the manifest before rank 0 moves the folder into place
     return manifest
 
@@ -405,7 +398,12 @@ def write_cache(vae: nn.Module, conditioner: nn.Module, sources: list[CacheSourc
 
 def read_manifest(folder: Path) -> dict:
     """The manifest of a complete cache; a one-line ConfigError for a folder that is none, an interrupted one (shards
-    without a manifest), one in the older layout, or one missing a shard."""
+    without a manifest), one in another layout, or one missing a shard."""
+    return checked_manifest(folder, parsed_manifest(folder))
+
+
+def parsed_manifest(folder: Path) -> dict:
+    """The JSON object in the folder's manifest, unchecked; a one-line ConfigError when there is none."""
     path = folder / MANIFEST
     if not path.is_file():
         shards = list(folder.glob(SHARDS))
@@ -419,6 +417,11 @@ def read_manifest(folder: Path) -> dict:
         raise ConfigError(f"the cache {folder}: {MANIFEST} cannot be read ({error}): {REMAKE}") from None
     if not isinstance(manifest, dict):
         raise ConfigError(f"the cache {folder}: {MANIFEST} holds no manifest: {REMAKE}")
+    return manifest
+
+
+def checked_manifest(folder: Path, manifest: dict) -> dict:
+    """`manifest`, checked to be a complete one of this layout whose shards are all in `folder`."""
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"the cache {folder} is in another layout (format {manifest.get('format')!r}, this satvideo "
                           f"reads {FORMAT}): {REMAKE}")

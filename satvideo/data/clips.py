@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,11 +200,16 @@ class ClipDataset(Dataset):
     def group_size(self, index: int) -> int:
         return len(self) if self.groups is None else len(self.groups[self.bucket_of[index]])
 
+    def candidates(self, index: int) -> Iterator[int]:
+        """The samples tried for `index` in turn: itself, then its stand-ins, at most MAX_CONSECUTIVE_BAD."""
+        for attempt in range(min(MAX_CONSECUTIVE_BAD, self.group_size(index))):
+            yield self.stand_in(index, attempt)
+
     def __getitem__(self, index: int) -> dict:
         passed_over: list[BadSample] = []
-        for attempt in range(min(MAX_CONSECUTIVE_BAD, self.group_size(index))):
+        for candidate in self.candidates(index):
             try:
-                item = self.load(self.stand_in(index, attempt))
+                item = self.load(candidate)
             except BadSample as error:
                 self._report(error)
                 passed_over.append(error)
