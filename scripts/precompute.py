@@ -101,7 +101,7 @@ def main() -> None:
 def check_bad_share(manifest: dict, guard: BadDataGuard, out: str) -> None:
     """As training from the videos would stop, the new cache does not replace what --out holds: no clip at all, a
     sample for which no clip of its source (and bucket) can stand in, or more bad draws in an epoch of the mixture
-    (the samples WeightedConcat draws, each source's `bad_draws`) than `guard` (data.max_bad_share) allows."""
+    (each source's `draws` and `bad_draws`, as WeightedConcat draws them) than `guard` (data.max_bad_share) allows."""
     good, reasons = manifest["count"], ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items())
     if good == 0:
         raise ConfigError(f"no clip of args.train_data could be cached ({reasons}); scripts/check_dataset.py lists "
@@ -111,7 +111,7 @@ def check_bad_share(manifest: dict, guard: BadDataGuard, out: str) -> None:
         raise TrainingError(f"precompute ({good} clips encoded, not written to {out}): no clip of its source and shape "
                             f"can stand in for {len(unusable)} samples, the first {unusable[0]} ({reasons}); training "
                             "from the videos would stop there: scripts/check_dataset.py lists the files")
-    drawn = sum(int((source["end"] - source["start"]) * source["weight"]) for source in manifest["sources"])
+    drawn = sum(source["draws"] for source in manifest["sources"])
     bad = sum(source["bad_draws"] for source in manifest["sources"])
     if guard.too_many(bad, drawn):
         raise TrainingError(f"precompute ({good} clips encoded, not written to {out}): an epoch of the mixture draws "

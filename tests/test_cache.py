@@ -202,7 +202,7 @@ def judge(good: int, bad: dict, max_bad_share, sources: list[tuple[int, float, i
     from satvideo.training.guards import BadDataGuard
 
     check_bad_share = runpy.run_path(str(Path(ROOT) / "scripts" / "precompute.py"))["check_bad_share"]
-    rows = [{"start": 0, "end": samples, "weight": weight, "bad_draws": count} for samples, weight, count in sources]
+    rows = [{"draws": int(samples * weight), "bad_draws": count} for samples, weight, count in sources]
     check_bad_share({"count": good, "skipped": bad, "sources": rows, "unusable": list(unusable)},
                     BadDataGuard(max_bad_share), "cache/")
 
@@ -240,7 +240,7 @@ def test_bad_draws_are_counted_over_the_samples_an_epoch_draws(tmp_path, toy_dat
     args = args_namespace(config)
     videos = build_dataset(config, args.train_data, "args.train_data", args.train_data_weights)
     drawn = [int(videos[index][SKIPPED].sum()) for index in range(int(11 * 0.5))]  # the half of `bad` an epoch draws
-    assert sum(drawn) == 2 and (source["bad"], source["bad_draws"]) == (8, 2)
+    assert sum(drawn) == 2 and (source["bad"], source["draws"], source["bad_draws"]) == (8, 5, 2)
 
 
 def test_precompute_refuses_what_training_from_the_videos_refuses(tmp_path, toy_data):

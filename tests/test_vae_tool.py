@@ -176,18 +176,34 @@ def test_fps_out_of_range_is_one_line(setup, fps):
     assert message == f"--fps {fps}: expected a whole number from 1 to 1000" and not out.exists()
 
 
-@pytest.mark.parametrize("recorded, warned", [("12", False), ("0", True), ("nan", True), ("fast", True),
-                                              ("1e-9", True), ("1001", True)])
-def test_metadata_fps_is_taken_only_when_it_is_from_one_hundredth_to_a_thousand(setup, recorded, warned):
+def vae_tool():
+    """scripts/vae.py as a module, for checks of its parts in-process."""
+    spec = importlib.util.spec_from_file_location("vae_tool", ROOT / "scripts" / "vae.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.mark.parametrize("recorded, warned", [("12", False), ("0.01", False), ("1000", False), ("0", True),
+                                              ("nan", True), ("fast", True), ("1e-9", True), ("1001", True),
+                                              (None, True)])
+def test_metadata_fps_is_taken_only_when_it_is_from_one_hundredth_to_a_thousand(recorded, warned, caplog):
+    metadata = {} if recorded is None else {"fps": recorded}
+    assert vae_tool().output_fps("z.safetensors", None, metadata) == (8 if warned else float(recorded))
+    found = "has no fps" if recorded is None else f"fps {recorded!r} is not a number from 0.01 to 1000"
+    warning = f"z.safetensors: its metadata {found}; writing at 8 fps (--fps sets it)"
+    assert [record.getMessage() for record in caplog.records] == ([warning] if warned else [])
+
+
+@pytest.mark.parametrize("recorded, written", [("12", 12), ("nan", 8)])
+def test_decode_writes_at_the_fps_of_the_metadata_or_warns(setup, recorded, written):
     latents_file, out = setup.folder / f"fps_{recorded}.safetensors", setup.folder / f"fps_{recorded}.mp4"
     save_file({"latents": torch.zeros(16, 1, 4, 4)}, str(latents_file), metadata={"fps": recorded})
     result = run_tool("decode", str(latents_file), str(out), "--base", *setup.base, "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    expected = 8 if warned else 12
-    assert f" at {expected} fps " in result.stdout and read_mp4(out)[1] == expected
-    warning = (f"{latents_file}: its metadata fps {recorded!r} is not a number from 0.01 to 1000; writing at 8 "
-               "fps (--fps sets it)")
-    assert (warning in result.stderr) == warned, result.stderr
+    assert f" at {written} fps " in result.stdout and read_mp4(out)[1] == written
+    warning = f"{latents_file}: its metadata fps 'nan' is not a number from 0.01 to 1000; writing at 8 fps"
+    assert (warning in result.stderr) == (recorded == "nan"), result.stderr
 
 
 def test_outputs_that_cannot_be_written_as_asked_and_a_bad_seed_are_one_line(setup):
@@ -225,9 +241,7 @@ def test_empty_or_non_finite_latents_are_refused_before_the_vae_is_built(setup, 
 
 
 def test_an_encode_stopped_while_writing_leaves_nothing_at_the_output(setup, monkeypatch):
-    spec = importlib.util.spec_from_file_location("vae_tool", ROOT / "scripts" / "vae.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = vae_tool()
 
     def stopped_half_way(tensors: dict, filename: str, metadata: dict) -> None:
         Path(filename).write_bytes(b"the first half of a safetensors file")

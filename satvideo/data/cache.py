@@ -352,9 +352,8 @@ def manifest_of(folder: Path, key: dict, sources: list[CacheSource], text_widths
     for source in sources:
         start, end, stood_in = ranges[next(i for i, dataset in enumerate(datasets) if dataset is source.dataset)]
         _, drawn = WeightedConcat([stood_in], [source.weight]).slots()  # the samples an epoch draws
-        bad_draws = int(stood_in[drawn].sum())
         source_rows.append({"path": source.path, "weight": source.weight, "start": start, "end": end,
-                            "bad": int(stood_in.sum()), "bad_draws": bad_draws})
+                            "bad": int(stood_in.sum()), "draws": len(drawn), "bad_draws": int(stood_in[drawn].sum())})
     return {"format": FORMAT, "count": len(clips), "key": key, "key_sha256": key_hash(key),
             "text_widths": text_widths, "first_frames": first_frames, "sources": source_rows,
             "skipped": tally_dict(skipped), "unusable": unusable, "shards": shards, "clips": rows}
