@@ -9,7 +9,7 @@ becomes the checkpoint a resumed run starts from. LoRA runs save only the adapte
 alpha, target modules and base checkpoint under `lora`); EMA weights go to `{save}/{iteration}-ema/`.
 
 Nothing read from disk can execute code: every file goes through `safe_load` (torch's weights-only unpickler,
-plus an explicit allow-list of the classes DeepSpeed pickles into its own files).
+plus an explicit allow-list of the plain-data classes DeepSpeed and SAT pickle into their files).
 """
 
 from __future__ import annotations
@@ -36,21 +36,28 @@ IGNORED_NETWORK_KEYS = ("transformer.word_embeddings.weight", "transformer.posit
                         "mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos")
 
 LORA_METADATA = "lora"
+# words of the line that says why torch's weights-only unpickler refused a file
+UNPICKLER_REASONS = ("Unsupported", "GLOBAL", "allowlisted")
 
 logger = logging.getLogger(__name__)
 
 
-def deepspeed_safe_globals() -> list[type]:
-    """The classes DeepSpeed pickles into its checkpoint files (loss scalers, the ZeRO stage enum, the address of
-    a parameter in a flat partition): plain data, allowed by name on top of torch's weights-only defaults."""
+def checkpoint_safe_globals() -> list:
+    """What DeepSpeed and SAT pickle into their checkpoint files beside the tensors: DeepSpeed's loss scalers, ZeRO
+    stage enum and flat-partition addresses, and NumPy's random state, which SAT saves unless --no-save-rng (an
+    array; its elements go through the same weights-only unpickler). Plain data, allowed by name on top of torch's
+    weights-only defaults; NumPy 1.x pickles `_reconstruct` under its older module name."""
+    import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    reconstruct = np._core.multiarray._reconstruct
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype,
+            np.dtypes.UInt32DType, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
-def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable[type] = (), mmap: bool = False) -> Any:
+def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable = (), mmap: bool = False) -> Any:
     """torch.load with the weights-only unpickler (tensors, containers, numbers, strings and `allowed` classes);
     a file holding anything else, which could execute code, is a CheckpointError naming it. `mmap` maps the
     tensors instead of reading them (for a look at a large file's metadata)."""
@@ -63,13 +70,14 @@ def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable[typ
         raise CheckpointError(f"{path}: refused to load: a folder, not a file") from error
     except Exception as error:  # whatever a file that is not torch's makes the unpickler raise (KeyError, ...)
         reason = str(error).strip().splitlines()
-        detail = next((line.strip() for line in reason if "Unsupported" in line or "GLOBAL" in line), reason[0] if reason else "")
+        detail = next((line.strip() for line in reason if any(word in line for word in UNPICKLER_REASONS)),
+                      reason[0] if reason else "")
         raise CheckpointError(f"{path}: refused to load: not a plain tensor file ({detail[:200]})") from error
 
 
 def guard_deepspeed_loads(engine) -> None:
     """Make a DeepSpeed engine read its checkpoint files (model and optimizer states) through `safe_load`."""
-    allowed = deepspeed_safe_globals()
+    allowed = checkpoint_safe_globals()
     engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location or "cpu", allowed)
 
 
@@ -82,7 +90,7 @@ def write_zero3_model_states(iteration_dir: Path, weights: dict[str, torch.Tenso
     """The SAT-layout model file of a ZeRO-3 save: the gathered `weights` as `module`, beside rank 0's
     partition metadata (shapes, buffer and shared-parameter names, version) that DeepSpeed's zero_to_fp32
     expects of every `*_model_states.pt` in the folder."""
-    rank0 = safe_load(iteration_dir / ZERO3_RANK0_MODEL_STATES, allowed=deepspeed_safe_globals())
+    rank0 = safe_load(iteration_dir / ZERO3_RANK0_MODEL_STATES, allowed=checkpoint_safe_globals())
     torch.save({**rank0, "module": weights}, iteration_dir / MODEL_STATES)
 
 
@@ -121,7 +129,7 @@ def resolve_model_states(path: str | Path) -> Path:
 def read_model_states(checkpoint_path: str | Path) -> tuple[Path, dict]:
     """(the model-states file, its contents) of a run folder, iteration folder or file."""
     file = resolve_model_states(checkpoint_path)
-    return file, a_dict(safe_load(file, allowed=deepspeed_safe_globals()), file)
+    return file, a_dict(safe_load(file, allowed=checkpoint_safe_globals()), file)
 
 
 def a_dict(loaded: Any, file: Path | str) -> dict:
@@ -179,7 +187,7 @@ def lora_metadata(checkpoint_path: str | Path) -> dict | None:
     """Rank, alpha, target modules and base checkpoint of an adapter-only LoRA checkpoint; None for full ones."""
     file = resolve_model_states(checkpoint_path)
     # mapped, not read, where the format allows it: torch's older (non-zip) format cannot be mapped
-    state = safe_load(file, allowed=deepspeed_safe_globals(), mmap=zipfile.is_zipfile(file))
+    state = safe_load(file, allowed=checkpoint_safe_globals(), mmap=zipfile.is_zipfile(file))
     return state.get(LORA_METADATA) if isinstance(state, dict) else None
 
 
@@ -256,19 +264,50 @@ def without_recomputed_table(network: nn.Module, weights: dict[str, torch.Tensor
     return weights
 
 
+def lora_layers(network: nn.Module) -> list[str]:
+    """Names of the projections SAT's LoRA wraps (a LoraLinear: the base layer as `original`, adapters beside it)."""
+    return [name for name, module in network.named_modules() if hasattr(module, "original")
+            and hasattr(module, "matrix_A")]
+
+
+def in_lora_layout(network: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` with the base weight and bias of each LoRA-wrapped projection named as the network holds them
+    (`P.weight` -> `P.original.weight`), which is how SAT's LoRA layers take a plain checkpoint's projections."""
+    renamed = {f"{layer}.{name}": f"{layer}.original.{name}" for layer in lora_layers(network)
+               for name in ("weight", "bias")}
+    return {renamed.get(key, key): value for key, value in weights.items()}
+
+
+def lora_rank_hint(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str:
+    """What to change when the checkpoint's LoRA matrices do not fit: the config's rank, or a LoRA overlay."""
+    ranks = {value.shape[0] for key, value in weights.items() if ".matrix_A." in key and value.ndim == 2}
+    if not ranks:
+        return ""
+    rank = ", ".join(map(str, sorted(ranks)))
+    if not any(is_lora_matrix(key) for key in own):
+        return f" (it holds LoRA layers of rank {rank}: add configs/lora.yaml with that rank)"
+    own_ranks = {value.shape[0] for key, value in own.items() if ".matrix_A." in key}
+    if own_ranks != ranks:
+        return (f" (its LoRA layers have rank {rank}: set model.network_config.params.modules.lora_config.params.r="
+                f"{rank})")
+    return ""
+
+
 def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: str | Path, strict: bool,
                  subset: bool = False) -> None:
-    """load_state_dict with the problems listed; `subset` expects only some keys (adapters, EMA weights)."""
-    weights = without_recomputed_table(network, weights)
+    """load_state_dict with the problems listed; `subset` expects only some keys (adapters, EMA weights). The names
+    are compared here, not taken from load_state_dict, whose report SAT's LoRA layers leave empty."""
+    weights = in_lora_layout(network, without_recomputed_table(network, weights))
     own = network.state_dict()
     resized = resized_weights(own, weights)
-    # load_state_dict, not a comparison of names: SAT's LoRA layers take a base `weight` as their `original.weight`
-    result = network.load_state_dict({key: value for key, value in weights.items() if key not in resized},
-                                     strict=False)
-    missing = [] if subset else [key for key in result.missing_keys if key not in resized and not is_lora_matrix(key)]
-    problems = mismatch_problems(list(resized.values()), missing, result.unexpected_keys)
+    missing = [] if subset else [key for key in own if key not in weights and not is_lora_matrix(key)]
+    unexpected = [key for key in weights if key not in own]
+    network.load_state_dict({key: value for key, value in weights.items() if key in own and key not in resized},
+                            strict=False)
+    problems = mismatch_problems(list(resized.values()), missing, unexpected)
     if problems:
-        message = f"checkpoint {source} does not match the model config: " + "; ".join(problems)
+        message = (f"checkpoint {source} does not match the model config{lora_rank_hint(own, weights)}: "
+                   + "; ".join(problems))
         if strict:
             raise CheckpointError(message + " (set args.strict_load=false to load the rest anyway)")
         logger.warning(message + ("; those weights keep their initial values" if resized or missing else ""))

@@ -3,6 +3,8 @@
     sat-to-diffusers   --config cogvideox_5b.yaml --checkpoint CKPT --out DIR [--vae 3d-vae.pt --vae-out DIR]
     diffusers-to-sat   --transformer DIR --out SAT_DIR [--vae DIR]
     lora-to-diffusers  --checkpoint SAT_LORA_CKPT --out DIR [--lora-alpha A]   (alpha: from the checkpoint)
+    lora-merge         --checkpoint SAT_LORA_CKPT --out DIR [--lora-base BASE] [--scale S]
+                       (a plain SAT checkpoint with the adapters merged, for the official sampling)
 
 Inputs are read and checked (the weights against the config they are converted with) before anything is written;
 each output folder then appears whole or not at all. An output folder that exists and is not empty is refused
@@ -10,6 +12,7 @@ unless --overwrite, which replaces it. Errors are one line (the traceback with -
 """
 
 import argparse
+import math
 from pathlib import Path
 
 from satvideo.cli import check_output_folder, run_entrypoint
@@ -17,6 +20,7 @@ from satvideo.config import ConfigError
 from satvideo.convert.checkpoints import (LORA_WEIGHTS_NAME, diffusers_to_sat_checkpoint,
                                           sat_lora_to_diffusers_checkpoint, sat_to_diffusers_checkpoint)
 from satvideo.convert.lora import is_lora_alpha
+from satvideo.sampling.adapters import write_merged_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,6 +51,12 @@ def parse_args() -> argparse.Namespace:
     lora.add_argument("--out", required=True, help="folder for pytorch_lora_weights.safetensors")
     lora.add_argument("--lora-alpha", type=float, default=None,
                       help="lora_config lora_alpha of the run (default: recorded in satvideo adapter checkpoints; 1)")
+    merge = commands.add_parser("lora-merge", parents=[common],
+                                help="SAT LoRA checkpoint -> plain SAT checkpoint with the adapters merged")
+    merge.add_argument("--checkpoint", required=True, help="satvideo LoRA run (adapters) or SAT LoRA checkpoint")
+    merge.add_argument("--out", required=True, help="folder for the merged checkpoint (latest, 1/)")
+    merge.add_argument("--lora-base", default=None, help="the base weights (default: the base the adapters record)")
+    merge.add_argument("--scale", type=float, default=1.0, help="strength of the adapters (default 1)")
     return parser.parse_args()
 
 
@@ -75,6 +85,12 @@ def main() -> None:
         check_output_folder(args.out, "--out", args.overwrite)
         check_apart([("--out", args.out)], [("--transformer", args.transformer), ("--vae", args.vae)])
         diffusers_to_sat_checkpoint(args.transformer, args.out, args.vae)
+    elif args.command == "lora-merge":
+        check_output_folder(args.out, "--out", args.overwrite)
+        check_apart([("--out", args.out)], [("--checkpoint", args.checkpoint), ("--lora-base", args.lora_base)])
+        if not math.isfinite(args.scale):
+            raise ConfigError(f"--scale {args.scale}: expected a finite number")
+        write_merged_checkpoint(args.checkpoint, args.out, args.lora_base, args.scale)
     else:
         # a folder that other files may share, in which one file is replaced
         check_output_folder(args.out, "--out", overwrite=True, replaced_whole=False)

@@ -7,9 +7,12 @@ import runpy
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from satvideo.checkpoint import MODEL_STATES, NETWORK_PREFIX, write_latest
 from satvideo.config import SatvideoError, load_config, to_plain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,3 +95,12 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     """The last line a command that failed as satvideo's entry points fail (exit code 2, no traceback) wrote."""
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
+
+
+def save_sat(weights: dict, folder: Path, **extra) -> Path:
+    """`weights` (network names) as a SAT run folder: `latest` naming iteration 1, with `extra` beside `module`."""
+    (folder / "1").mkdir(parents=True)
+    torch.save({"module": {NETWORK_PREFIX + key: value for key, value in weights.items()}, **extra},
+               folder / "1" / MODEL_STATES)
+    write_latest(folder, 1)
+    return folder

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_sat
 from test_trust import failing
 from test_training import ROOT, run
 
-from satvideo.checkpoint import MODEL_STATES, NETWORK_PREFIX, write_latest
+from satvideo.checkpoint import MODEL_STATES
 from satvideo.config import CheckpointError, ConfigError, load_config
 from satvideo.data.toy import make_toy_dataset
 from satvideo.data.video import read_mp4, write_mp4
@@ -32,14 +33,6 @@ def tiny_engine(*overrides) -> VideoDiffusionEngine:
     settings = [item for item in overrides if not item.endswith(".yaml")]
     engine = VideoDiffusionEngine.from_config(load_config([*TINY, *files], [*STEPS, *settings]).model)
     return engine.eval()
-
-
-def save_sat(weights: dict, folder: Path, **extra) -> Path:
-    (folder / "1").mkdir(parents=True)
-    torch.save({"module": {NETWORK_PREFIX + key: value for key, value in weights.items()}, **extra},
-               folder / "1" / MODEL_STATES)
-    write_latest(folder, 1)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +321,73 @@ def test_merged_adapters_equal_the_adapter_over_base_and_a_peft_export_loads_bac
     merge_adapters(half.network, [(str(adapter), 0.5), (str(tmp_path / "peft"), 0.5)])  # two adapters, scales
     assert (half.sample(prompt, shape, torch.Generator().manual_seed(2)) - expected).abs().max() \
         <= 1e-5 * expected.abs().max()
+
+
+def test_lora_merge_writes_a_plain_checkpoint_that_samples_as_the_adapters_over_their_base(tmp_path, base, adapter):
+    from satvideo.checkpoint import load_network, network_state_dict, scale_lora
+    from satvideo.sampling.adapters import write_merged_checkpoint
+
+    shape, prompt = (3, 16, 4, 4), ["a red square moving left"]
+    vae = f"model.first_stage_config.params.ckpt_path={base / 'vae.pt'}"
+    over_base = tiny_engine(vae, *LORA)
+    load_network(over_base.network, adapter)
+    expected = over_base.sample(prompt, shape, torch.Generator().manual_seed(2))
+    run([sys.executable, "scripts/convert_weights.py", "lora-merge", "--checkpoint", str(adapter), "--out",
+         str(tmp_path / "merged")])
+    assert not any("matrix_" in key or ".original." in key for key in network_state_dict(tmp_path / "merged"))
+    got = loaded(tmp_path / "merged", vae).sample(prompt, shape, torch.Generator().manual_seed(2))
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    # SAT's own LoRA layout (base weights as `original.weight`, no record: SAT's alpha 1), at half strength
+    official = tiny_engine(vae, "configs/lora.yaml", "model.network_config.params.modules.lora_config.params.r=4")
+    load_network(official.network, base)
+    with torch.no_grad():
+        for name, value in official.network.named_parameters():
+            if "matrix_B" in name:
+                value.normal_(0, 2.0)
+    full = save_sat(official.network.state_dict(), tmp_path / "official")
+    scale_lora(official.network, 0.5)
+    expected = official.sample(prompt, shape, torch.Generator().manual_seed(2))
+    write_merged_checkpoint(str(full), tmp_path / "official_merged", scale=0.5)
+    got = loaded(tmp_path / "official_merged", vae).sample(prompt, shape, torch.Generator().manual_seed(2))
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert not torch.equal(got, loaded(base, vae).sample(prompt, shape, torch.Generator().manual_seed(2)))
+
+
+def test_a_peft_file_is_scaled_by_the_alpha_and_rank_diffusers_records_in_its_header(tmp_path, adapter):
+    from safetensors.torch import save_file
+
+    from satvideo.checkpoint import network_state_dict
+    from satvideo.convert.lora import sat_lora_to_peft
+    from satvideo.sampling.adapters import adapter_deltas
+
+    expected = adapter_deltas(str(adapter))  # rank 4, alpha 8: B @ A * 2
+    raw = sat_lora_to_peft(network_state_dict(adapter), lora_alpha=4.0)  # B @ A as trained, scale 1 folded in
+
+    def peft(name: str, header: dict | None) -> str:
+        metadata = None if header is None else {"lora_adapter_metadata": json.dumps(header)}
+        save_file(raw, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+        return str(tmp_path / f"{name}.safetensors")
+
+    def scaled_by(path: str) -> float:
+        deltas = adapter_deltas(path)
+        assert deltas.keys() == expected.keys()
+        ratios = [deltas[key].norm() / expected[key].norm() * 2 for key in expected]
+        assert max(ratios) - min(ratios) < 1e-5
+        return float(ratios[0])
+
+    assert scaled_by(peft("no_header", None)) == pytest.approx(1.0)  # diffusers applies a headerless file at 1
+    assert scaled_by(peft("alpha_8", {"transformer.r": 4, "transformer.lora_alpha": 8})) == pytest.approx(2.0)
+    assert scaled_by(peft("rslora", {"transformer.r": 4, "transformer.lora_alpha": 8,
+                                     "transformer.use_rslora": True})) == pytest.approx(4.0)
+    assert scaled_by(peft("text_encoder_only", {"text_encoder.r": 4, "text_encoder.lora_alpha": 8})) == \
+        pytest.approx(1.0)
+    with pytest.raises(ConfigError, match=r"^args.lora: .*pattern.safetensors: its header's lora_adapter_metadata "
+                                          r"gives per-module ranks or alphas, or DoRA: args.lora merges plain LoRA "
+                                          r"only$"):
+        adapter_deltas(peft("pattern", {"transformer.r": 4, "transformer.rank_pattern": {"to_q": 8}}))
+    with pytest.raises(ConfigError, match=r"gives r=0 and lora_alpha=8: expected numbers > 0$"):
+        adapter_deltas(peft("rank_0", {"transformer.r": 0, "transformer.lora_alpha": 8}))
 
 
 def test_args_lora_merges_at_sampling(tmp_path, base, adapter):

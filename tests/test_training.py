@@ -221,6 +221,49 @@ def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_ext
         load_network(network, tmp_path / "nowhere")
 
 
+def test_lora_layers_load_base_and_lora_checkpoints_and_report_what_sat_would_not(tmp_path):
+    """SAT's LoRA layers load a plain projection's weight as `original.weight` and report no missing or resized
+    keys themselves: the check names them, with the rank or overlay to set."""
+    import random
+
+    import numpy as np
+    from conftest import save_sat, tiny_network_config
+    from satvideo.config import instantiate_from_config
+
+    torch.manual_seed(0)
+    plain = instantiate_from_config(tiny_network_config("5b")).state_dict()
+    qkv = "transformer.layers.1.attention.query_key_value"
+    # an official checkpoint as SAT saves it by default: random-number states beside the weights
+    rng = dict(np_rng_state=np.random.get_state(), random_rng_state=random.getstate(),
+               torch_rng_state=torch.get_rng_state(), iteration=7)
+    base = save_sat(plain, tmp_path / "base", **rng)
+    lora = instantiate_from_config(tiny_network_config("5b", lora_rank=4))
+    load_network(lora, base)
+    assert torch.equal(lora.state_dict()[f"{qkv}.original.weight"], plain[f"{qkv}.weight"])
+
+    lora_state = lora.state_dict()  # SAT's full LoRA layout: original.weight, matrix_A.i, matrix_B.i
+    lora_state[f"{qkv}.matrix_B.2"] = torch.randn_like(lora_state[f"{qkv}.matrix_B.2"])
+    official_lora = save_sat(lora_state, tmp_path / "lora", **rng)
+    load_network(lora, official_lora)
+    assert torch.equal(lora.state_dict()[f"{qkv}.matrix_B.2"], lora_state[f"{qkv}.matrix_B.2"])
+
+    without_qkv = save_sat({k: v for k, v in plain.items() if not k.startswith(qkv)}, tmp_path / "no_qkv")
+    with pytest.raises(CheckpointError, match=rf"missing keys \(2\): {qkv}.original.weight, {qkv}.original.bias"):
+        load_network(lora, without_qkv)
+    wider = save_sat({**plain, f"{qkv}.weight": torch.zeros(3 * 64, 65)}, tmp_path / "wider")
+    with pytest.raises(CheckpointError, match=rf"shapes differ, checkpoint vs model \(1\): {qkv}.original.weight "
+                                              r"\(192, 65\) vs \(192, 64\)"):
+        load_network(lora, wider)
+    rank_8 = instantiate_from_config(tiny_network_config("5b", lora_rank=8))
+    with pytest.raises(CheckpointError, match=r"does not match the model config \(its LoRA layers have rank 4: set "
+                                              r"model.network_config.params.modules.lora_config.params.r=4\): "):
+        load_network(rank_8, official_lora)
+    no_lora = instantiate_from_config(tiny_network_config("5b"))
+    with pytest.raises(CheckpointError, match=r"\(it holds LoRA layers of rank 4: add configs/lora.yaml with that "
+                                              r"rank\): "):
+        load_network(no_lora, official_lora)
+
+
 def test_sampler_partitions_data_and_resumes_mid_epoch():
     samplers = [ResumableSampler(10, rank, 3, seed=5) for rank in range(3)]
     shares = [list(sampler) for sampler in samplers]
