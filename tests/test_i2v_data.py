@@ -69,3 +69,38 @@ def test_tiny_i2v_training_and_sampling_end_to_end(tmp_path, i2v_manifest):
     frames, _ = read_mp4(video)
     assert frames.shape == (9, 32, 32, 3)
     assert torch.isfinite(torch.from_numpy(frames).float()).all()
+
+
+def test_first_frames_of_every_image_mode_load_as_rgb_and_a_truncated_one_is_refused_at_the_check(tmp_path):
+    from satvideo.config import ConfigError, args_namespace, load_config
+    from satvideo.sampling import VideoPlan, VideoRequest
+    from satvideo.sampling.inputs import load_first_frame
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    grey = rgb.convert("L")
+    images = {"rgb.png": rgb, "grey.png": grey, "bw.png": rgb.convert("1"), "grey_alpha.png": rgb.convert("LA"),
+              "rgba.png": rgb.convert("RGBA"), "palette.png": rgb.convert("P"), "cmyk.jpg": rgb.convert("CMYK"),
+              "grey16.png": Image.fromarray(np.asarray(grey).astype(np.uint16) * 257)}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    config = load_config(["configs/tiny/model.yaml", "configs/tiny/vae.yaml", "configs/tiny/sample.yaml"],
+                         [*I2V, "args.image2video=true", "args.sampling_image_size=[32,32]"])
+    plan = VideoPlan(args_namespace(config), config.model.network_config.params)
+    frames = {}
+    for index, name in enumerate(images):
+        request = VideoRequest(index=index, prompt="a square", seed=0, image=str(tmp_path / name))
+        plan.check(request)
+        frames[name] = load_first_frame(str(tmp_path / name), 32, 32)
+        assert frames[name].shape == (3, 32, 32), name
+    for name in ("grey.png", "bw.png", "grey_alpha.png", "grey16.png"):  # grey: three equal channels
+        assert torch.equal(frames[name][0], frames[name][1]) and torch.equal(frames[name][1], frames[name][2]), name
+    assert torch.equal(frames["grey16.png"], frames["grey.png"])  # 16 bits brought to 8, not clipped
+    assert torch.equal(frames["rgba.png"], frames["rgb.png"])
+    assert (frames["cmyk.jpg"] - frames["rgb.png"]).abs().mean() < 0.1  # converted, not read as C, M, Y
+    rgb.save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) * 2 // 3])  # its header still verifies
+    with pytest.raises(ConfigError, match=r"^request 3 \('a square'\): image .*truncated.jpg cannot be read "
+                                          r"\(image file is truncated"):
+        plan.check(VideoRequest(index=3, prompt="a square", seed=0, image=str(tmp_path / "truncated.jpg")))

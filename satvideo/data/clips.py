@@ -28,8 +28,8 @@ from torch.utils.data import Dataset
 
 from satvideo.config import FRAMES_4K_PLUS_1, check_value, number_rule, whole_rule
 from satvideo.data.buckets import check_buckets
-from satvideo.data.frames import FRAME_SAMPLING, resampled_indices, resize_cover_center_crop, strided_indices, \
-    whole_number
+from satvideo.data.frames import (FRAME_SAMPLING, resampled_indices, resize_cover_center_crop, rgb_pixels,
+                                  strided_indices, whole_number)
 from satvideo.data.health import (SKIPPED, BadSample, FirstOfEachReason, UnusableData, classify_decode_error,
                                   tally_of)
 
@@ -292,9 +292,7 @@ class ClipDataset(Dataset):
 
         try:
             with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
-                if image.mode.startswith("I"):  # 16-bit grey (PNG): to 8 bits first, RGB conversion would clip it
-                    image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
-                pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())  # [h, w, 3] uint8
+                pixels = torch.from_numpy(rgb_pixels(image))  # [h, w, 3] uint8
         except (OSError, UnidentifiedImageError) as error:
             raise BadSample("bad_image", name, str(error).splitlines()[0][:200]) from None
         return frames_to_unit_range(pixels.permute(2, 0, 1)[None], size)[0]

@@ -14,10 +14,19 @@ last frame.
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from satvideo.config import is_whole_number
 
 FRAME_SAMPLING = ("stride", "fps")
+
+
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """An image of any mode (grey, palette, RGBA, CMYK, 16-bit grey) -> [h, w, 3] uint8 RGB. 16-bit grey goes to 8
+    bits first: PIL's RGB conversion would clip it."""
+    if image.mode.startswith("I"):
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
+    return np.asarray(image.convert("RGB")).copy()
 
 
 def largest_4k_plus_1(n: int) -> int:

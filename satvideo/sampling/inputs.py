@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import TextIO
 
 import decord
-import imageio.v3 as iio
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from satvideo.config import FRAMES_4K_PLUS_1, TEXT, ConfigError, Rule, nullable, number_rule, whole_rule
-from satvideo.data.frames import resize_cover_center_crop
+from satvideo.data.frames import resize_cover_center_crop, rgb_pixels
 
 VAE_SPATIAL = 8  # the CogVideoX VAE's spatial compression
 VAE_TEMPORAL = 4
@@ -138,11 +137,17 @@ def sampling_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
+def read_image(path: str) -> Image.Image:
+    """An image file of any mode as RGB, decoded whole (a truncated file fails here, not mid-run)."""
+    with Image.open(path) as image:
+        return Image.fromarray(rgb_pixels(image))
+
+
 def load_first_frame(path: str, height: int, width: int) -> torch.Tensor:
     """An image file -> [3, H, W] in [-1, 1], resized to cover (H, W) and centre-cropped."""
     if not Path(path).is_file():
         raise ConfigError(f"image for image-to-video not found: {path}")
-    image = torch.from_numpy(iio.imread(path)[..., :3].copy()).permute(2, 0, 1).float() / 127.5 - 1  # [3, h, w]
+    image = torch.from_numpy(np.asarray(read_image(path)).copy()).permute(2, 0, 1).float() / 127.5 - 1  # [3, h, w]
     return resize_cover_center_crop(image[None], (height, width))[0]
 
 
@@ -161,7 +166,7 @@ def size_from_image(image_height: int, image_width: int, short_side: int = 768) 
 
 def load_first_frame_at_its_aspect(path: str) -> torch.Tensor:
     """An image file -> [3, H, W] in [-1, 1] at size_from_image, resized without cropping (Lanczos, as the original)."""
-    image = Image.open(path).convert("RGB")
+    image = read_image(path)
     height, width = size_from_image(image.height, image.width)
     resized = image.resize((width, height), Image.LANCZOS)
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 127.5 - 1
@@ -241,10 +246,9 @@ class VideoPlan:
         check_frame_count(latent_frames, self.network, f"{where}: num_frames")
         if request.image:
             try:
-                with Image.open(request.image) as image:
-                    image.verify()
-                    size = image.height, image.width
-            except (OSError, UnidentifiedImageError) as error:
+                image = read_image(request.image)
+                size = image.height, image.width
+            except (OSError, ValueError, UnidentifiedImageError) as error:
                 raise ConfigError(f"{where}: image {request.image} cannot be read ({error})") from error
             if self.size_follows_image:
                 self.check_size(*size_from_image(*size), f"{where}: the size derived from {request.image}")
