@@ -173,3 +173,33 @@ def test_official_5b_sft_and_inference_configs_train_and_sample_on_cpu(tmp_path)
     assert [record["prompt"] for record in records] == ["a red square moving left"]
     frames, fps = read_mp4(out_dir / records[0]["file"])
     assert frames.shape == (9, 32, 32, 3) and round(fps) == 16  # 3 latent frames; official sampling_fps 16
+
+
+def test_5b_i2v_sampling_refuses_sizes_and_lengths_its_learnable_position_table_does_not_cover(tmp_path):
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from satvideo.sampling import VideoPlan, VideoRequest
+
+    def plan(*overrides: str) -> VideoPlan:
+        config = load_config(["configs/cogvideox_5b_i2v.yaml", "configs/inference.yaml"],
+                             [*TINY_SIZES, "args.image2video=true", *overrides])
+        return VideoPlan(args_namespace(config), config.model.network_config.params)
+
+    table = re.escape("this model's learnable position table (pos_embed_config.params.learnable_pos_embed) covers "
+                      "32x32 and at most 9 frames")
+    with pytest.raises(ConfigError, match=rf"^args.sampling_num_frames and args.sampling_image_size: 9 frames at "
+                                          rf"64x64; {table}$"):
+        plan("args.sampling_image_size=[64,64]")
+    with pytest.raises(ConfigError, match=rf"^args.sampling_num_frames and args.sampling_image_size: 17 frames at "
+                                          rf"32x32; {table}$"):
+        plan("args.sampling_num_frames=5")
+    assert plan("args.sampling_num_frames=1").latent_frames == 1  # fewer frames take the table's first rows
+    image = tmp_path / "frame.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    configured = plan()  # 32x32, 9 frames (3 latent): the table's grid
+    configured.check(VideoRequest(index=0, prompt="a cat", seed=0, image=str(image), num_frames=9))
+    with pytest.raises(ConfigError, match=rf"^request 1 \('a cat'\): num_frames: 17 frames at 32x32; {table}$"):
+        configured.check(VideoRequest(index=1, prompt="a cat", seed=0, image=str(image), num_frames=17))

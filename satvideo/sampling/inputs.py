@@ -219,6 +219,7 @@ class VideoPlan:
         self.check_size(self.height, self.width, "args.sampling_image_size")
         # 1.5-I2V without an explicit size takes it from each image, as the original does
         self.size_follows_image = (args.image2video and temporal_patch(network) > 1 and not args.sampling_image_size)
+        self.check_learned_table(self.latent_frames, "args.sampling_num_frames and args.sampling_image_size")
 
     def check_size(self, height: int, width: int, key: str) -> None:
         multiple = VAE_SPATIAL * (self.network.patch_size if isinstance(self.network.patch_size, int)
@@ -226,6 +227,18 @@ class VideoPlan:
         if height % multiple or width % multiple or not (multiple <= height <= MAX_SIDE and multiple <= width <= MAX_SIDE):
             raise ConfigError(f"{key}={[height, width]}: both must be multiples of {multiple} between {multiple} "
                               f"and {MAX_SIDE}")
+
+    def check_learned_table(self, latent_frames: int, key: str) -> None:
+        """A learnable position table (5B-I2V) is tied to its configured grid: that size, and at most its frames."""
+        pos = (self.network.get("modules", {}).get("pos_embed_config") or {}).get("params") or {}
+        if not pos.get("learnable_pos_embed"):
+            return
+        table_frames = (self.network.num_frames - 1) // self.network.time_compressed_rate + 1
+        size = [self.network.latent_height * VAE_SPATIAL, self.network.latent_width * VAE_SPATIAL]
+        if [self.height, self.width] != size or latent_frames > table_frames:
+            raise ConfigError(f"{key}: {VAE_TEMPORAL * (latent_frames - 1) + 1} frames at {self.height}x{self.width}; "
+                              f"this model's learnable position table (pos_embed_config.params.learnable_pos_embed) "
+                              f"covers {size[0]}x{size[1]} and at most {self.network.num_frames} frames")
 
     def latents_of(self, request: VideoRequest) -> int:
         """The request's latent frames: the run's, or from its num_frames (4k+1 by REQUEST_RULES)."""
@@ -244,6 +257,7 @@ class VideoPlan:
             raise ConfigError(f"{where}: an image is given but args.image2video is false (a text-to-video model)")
         latent_frames = self.latents_of(request)
         check_frame_count(latent_frames, self.network, f"{where}: num_frames")
+        self.check_learned_table(latent_frames, f"{where}: num_frames")
         if request.image:
             try:
                 image = read_image(request.image)
