@@ -25,7 +25,7 @@ from tqdm import tqdm
 from satvideo import distributed
 from satvideo.checkpoint import adapters_base, load_network, lora_metadata, resolve_model_states
 from satvideo.cli import parse_config, run_entrypoint
-from satvideo.config import ConfigError, args_namespace
+from satvideo.config import ConfigError, SatvideoError, args_namespace
 from satvideo.engine import VideoDiffusionEngine, check_decode_args
 from satvideo.parallel.layout import Layout, build_layout
 from satvideo.parallel.sequence import enable_sequence_parallel
@@ -160,6 +160,17 @@ def decode(engine, latents: torch.Tensor, args, layout: Layout) -> torch.Tensor:
                                      overlap=args.vae_tile_overlap, context_group=layout.sequence_group)
 
 
+def check_finite(values: torch.Tensor, group: list, samples: int, what: str) -> torch.Tensor:
+    """`values` [len(group) * samples, ...]; a SatvideoError naming the first request whose values hold NaN or inf
+    (an overflow in half precision, or weights that were damaged), which would be written as a black video."""
+    finite = torch.isfinite(values.flatten(1)).all(dim=1).tolist()
+    if not all(finite):
+        request = group[finite.index(False) // samples]
+        raise SatvideoError(f"request {request.index} ({request.prompt[:40]!r}): the {what} hold NaN or inf (an "
+                            "overflow in half precision?); nothing was written for it")
+    return values
+
+
 def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: OutputWriter | None, args,
                  run_record: dict, device: torch.device, layout: Layout) -> list:
     """Sample one batch of requests (num_samples videos each) and write every video with its sidecar (no writer: a
@@ -182,8 +193,9 @@ def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: Outp
         latents = latents.expand(samples, -1, -1, -1, -1)
         init, prefix = (latents, None) if first.strength is not None else (None, latents[:, : first.continue_frames])
     prompts = [r.prompt for r in group for _ in range(samples)]
-    latents = engine.sample(prompts, shape, generators, first_frames=first_frames, text=text, init_latents=init,
-                            strength=first.strength if first.strength is not None else 1.0, prefix_latents=prefix)
+    latents = check_finite(engine.sample(prompts, shape, generators, first_frames=first_frames, text=text, init_latents=init,
+                            strength=first.strength if first.strength is not None else 1.0, prefix_latents=prefix),
+                           group, samples, "sampled latents")
     if writer is None:  # a helper rank; those of a sequence-parallel group also share the decoding
         if layout.sequence_group is not None and layout.cfg_rank == 0 and not args.only_save_latents:
             for position in range(len(prompts)):
@@ -204,7 +216,7 @@ def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: Outp
             record.update(frames=4 * (shape[0] - 1) + 1, seconds=seconds, peak_memory_gb=distributed.peak_memory_gb(device))
             paths.append(writer.write(stem, record, latents={"latents": unscaled}))
         else:
-            video = decode(engine, one, args, layout)[0].cpu()
+            video = check_finite(decode(engine, one, args, layout), [request], 1, "decoded video")[0].cpu()
             record.update(frames=video.shape[0], seconds=seconds, peak_memory_gb=distributed.peak_memory_gb(device))
             paths.append(writer.write(stem, record, video=video, fps=args.sampling_fps))
         print(f"wrote {paths[-1]}", flush=True)

@@ -179,6 +179,11 @@ def network_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
     return network_weights(state, file)
 
 
+def non_finite(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or inf."""
+    return [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 def is_lora_matrix(name: str) -> bool:
     return "matrix_A" in name or "matrix_B" in name
 
@@ -297,6 +302,10 @@ def load_weights(network: nn.Module, weights: dict[str, torch.Tensor], source: s
                  subset: bool = False) -> None:
     """load_state_dict with the problems listed; `subset` expects only some keys (adapters, EMA weights). The names
     are compared here, not taken from load_state_dict, whose report SAT's LoRA layers leave empty."""
+    broken = non_finite(weights)
+    if broken:  # whatever strict says: a damaged file, sampled it gives black videos
+        raise CheckpointError(f"checkpoint {source}: {len(broken)} weight tensors hold NaN or inf (the first: "
+                              f"{broken[0]}); the file is damaged")
     weights = in_lora_layout(network, without_recomputed_table(network, weights))
     own = network.state_dict()
     resized = resized_weights(own, weights)

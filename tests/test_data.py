@@ -361,6 +361,9 @@ def test_read_prompts_skips_blanks_and_comments(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("# toy prompts\na red square moving left\n\n   \n  a blue circle moving up  \n#skip\n")
     assert read_prompts(str(path)) == ["a red square moving left", "a blue circle moving up"]
+    # a line ends at \n, \r\n or \r only: U+2028, form feed, \x1c or \x85 inside a prompt keep it one prompt
+    path.write_text("a red square\u2028moving left\r\nthe sign\x1c says \x0cSTOP\x85 now\rlast\n", newline="")
+    assert read_prompts(str(path)) == ["a red square\u2028moving left", "the sign\x1c says \x0cSTOP\x85 now", "last"]
     with pytest.raises(ConfigError, match=re.escape(f"args.input_file: {tmp_path / 'nope.txt'} does not exist")):
         read_prompts(str(tmp_path / "nope.txt"))
 

@@ -214,6 +214,20 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
 
 
+def test_latents_or_videos_that_are_not_finite_name_their_request_and_are_not_written():
+    from satvideo.config import SatvideoError
+    from satvideo.sampling import VideoRequest
+
+    check_finite = runpy.run_path(str(Path(ROOT) / "sample_video.py"))["check_finite"]
+    group = [VideoRequest(index=4, prompt="a cat", seed=0), VideoRequest(index=5, prompt="a dog", seed=0)]
+    latents = torch.zeros(4, 3, 16, 4, 4)  # 2 requests x 2 samples
+    assert check_finite(latents, group, 2, "sampled latents") is latents
+    latents[3, 1, 0, 2, 2] = float("nan")
+    with pytest.raises(SatvideoError, match=r"^request 5 \('a dog'\): the sampled latents hold NaN or inf \(an "
+                                            r"overflow in half precision\?\); nothing was written for it$"):
+        check_finite(latents, group, 2, "sampled latents")
+
+
 def sample_in_this_process(command: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """(exit code, stderr) of `python sample_video.py ...` run as __main__ in this process, for inputs refused
     before a process group or a model is built (a process start costs seconds of imports)."""

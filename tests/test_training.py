@@ -219,6 +219,12 @@ def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_ext
     assert torch.equal(network.time_embed[0].bias, expected_bias)
     with pytest.raises(FileNotFoundError, match="checkpoint path .*nowhere does not exist"):
         load_network(network, tmp_path / "nowhere")
+    module[bias] = torch.full((width,), float("nan"))
+    module["model.diffusion_model.mixins.patch_embed.proj.weight"].view(-1)[0] = float("inf")
+    torch.save({"module": module}, tmp_path / "ckpt" / "7" / MODEL_STATES)
+    with pytest.raises(CheckpointError, match=r"7/mp_rank_00_model_states.pt: 2 weight tensors hold NaN or inf "
+                                              r"\(the first: mixins.patch_embed.proj.weight\); the file is damaged$"):
+        load_network(network, tmp_path / "ckpt", strict=False)  # strict or not: sampled, it gives black videos
 
 
 def test_lora_layers_load_base_and_lora_checkpoints_and_report_what_sat_would_not(tmp_path):

@@ -64,8 +64,9 @@ def read_text(path: str, key: str) -> str:
 
 
 def read_prompts(path: str, key: str = "args.input_file") -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
-    lines = (line.strip() for line in read_text(path, key).splitlines())
+    """One prompt per line (\n, \r\n or \r; not the other breaks str.splitlines knows, such as U+2028, which a
+    prompt may hold); blank lines and lines starting with '#' are skipped."""
+    lines = (line.strip() for line in read_text(path, key).split("\n"))  # read_text reads \r\n and \r as \n
     return [line for line in lines if line and not line.startswith("#")]
 
 

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from satvideo.atomic_files import replaced_atomically, write_text_atomically
+from satvideo.checkpoint import non_finite
 from satvideo.cli import check_output_file, run_entrypoint
 from satvideo.config import (ARGS_RULES, ConfigError, Rule, TrainingError, check_value, instantiate_from_config,
                              is_whole_number, load_config, number_rule, whole_rule)
@@ -94,8 +95,7 @@ def train_vae(model: VideoAutoencoder, clips: Tensor, iters: int, batch_size: in
 
 def check_finite_weights(model: VideoAutoencoder) -> None:
     """The last step may break the weights without any loss showing it."""
-    broken = [name for name, value in model.state_dict().items()
-              if value.is_floating_point() and not torch.isfinite(value).all()]
+    broken = non_finite(model.state_dict())
     if broken:
         raise TrainingError(f"{len(broken)} weight tensors are not finite after training (the first: {broken[0]}); "
                             "nothing saved (try a lower --lr or --kl-weight)")
