@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from contextlib import contextmanager
@@ -11,16 +12,37 @@ from typing import Iterator
 
 
 @contextmanager
-def replaced_atomically(path: str | Path) -> Iterator[Path]:
-    """The temporary path to write `path` to; when the block ends without an error it replaces `path`, and in any
-    case nothing of it is left behind. It keeps the suffix (ffmpeg, safetensors choose the format by it)."""
+def temporary_beside(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to, removed when the block ends unless it was moved away. It keeps the
+    suffix (ffmpeg, safetensors choose the format by it) and names the process: two processes writing one path never
+    write into each other's temporary file."""
     path = Path(path)
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     try:
         yield partial
-        os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def replaced_atomically(path: str | Path) -> Iterator[Path]:
+    """The temporary path to write `path` to; when the block ends without an error it replaces `path`, and in any
+    case nothing of it is left behind."""
+    with temporary_beside(path) as partial:
+        yield partial
+        os.replace(partial, path)
+
+
+@contextmanager
+def folder_locked(folder: str | Path) -> Iterator[None]:
+    """An exclusive lock on `folder` (flock on the folder itself, no lock file) against other processes that take
+    it, for a read-modify-write of a file in it."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

@@ -580,3 +580,71 @@ def test_cached_batches_train_exactly_as_the_videos_they_came_from(toy, tmp_path
     with pytest.raises(ConfigError, match=r"the cache .* was made with data.params.fps=8, the config says 16: make it "
                                           r"again with scripts/precompute.py"):
         CachedDataset(str(tmp_path / "cache"), **{**params, "fps": 16})
+
+
+def test_an_mp4_interrupted_while_encoding_leaves_nothing_behind(tmp_path, monkeypatch):
+    import satvideo.data.video as video
+
+    sent = []
+
+    def interrupted(frame):
+        sent.append(frame)
+        if len(sent) == 2:  # ffmpeg has just started; it would create its file after this one was removed
+            raise KeyboardInterrupt
+        return np.asarray(frame)
+
+    monkeypatch.setattr(video.np, "ascontiguousarray", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_mp4(np.zeros((9, 32, 32, 3), np.uint8), tmp_path / "a.mp4", 8)
+    monkeypatch.undo()
+    import time
+
+    time.sleep(0.5)  # what an ffmpeg left running would write by now
+    assert list(tmp_path.iterdir()) == []
+
+
+def write_latents_into(folder: str, stem: str, overwrite: bool, count: int) -> None:
+    """One process of the race below: `count` latents files into `folder`, each taking 20 ms to write (the other
+    process meanwhile picks names and writes)."""
+    import time
+
+    import safetensors.torch
+
+    from satvideo.sampling import OutputWriter
+
+    save_file = safetensors.torch.save_file
+    safetensors.torch.save_file = lambda *args, **kwargs: (time.sleep(0.02), save_file(*args, **kwargs))
+
+    writer = OutputWriter(folder, overwrite=overwrite, contact_sheets=False)
+    for number in range(count):
+        name = stem if not overwrite else f"{stem}_{os.getpid()}_{number}"
+        writer.write(name, {"prompt": "a cat", "seed": number}, latents={"latents": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_processes_writing_into_one_folder_keep_every_file_and_manifest_line(tmp_path, overwrite):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=write_latents_into, args=(str(tmp_path), "000_0_a-cat", overwrite, 15))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    files = sorted(path.name for path in tmp_path.glob("*.safetensors"))
+    lines = [json.loads(line)["file"] for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert len(files) == 30 and sorted(lines) == files  # none replaced, none lost, one line each
+    assert sorted(path.name for path in tmp_path.glob("*.json")) == sorted(name[:-12] + ".json" for name in files)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_overwriting_into_a_folder_whose_manifest_is_not_utf8_is_one_line_before_anything_is_written(tmp_path):
+    from satvideo.sampling import OutputWriter
+
+    (tmp_path / "manifest.jsonl").write_bytes(b'{"file": "caf\xe9.mp4", "prompt": "x", "seed": 1}\n')
+    with pytest.raises(ConfigError, match=r"^args.overwrite: .*manifest.jsonl is not UTF-8 text \(invalid "
+                                          r"continuation byte at byte 13\); move it away to start a new one$"):
+        OutputWriter(tmp_path, overwrite=True, contact_sheets=False)
+    OutputWriter(tmp_path, overwrite=False, contact_sheets=False)  # lines are only appended: nothing to read back

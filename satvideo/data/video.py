@@ -36,10 +36,12 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float) -> None:
             macro_block_size=1,  # sizes are checked above; never let ffmpeg rescale
             ffmpeg_log_level="error",
         )
-        writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-        writer.close()
+        try:
+            writer.send(None)
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+        finally:  # on an interrupt too: ffmpeg stops before its file is removed, and does not write it again
+            writer.close()
         if not partial.is_file() or partial.stat().st_size == 0:
             raise OSError(f"ffmpeg wrote nothing for {path}")
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from satvideo.atomic_files import replaced_atomically, write_text_atomically
+from satvideo.atomic_files import folder_locked, temporary_beside, write_text_atomically
 from satvideo.config import ConfigError
 from satvideo.data.video import write_mp4
 
@@ -96,15 +96,32 @@ class OutputWriter:
                 pass
         except OSError as error:
             raise ConfigError(f"args.output_dir={folder}: not writable ({error.strerror})") from error
+        manifest = self.folder / MANIFEST_NAME
+        if overwrite and manifest.is_file():  # its lines are rewritten: they must read back
+            try:
+                manifest.read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"args.overwrite: {manifest} is not UTF-8 text ({error.reason} at byte "
+                                  f"{error.start}); move it away to start a new one") from None
 
-    def path_for(self, stem: str, suffix: str) -> Path:
+    def place(self, written: Path, stem: str, suffix: str) -> Path:
+        """Give the finished file `written` its name: `stem` (replaced when overwriting), else the first of stem,
+        stem-2, ... that neither it nor its sidecar takes. The name is claimed with a hard link, which fails where
+        the name exists, so another process writing into the folder at the same time never loses its file."""
         path = self.folder / f"{stem}{suffix}"
         if self.overwrite:
+            os.replace(written, path)
             return path
         number = 2
-        while path.exists() or path.with_suffix(".json").exists():
+        while True:
+            if not path.with_suffix(".json").exists():
+                try:
+                    os.link(written, path)
+                    written.unlink()
+                    return path
+                except FileExistsError:
+                    pass
             path, number = self.folder / f"{stem}-{number}{suffix}", number + 1
-        return path
 
     def write(self, stem: str, record: dict, video: torch.Tensor | None = None, fps: float = 8,
               latents: dict[str, torch.Tensor] | None = None) -> Path:
@@ -112,13 +129,15 @@ class OutputWriter:
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.path_for(stem, ".mp4" if latents is None else ".safetensors")
-        if latents is not None:
-            with replaced_atomically(path) as partial:
-                save_file(latents, str(partial), metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
-        else:
-            frames = to_uint8(video)
-            write_mp4(frames, path, fps)
+        suffix = ".mp4" if latents is None else ".safetensors"
+        with temporary_beside(self.folder / f"{stem}{suffix}") as written:
+            if latents is not None:
+                save_file(latents, str(written), metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
+            else:
+                frames = to_uint8(video)
+                write_mp4(frames, written, fps)
+            path = self.place(written, stem, suffix)
+        if latents is None:
             if self.contact_sheets:
                 contact_sheet([(frames, record["prompt"])], path.with_suffix(".png"))
         write_text_atomically(path.with_suffix(".json"), json.dumps({"file": path.name, **record}, indent=2))
@@ -129,11 +148,12 @@ class OutputWriter:
         """Append `line`; when overwriting, first drop the line of the file it replaces (a line that is not JSON,
         cut by an earlier kill, is kept as it is)."""
         manifest = self.folder / MANIFEST_NAME
-        if self.overwrite and manifest.is_file():
-            kept = [text for text in manifest.read_text(encoding="utf-8").splitlines()
-                    if text.strip() and manifest_file(text) != line["file"]]
-            write_text_atomically(manifest, "".join(text + "\n" for text in kept))
-        write_manifest_line(str(self.folder), line)
+        with folder_locked(self.folder):  # ranks and other runs writing into the folder keep each other's lines
+            if self.overwrite and manifest.is_file():
+                kept = [text for text in manifest.read_text(encoding="utf-8").splitlines()
+                        if text.strip() and manifest_file(text) != line["file"]]
+                write_text_atomically(manifest, "".join(text + "\n" for text in kept))
+            write_manifest_line(str(self.folder), line)
 
 
 def manifest_file(text: str) -> str | None:
