@@ -82,6 +82,9 @@ def main() -> None:
     if not args.load:
         raise ConfigError("args.load: give the checkpoint to sample from (a run folder, iteration folder or file)")
     checkpoint = resolve_model_states(args.load)
+    adapters_over = lora_metadata(checkpoint)
+    if adapters_over is not None:  # the base they load over is found before anything is built
+        adapters_base(adapters_over, checkpoint, args.lora_base)
     check_decode_args(args)
     plan = VideoPlan(args, config.model.network_config.params)
     adapters = adapter_list(args.lora)
@@ -119,6 +122,8 @@ def main() -> None:
     run_record = {
         "sampler": {"name": type(engine.sampler).__name__, "num_steps": engine.sampler.num_steps},
         "guidance": guidance_record(engine.sampler), "fps": args.sampling_fps,
+        "decode": {"chunk_frames": args.decode_chunk_frames, "tiling": args.vae_tiling,
+                   "tile_overlap": args.vae_tile_overlap},
         "checkpoint": checkpoint_record(checkpoint, args),
         "adapters": [{"path": path, "scale": scale} for path, scale in adapters],
         "config_sha256": hashlib.sha256(OmegaConf.to_yaml(config, resolve=True).encode()).hexdigest(),

@@ -38,6 +38,8 @@ IGNORED_NETWORK_KEYS = ("transformer.word_embeddings.weight", "transformer.posit
 LORA_METADATA = "lora"
 # words of the line that says why torch's weights-only unpickler refused a file
 UNPICKLER_REASONS = ("Unsupported", "GLOBAL", "allowlisted")
+# what torch says of a file cut short or damaged: its zip reader, or a pickle that ends early
+DAMAGED_FILE_SIGNS = ("PytorchStreamReader failed", "pickle data was truncated", "Ran out of input", "corrupted")
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable = (
         raise CheckpointError(f"{path}: refused to load: a folder, not a file") from error
     except Exception as error:  # whatever a file that is not torch's makes the unpickler raise (KeyError, ...)
         reason = str(error).strip().splitlines()
+        if any(sign in " ".join(reason) for sign in DAMAGED_FILE_SIGNS) or isinstance(error, (EOFError, OSError)):
+            first = reason[0].split(". ")[0][:120] if reason else type(error).__name__
+            raise CheckpointError(f"{path}: cannot be read: the file is damaged or truncated ({first})") from error
         detail = next((line.strip() for line in reason if any(word in line for word in UNPICKLER_REASONS)),
                       reason[0] if reason else "")
         raise CheckpointError(f"{path}: refused to load: not a plain tensor file ({detail[:200]})") from error
@@ -201,6 +206,10 @@ def adapters_base(metadata: dict, file: Path | str, lora_base: str | None = None
     base = lora_base or metadata.get("base")
     if not base:
         raise CheckpointError(f"{file} holds LoRA adapters only and records no base: set args.lora_base")
+    if not Path(base).exists():
+        named = f"args.lora_base={base}" if lora_base else f"the base its adapters record, {base},"
+        raise CheckpointNotFound(f"{file} holds LoRA adapters only, and {named} does not exist"
+                                 + ("" if lora_base else ": set args.lora_base to where that checkpoint is now"))
     return base
 
 

@@ -4,6 +4,7 @@ before weights load, negative prompts, video-to-video and continuation, adapters
 import hashlib
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -415,6 +416,23 @@ def test_args_lora_merges_at_sampling(tmp_path, base, adapter):
     assert result.returncode == 2 and "args.lora: adapter" in result.stderr.strip().splitlines()[-1]
 
 
+def test_adapters_whose_recorded_base_has_moved_say_so_before_the_model_is_built(tmp_path, base, adapter,
+                                                                                 monkeypatch, capsys):
+    moved = tmp_path / "moved"
+    shutil.copytree(adapter, moved)
+    recorded = tmp_path / "base_was_here"
+    state = torch.load(moved / "1" / MODEL_STATES, weights_only=True)
+    state["lora"]["base"] = str(recorded)
+    torch.save(state, moved / "1" / MODEL_STATES)
+    command = sample_command(moved, tmp_path / "out", "args.input_file=configs/tiny/prompts.txt")
+    code, stderr = sample_in_this_process(command, monkeypatch, capsys)
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"error: {moved / '1' / MODEL_STATES} holds LoRA adapters only, and the base its adapters record, {recorded}, "
+        "does not exist: set args.lora_base to where that checkpoint is now")
+    code, stderr = sample_in_this_process([*command, f"args.lora_base={tmp_path / 'nowhere'}"], monkeypatch, capsys)
+    assert code == 2 and stderr.strip().endswith(f"and args.lora_base={tmp_path / 'nowhere'} does not exist")
+
+
 def test_a_sidecar_of_adapters_names_the_base_they_were_loaded_over(tmp_path, base, adapter):
     from satvideo.checkpoint import resolve_model_states
 
@@ -422,7 +440,9 @@ def test_a_sidecar_of_adapters_names_the_base_they_were_loaded_over(tmp_path, ba
     prompts.write_text("a red square moving left\n")
     run(sample_command(adapter, tmp_path / "out", f"args.input_file={prompts}", "args.only_save_latents=true",
                        f"model.first_stage_config.params.ckpt_path={base / 'vae.pt'}"))
-    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())["checkpoint"]
+    sidecar = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert sidecar["decode"] == {"chunk_frames": "original", "tiling": None, "tile_overlap": 8}
+    record = sidecar["checkpoint"]
     base_file = resolve_model_states(base)
     assert record["path"] == str(adapter / "1" / MODEL_STATES)
     assert record["base"] == {"path": str(base_file), "sha256": digest(base_file), "lora_scale": 1.0}

@@ -107,6 +107,20 @@ def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path, content):
         safe_load(tmp_path)
 
 
+def test_a_truncated_checkpoint_is_said_to_be_damaged_not_refused_as_unsafe(tmp_path):
+    from satvideo.checkpoint import safe_load
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"module": {"weight": torch.ones(1000)}}, whole)
+    torch.save({"module": {"weight": torch.ones(1000)}}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for source, cut in ((whole, 0.5), (whole, 0.99), (tmp_path / "legacy.pt", 0.5)):
+        data = source.read_bytes()
+        path = tmp_path / "cut.pt"
+        path.write_bytes(data[: int(len(data) * cut)])
+        with pytest.raises(CheckpointError, match=r"cut.pt: cannot be read: the file is damaged or truncated \("):
+            safe_load(path)
+
+
 def test_the_clean_checkpoint_resumes_in_process(clean_run, tmp_path):
     save = tmp_path / "run"
     shutil.copytree(clean_run, save)
