@@ -14,6 +14,7 @@ further adapters; `args.use_ema` loads the checkpoint's EMA weights.
 
 import argparse
 import hashlib
+import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,13 +26,16 @@ from tqdm import tqdm
 from satvideo import distributed
 from satvideo.checkpoint import adapters_base, load_network, lora_metadata, resolve_model_states
 from satvideo.cli import parse_config, run_entrypoint
-from satvideo.config import ConfigError, SatvideoError, args_namespace
+from satvideo.conditioner import caption_tokenizer
+from satvideo.config import ConfigError, SatvideoError, args_namespace, to_plain
 from satvideo.engine import VideoDiffusionEngine, check_decode_args
 from satvideo.parallel.layout import Layout, build_layout
 from satvideo.parallel.sequence import enable_sequence_parallel
 from satvideo.sampling import (OutputWriter, VideoPlan, adapter_list, add_lora_from_checkpoint, file_sha256,
                                interactive_prompts, merge_adapters, read_requests, request_from_line, sampling_dtype,
-                               slugify)
+                               slugify, warn_of_long_prompts)
+
+logger = logging.getLogger("sample_video")
 
 
 def satvideo_version() -> str:
@@ -94,6 +98,8 @@ def main() -> None:
         if not request.negative_prompt:
             request.negative_prompt = args.negative_prompt
         plan.check(request)
+    tokenizer = caption_tokenizer(to_plain(config.model.conditioner_config))
+    warn_of_long_prompts(requests, tokenizer)
     writer = OutputWriter(args.output_dir, args.overwrite, args.contact_sheet)
 
     device = distributed.init_device(args.device)
@@ -131,6 +137,11 @@ def main() -> None:
         "parallel": {"sequence": layout.sequence_size, "cfg": layout.cfg_size, "data": layout.data_size},
     }
 
+    negative = next((request for request in requests if request.negative_prompt), None)
+    if negative is not None and not engine.sampler.guides():
+        logger.warning("request %d (%r) has a negative prompt, but this sampler's guidance never uses the "
+                       "unconditional pass (no guider, or a scale of 1 at every step): it has no effect",
+                       negative.index, negative.prompt[:40])
     texts = {}
     if not interactive:  # encode every prompt now, then T5 can leave the GPU
         for request in requests:
@@ -148,6 +159,7 @@ def main() -> None:
             request.negative_prompt = request.negative_prompt or args.negative_prompt
             if interactive:
                 plan.check(request)
+                warn_of_long_prompts([request], tokenizer)
                 texts[request.index] = engine.encode_prompts([request.prompt], [request.negative_prompt])
         written += sample_group(engine, plan, group, texts, writer, args, run_record, device, layout)
         run_peak = max(run_peak, distributed.peak_memory_gb(device))

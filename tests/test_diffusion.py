@@ -442,3 +442,32 @@ def test_dynamic_cfg_and_sampler_must_agree_on_the_step_count():
     with pytest.raises(ConfigError, match=r"^model.sampler_config.params.guider_config.params.num_steps=50 differs from "
                                           r"model.sampler_config.params.num_steps=10; set both$"):
         VideoDDIMSampler(num_steps=10, discretization_config=DISCRETIZATION, guider_config=guider)
+
+
+@pytest.mark.parametrize("guider, guides", [
+    (None, False),
+    ({"target": "satvideo.diffusion.VanillaCFG", "params": {"scale": 1}}, False),
+    ({"target": "satvideo.diffusion.VanillaCFG", "params": {"scale": 1.5}}, True),
+    ({"target": "satvideo.diffusion.DynamicCFG", "params": {"scale": 0, "exp": 5, "num_steps": 4}}, False),
+    ({"target": "satvideo.diffusion.DynamicCFG", "params": {"scale": 1, "exp": 5, "num_steps": 4}}, True),
+])
+def test_a_sampler_knows_whether_its_guidance_uses_the_unconditional_pass(guider, guides):
+    sampler = VideoDDIMSampler(num_steps=4, discretization_config=DISCRETIZATION, guider_config=guider)
+    assert sampler.guides() is guides
+
+
+def test_prompts_longer_than_t5_reads_are_warned_of(caplog):
+    from transformers import ByT5Tokenizer
+
+    from satvideo.sampling import VideoRequest, warn_of_long_prompts
+
+    requests = [VideoRequest(index=0, prompt="a" * 31, seed=0),  # 31 bytes and the end token: 32, all read
+                VideoRequest(index=1, prompt="b" * 40, seed=0, negative_prompt="c" * 32)]
+    tokenizer = ByT5Tokenizer()
+    caplog.clear()
+    warn_of_long_prompts(requests, (tokenizer, 32))
+    assert [record.getMessage() for record in caplog.records if record.name == "satvideo.sampling.inputs"] == [
+        f"request 1 ('{'b' * 40}'): its prompt is 41 tokens long; T5 reads the first 32, the rest has no effect",
+        f"request 1 ('{'b' * 40}'): its negative prompt is 33 tokens long; T5 reads the first 32, the rest has no "
+        "effect"]
+    warn_of_long_prompts(requests, None)  # a conditioner without T5: nothing to count

@@ -91,6 +91,10 @@ class VideoDDIMSampler:
         alphas = self.discretization.alphas_cumprod_sqrt[timesteps]
         return timesteps, torch.cat([alphas, alphas.new_ones(1)])
 
+    def guides(self) -> bool:
+        """Whether the unconditional pass (and so a negative prompt) changes the result at some step."""
+        return self.guider is not None and any(self.guider.scale_at(t) != 1 for t in self.schedule()[0])
+
     def denoise(self, denoiser: DenoiserFn, x: Tensor, alpha: Tensor, timestep: int, cond: dict, uc: dict) -> Tensor:
         """The (guided) x0 estimate at one step."""
         alpha = alpha.float().to(x.device).expand(x.shape[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from satvideo.config import FRAMES_4K_PLUS_1, TEXT, ConfigError, Rule, nullable, number_rule, whole_rule
 from satvideo.data.frames import resize_cover_center_crop, rgb_pixels
+
+logger = logging.getLogger(__name__)
 
 VAE_SPATIAL = 8  # the CogVideoX VAE's spatial compression
 VAE_TEMPORAL = 4
@@ -68,6 +71,20 @@ def read_prompts(path: str, key: str = "args.input_file") -> list[str]:
     prompt may hold); blank lines and lines starting with '#' are skipped."""
     lines = (line.strip() for line in read_text(path, key).split("\n"))  # read_text reads \r\n and \r as \n
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def warn_of_long_prompts(requests: list[VideoRequest], tokenizer: tuple | None) -> None:
+    """A warning for each prompt or negative prompt longer than T5 reads (`tokenizer`: the conditioner's tokenizer
+    and max_length, as caption_tokenizer gives them): its tokens past max_length are dropped, as in the original."""
+    if tokenizer is None:
+        return
+    tokenize, max_length = tokenizer
+    for request in requests:
+        for kind, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+            count = len(tokenize(text).input_ids) if text else 0
+            if count > max_length:
+                logger.warning("request %d (%r): its %s is %d tokens long; T5 reads the first %d, the rest has no "
+                               "effect", request.index, request.prompt[:40], kind, count, max_length)
 
 
 def interactive_prompts(stream: TextIO | None = None) -> Iterator[str]:
