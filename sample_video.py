@@ -15,7 +15,9 @@ further adapters; `args.use_ema` loads the checkpoint's EMA weights.
 import argparse
 import hashlib
 import logging
+import sys
 import time
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -31,9 +33,9 @@ from satvideo.config import ConfigError, SatvideoError, args_namespace, to_plain
 from satvideo.engine import VideoDiffusionEngine, check_decode_args
 from satvideo.parallel.layout import Layout, build_layout
 from satvideo.parallel.sequence import enable_sequence_parallel
-from satvideo.sampling import (OutputWriter, VideoPlan, adapter_list, add_lora_from_checkpoint, file_sha256,
-                               interactive_prompts, merge_adapters, read_requests, request_from_line, sampling_dtype,
-                               slugify, warn_of_long_prompts)
+from satvideo.sampling import (OutputWriter, VideoPlan, VideoRequest, adapter_list, add_lora_from_checkpoint,
+                               file_sha256, interactive_prompts, merge_adapters, read_requests, request_from_line,
+                               sampling_dtype, slugify, warn_of_long_prompts)
 
 logger = logging.getLogger("sample_video")
 
@@ -148,19 +150,13 @@ def main() -> None:
             texts[request.index] = engine.encode_prompts([request.prompt], [request.negative_prompt])
         if args.offload_text_encoder:
             engine.conditioner.to("cpu")
-    typed_requests = (request_from_line(line, i, args.seed + i * args.num_samples)
-                      for i, line in enumerate(interactive_prompts()))
-    source = typed_requests if interactive else batches(requests, args.batch_size or 1)
+    source = ([request] for request in typed_requests(plan, args, tokenizer)) if interactive else \
+        batches(requests, args.batch_size or 1)
     start, written, run_peak = time.perf_counter(), [], 0.0
     bar = tqdm(total=len(requests), desc="prompts", disable=interactive or not requests)
     for group in source:
-        group = group if isinstance(group, list) else [group]
-        for request in group:
-            request.negative_prompt = request.negative_prompt or args.negative_prompt
-            if interactive:
-                plan.check(request)
-                warn_of_long_prompts([request], tokenizer)
-                texts[request.index] = engine.encode_prompts([request.prompt], [request.negative_prompt])
+        if interactive:
+            texts[group[0].index] = engine.encode_prompts([group[0].prompt], [group[0].negative_prompt])
         written += sample_group(engine, plan, group, texts, writer, args, run_record, device, layout)
         run_peak = max(run_peak, distributed.peak_memory_gb(device))
         bar.update(len(group))
@@ -169,6 +165,21 @@ def main() -> None:
     if written:
         print(f"{len(written)} videos in {elapsed:.1f} s ({elapsed / len(written):.1f} s per video, peak memory "
               f"{run_peak:.2f} GB) in {args.output_dir}", flush=True)
+
+
+def typed_requests(plan: VideoPlan, args, tokenizer: tuple | None) -> Iterator[VideoRequest]:
+    """Requests typed in the terminal (args.input_type=cli); a line that fails its check is reported and the next
+    one read, the model staying loaded."""
+    for index, line in enumerate(interactive_prompts()):
+        request = request_from_line(line, index, args.seed + index * args.num_samples)
+        request.negative_prompt = request.negative_prompt or args.negative_prompt
+        try:
+            plan.check(request)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            continue
+        warn_of_long_prompts([request], tokenizer)
+        yield request
 
 
 def decode(engine, latents: torch.Tensor, args, layout: Layout) -> torch.Tensor:

@@ -235,6 +235,8 @@ def load_network(network: nn.Module, checkpoint_path: str | Path, strict: bool =
         load_weights(network, network_state_dict(base), base, strict)
         load_weights(network, weights, file, strict, subset=True)
     else:
+        if lora_base:
+            logger.warning("args.lora_base=%s is not used: %s holds full weights, not adapters only", lora_base, file)
         load_weights(network, weights, file, strict)
     if use_ema:
         ema_file = ema_model_states(file)

@@ -215,6 +215,15 @@ def bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     ]
 
 
+def test_a_typed_line_that_fails_its_check_is_refused_and_the_session_goes_on(tmp_path, base):
+    output = run(sample_command(base, tmp_path / "out", "args.input_type=cli"),
+                 stdin="a red square@@frame.png\na red square moving left\n\n")
+    assert ("error: request 0 ('a red square'): an image is given but args.image2video is false (a text-to-video "
+            "model)") in output
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()] \
+        == ["a red square moving left"]
+
+
 def test_latents_or_videos_that_are_not_finite_name_their_request_and_are_not_written():
     from satvideo.config import SatvideoError
     from satvideo.sampling import VideoRequest
@@ -431,6 +440,15 @@ def test_adapters_whose_recorded_base_has_moved_say_so_before_the_model_is_built
         "does not exist: set args.lora_base to where that checkpoint is now")
     code, stderr = sample_in_this_process([*command, f"args.lora_base={tmp_path / 'nowhere'}"], monkeypatch, capsys)
     assert code == 2 and stderr.strip().endswith(f"and args.lora_base={tmp_path / 'nowhere'} does not exist")
+
+
+def test_args_lora_over_a_model_with_lora_layers_says_how_to_merge_them_first(base, adapter):
+    over_base = tiny_engine(f"model.first_stage_config.params.ckpt_path={base / 'vae.pt'}", *LORA)
+    with pytest.raises(ConfigError, match=r"^args.lora merges adapters into plain weights, and this model has LoRA "
+                                          r"layers \(from configs/lora.yaml, or for the adapters args.load holds\): "
+                                          r"leave configs/lora.yaml out, or merge args.load's adapters first "
+                                          r"\(scripts/convert_weights.py lora-merge\)$"):
+        merge_adapters(over_base.network, [(str(adapter), 1.0)])
 
 
 def test_a_sidecar_of_adapters_names_the_base_they_were_loaded_over(tmp_path, base, adapter):

@@ -34,11 +34,12 @@ def toy_data(tmp_path_factory):
 LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run(command: list[str], timeout: int = 300, **extra_env: str) -> str:
-    """Run a command from the repository root as a fresh process (no process-group variables inherited)."""
+def run(command: list[str], timeout: int = 300, stdin: str | None = None, **extra_env: str) -> str:
+    """Run a command from the repository root as a fresh process (no process-group variables inherited), `stdin`
+    typed into it."""
     env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra_env)
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, input=stdin)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout + result.stderr
 
@@ -185,7 +186,7 @@ def test_latest_is_only_written_after_a_complete_save(tmp_path):
         read_latest(tmp_path)
 
 
-def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_extras(tmp_path):
+def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_extras(tmp_path, caplog):
     from conftest import tiny_network_config
     from satvideo.config import instantiate_from_config
 
@@ -197,6 +198,10 @@ def test_load_network_reports_missing_and_unexpected_keys_and_ignores_frozen_ext
     torch.save({"module": module}, tmp_path / "ckpt" / "7" / MODEL_STATES)
     write_latest(tmp_path / "ckpt", 7)
     load_network(network, tmp_path / "ckpt")  # run folder -> latest -> iteration 7: loads cleanly
+    with caplog.at_level("WARNING", logger="satvideo.checkpoint"):
+        load_network(network, tmp_path / "ckpt", lora_base=str(tmp_path))
+    assert f"args.lora_base={tmp_path} is not used: {tmp_path / 'ckpt' / '7' / MODEL_STATES} holds full weights" \
+        in caplog.text
 
     del module["model.diffusion_model.time_embed.0.weight"]
     module["model.diffusion_model.extra.weight"] = torch.zeros(1)

@@ -159,7 +159,9 @@ def adapter_deltas(path: str, state: dict | None = None) -> dict[str, torch.Tens
 def merge_adapters(network: torch.nn.Module, adapters: list[tuple[str, float]]) -> None:
     """Add each adapter's change, times its scale, to the network's weights (a network without LoRA layers)."""
     if adapters and "lora" in network.mixins:
-        raise ConfigError("args.lora merges adapters into plain weights: leave configs/lora.yaml out of the config")
+        raise ConfigError("args.lora merges adapters into plain weights, and this model has LoRA layers (from "
+                          "configs/lora.yaml, or for the adapters args.load holds): leave configs/lora.yaml out, or "
+                          "merge args.load's adapters first (scripts/convert_weights.py lora-merge)")
     parameters = dict(network.named_parameters())
     for path, scale in adapters:
         for name, delta in adapter_deltas(path).items():
