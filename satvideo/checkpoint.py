@@ -48,15 +48,16 @@ def checkpoint_safe_globals() -> list:
     """What DeepSpeed and SAT pickle into their checkpoint files beside the tensors: DeepSpeed's loss scalers, ZeRO
     stage enum and flat-partition addresses, and NumPy's random state, which SAT saves unless --no-save-rng (an
     array; its elements go through the same weights-only unpickler). Plain data, allowed by name on top of torch's
-    weights-only defaults; NumPy 1.x pickles `_reconstruct` under its older module name."""
+    weights-only defaults; NumPy 1.x and 2.x pickle `_reconstruct` under different module names."""
     import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    reconstruct = np._core.multiarray._reconstruct
+    reconstruct = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype,
-            np.dtypes.UInt32DType, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
+            type(np.dtype(np.uint32)), *((reconstruct, f"{module}.multiarray._reconstruct")
+                                         for module in ("numpy._core", "numpy.core"))]
 
 
 def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable = (), mmap: bool = False) -> Any:

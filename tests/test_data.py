@@ -648,3 +648,20 @@ def test_overwriting_into_a_folder_whose_manifest_is_not_utf8_is_one_line_before
                                           r"continuation byte at byte 13\); move it away to start a new one$"):
         OutputWriter(tmp_path, overwrite=True, contact_sheets=False)
     OutputWriter(tmp_path, overwrite=False, contact_sheets=False)  # lines are only appended: nothing to read back
+
+
+def test_on_a_file_system_without_hard_links_outputs_are_still_named_and_never_replaced(tmp_path, monkeypatch):
+    from satvideo.sampling import OutputWriter
+
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    writer = OutputWriter(tmp_path, overwrite=False, contact_sheets=False)
+    for seed in range(2):
+        writer.write("000_0_a-cat", {"prompt": "a cat", "seed": seed}, latents={"latents": torch.full((2,), seed)})
+    from safetensors.torch import load_file
+
+    assert [load_file(tmp_path / name)["latents"][0].item() for name in
+            ("000_0_a-cat.safetensors", "000_0_a-cat-2.safetensors")] == [0, 1]
+    assert not list(tmp_path.glob(".*"))

@@ -591,10 +591,23 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_zero3_full_run_with_ema_resumes_bit_exactly_and_validates_its_average(tmp_path, data):
+def test_zero3_full_run_writes_sat_layout_resumes_bit_exactly_with_ema_and_validates_its_average(tmp_path, data):
     validation = ("args.eval_interval=2", f"args.valid_data=[{data}]", "args.eval_iters=2")
     straight, resumed = straight_and_resumed(tmp_path, data, "args.zero_stage=3", "args.ema_decay=0.9",
                                              straight_only=(*validation, "args.validate_ema=true"), nproc=2)
+    # the SAT-layout file holds the full weights gathered from both ranks' partitions, as DeepSpeed's own tool
+    # consolidates them from the ZeRO files
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from satvideo.config import instantiate_from_config, to_plain
+
+    network = instantiate_from_config(to_plain(load_config(TINY[:1]).model.network_config))
+    load_network(network, resumed / "2")  # strict: every key present with its full shape
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(resumed), tag="2")
+    sat_layout = network_state_dict(resumed / "2")
+    assert {key.removeprefix("model.diffusion_model.") for key in consolidated} == set(sat_layout)
+    for key, value in consolidated.items():
+        assert torch.equal(value, sat_layout[key.removeprefix("model.diffusion_model.")].float()), key
     # the run that swapped its average in for validation twice (gathered from and given back to both ranks'
     # partitions) trained as the one that never validated
     assert_same_weights(straight, resumed)

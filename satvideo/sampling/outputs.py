@@ -117,10 +117,15 @@ class OutputWriter:
             if not path.with_suffix(".json").exists():
                 try:
                     os.link(written, path)
-                    written.unlink()
-                    return path
                 except FileExistsError:
                     pass
+                except OSError:  # a file system without hard links: a look, then a rename (not race-free)
+                    if not path.exists():
+                        os.replace(written, path)
+                        return path
+                else:
+                    written.unlink()
+                    return path
             path, number = self.folder / f"{stem}-{number}{suffix}", number + 1
 
     def write(self, stem: str, record: dict, video: torch.Tensor | None = None, fps: float = 8,
@@ -137,9 +142,8 @@ class OutputWriter:
                 frames = to_uint8(video)
                 write_mp4(frames, written, fps)
             path = self.place(written, stem, suffix)
-        if latents is None:
-            if self.contact_sheets:
-                contact_sheet([(frames, record["prompt"])], path.with_suffix(".png"))
+        if latents is None and self.contact_sheets:
+            contact_sheet([(frames, record["prompt"])], path.with_suffix(".png"))
         write_text_atomically(path.with_suffix(".json"), json.dumps({"file": path.name, **record}, indent=2))
         self.add_to_manifest({"file": path.name, "prompt": record["prompt"], "seed": record["seed"]})
         return path
