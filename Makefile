@@ -22,7 +22,7 @@ demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -n 2
+	$(PYTHON) -m pytest -q -n 2 --dist worksteal
 
 clean:
 	rm -rf data/toy data/toy_cache checkpoints/demo outputs
