@@ -57,11 +57,11 @@ def guidance_record(sampler) -> dict:
     return record
 
 
-def checkpoint_record(checkpoint: Path, args: argparse.Namespace) -> dict:
-    """The weights the videos come from: the checkpoint file and, for an adapter-only checkpoint, the base file its
-    adapters were loaded over (args.lora_base, else the base the checkpoint records)."""
+def checkpoint_record(checkpoint: Path, adapters: dict | None, args: argparse.Namespace) -> dict:
+    """The weights the videos come from: the checkpoint file and, for an adapter-only checkpoint (`adapters`: its
+    LoRA record), the base file its adapters were loaded over (args.lora_base, else the base the checkpoint
+    records)."""
     record = {"path": str(checkpoint), "sha256": file_sha256(checkpoint), "ema": args.use_ema}
-    adapters = lora_metadata(checkpoint)
     if adapters is not None:
         base = resolve_model_states(adapters_base(adapters, checkpoint, args.lora_base))
         record["base"] = {"path": str(base), "sha256": file_sha256(base), "lora_scale": args.lora_scale}
@@ -132,7 +132,7 @@ def main() -> None:
         "guidance": guidance_record(engine.sampler), "fps": args.sampling_fps,
         "decode": {"chunk_frames": args.decode_chunk_frames, "tiling": args.vae_tiling,
                    "tile_overlap": args.vae_tile_overlap},
-        "checkpoint": checkpoint_record(checkpoint, args),
+        "checkpoint": checkpoint_record(checkpoint, adapters_over, args),
         "adapters": [{"path": path, "scale": scale} for path, scale in adapters],
         "config_sha256": hashlib.sha256(OmegaConf.to_yaml(config, resolve=True).encode()).hexdigest(),
         "satvideo_version": satvideo_version(), "dtype": str(dtype).removeprefix("torch."),
@@ -221,9 +221,9 @@ def sample_group(engine, plan: VideoPlan, group: list, texts: dict, writer: Outp
         latents = latents.expand(samples, -1, -1, -1, -1)
         init, prefix = (latents, None) if first.strength is not None else (None, latents[:, : first.continue_frames])
     prompts = [r.prompt for r in group for _ in range(samples)]
-    latents = check_finite(engine.sample(prompts, shape, generators, first_frames=first_frames, text=text, init_latents=init,
-                            strength=first.strength if first.strength is not None else 1.0, prefix_latents=prefix),
-                           group, samples, "sampled latents")
+    latents = engine.sample(prompts, shape, generators, first_frames=first_frames, text=text, init_latents=init,
+                            strength=first.strength if first.strength is not None else 1.0, prefix_latents=prefix)
+    check_finite(latents, group, samples, "sampled latents")
     if writer is None:  # a helper rank; those of a sequence-parallel group also share the decoding
         if layout.sequence_group is not None and layout.cfg_rank == 0 and not args.only_save_latents:
             for position in range(len(prompts)):

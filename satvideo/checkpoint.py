@@ -92,6 +92,15 @@ def write_latest(save_dir: str | Path, iteration: int) -> None:
     write_text_atomically(Path(save_dir) / "latest", str(iteration))
 
 
+def write_sat_checkpoint(folder: Path, weights: dict[str, torch.Tensor], iteration: int = 1) -> None:
+    """Network `weights` as a SAT run folder: `{folder}/{iteration}/mp_rank_00_model_states.pt` (keys under
+    NETWORK_PREFIX) and `latest` naming it, what the official tools and `args.load` read."""
+    (folder / str(iteration)).mkdir(parents=True)
+    torch.save({"module": {NETWORK_PREFIX + key: value for key, value in weights.items()}},
+               folder / str(iteration) / MODEL_STATES)
+    write_latest(folder, iteration)
+
+
 def write_zero3_model_states(iteration_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     """The SAT-layout model file of a ZeRO-3 save: the gathered `weights` as `module`, beside rank 0's
     partition metadata (shapes, buffer and shared-parameter names, version) that DeepSpeed's zero_to_fp32

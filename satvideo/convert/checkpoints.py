@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from satvideo.atomic_files import folder_replaced_atomically, replaced_atomically
-from satvideo.checkpoint import (LORA_METADATA, MODEL_STATES, NETWORK_PREFIX, network_state_dict, network_weights,
-                                 read_model_states, weight_problems, without_recomputed_table, write_latest)
+from satvideo.checkpoint import (LORA_METADATA, network_state_dict, network_weights, read_model_states,
+                                 weight_problems, without_recomputed_table, write_sat_checkpoint)
 from satvideo.config import (CheckpointError, CheckpointNotFound, ConfigError, SatvideoError, instantiate_from_config,
                              load_config, to_plain)
 from satvideo.convert.lora import is_lora_alpha, sat_lora_to_peft
@@ -35,7 +35,6 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TRANSFORMER_CLASS = "CogVideoXTransformer3DModel"
 VAE_CLASS = "AutoencoderKLCogVideoX"
-SAT_ITERATION = 1
 
 
 def write_diffusers_folders(folders: list[tuple[str | Path, str, dict, dict[str, torch.Tensor]]]) -> None:
@@ -171,11 +170,7 @@ def diffusers_to_sat_checkpoint(transformer_dir: str | Path, out_dir: str | Path
         if "scaling_factor" in vae_config:
             model["scale_factor"] = vae_config["scaling_factor"]
     with folder_replaced_atomically(out_dir) as partial:
-        iteration_dir = partial / "transformer" / str(SAT_ITERATION)
-        iteration_dir.mkdir(parents=True)
-        torch.save({"module": {NETWORK_PREFIX + key: value for key, value in weights.items()}},
-                   iteration_dir / MODEL_STATES)
-        write_latest(partial / "transformer", SAT_ITERATION)
+        write_sat_checkpoint(partial / "transformer", weights)
         if vae_dir is not None:
             (partial / "vae").mkdir()
             torch.save({"state_dict": vae_weights}, partial / "vae" / "3d-vae.pt")

@@ -22,9 +22,8 @@ from omegaconf import DictConfig, ListConfig
 from safetensors import safe_open
 
 from satvideo.atomic_files import folder_replaced_atomically
-from satvideo.checkpoint import (LORA_METADATA, MODEL_STATES, NETWORK_PREFIX, adapters_base, is_lora_matrix,
-                                 lora_metadata, network_state_dict, network_weights, read_model_states,
-                                 resolve_model_states, write_latest)
+from satvideo.checkpoint import (LORA_METADATA, adapters_base, is_lora_matrix, lora_metadata, network_state_dict,
+                                 network_weights, read_model_states, resolve_model_states, write_sat_checkpoint)
 from satvideo.config import FINITE_NUMBER, ConfigError, check_value, to_plain
 from satvideo.convert.checkpoints import read_safetensors
 from satvideo.convert.lora import PEFT_TARGETS, SAT_LORA
@@ -185,7 +184,4 @@ def write_merged_checkpoint(checkpoint: str, out_dir: str | Path, lora_base: str
             raise ConfigError(f"{file}: its adapters do not fit the base weights ({name})")
         plain[name] = (plain[name].float() + delta * scale).to(plain[name].dtype)
     with folder_replaced_atomically(out_dir) as partial:
-        (partial / "1").mkdir()
-        module = {NETWORK_PREFIX + key: value for key, value in plain.items()}
-        torch.save({"module": module}, partial / "1" / MODEL_STATES)
-        write_latest(partial, 1)
+        write_sat_checkpoint(partial, plain)
